@@ -1,0 +1,66 @@
+"""Orbax checkpoints of a run: parameters, optimizer state, and a JSON record of step, RNG and data position.
+
+Items are stored separately so evaluation, sampling and serving restore the parameters alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep or None, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("params", "opt_state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, params, opt_state, meta: dict) -> None:
+        """Saves asynchronously; the next save or `close()` waits for this one to finish."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, step: int, params_target, opt_state_target=None):
+        """Restores (params, opt_state or None, meta) at `step`, placed like the given targets (arrays or
+        jax.ShapeDtypeStruct with shardings)."""
+        items = {"params": ocp.args.StandardRestore(_abstract(params_target)), "meta": ocp.args.JsonRestore()}
+        if opt_state_target is not None:
+            items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_target))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["params"], restored.get("opt_state") if opt_state_target is not None else None, \
+            restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _abstract(tree):
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(one, tree)
+
+
+def has_checkpoint(workdir: str) -> bool:
+    path = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+

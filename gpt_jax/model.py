@@ -1,0 +1,280 @@
+"""The transformer: GPT-2 style or Llama style by config, in Flax NNX.
+
+GPT-2: learned positions, pre-LayerNorm, GELU MLP, biases, tied embeddings.
+Llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention (n_kv_head < n_head), no biases.
+
+Parameters carry logical axis names in their `sharding_axes` metadata; `sharding.py` maps them to mesh axes.
+Dense layers multiply 2-D `[tokens, features]` inputs: on CPU, XLA's weight-gradient matmuls are much faster so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gpt_jax import sharding
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    d_model: int = 128
+    d_ff: int = 512
+    max_seq_len: int = 128
+    pos_embedding: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    use_bias: bool = True
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_config(cls, config) -> "ModelConfig":
+        """Builds from a run config (`config.model` plus `seq_len`); zeros take their documented defaults."""
+        m = config.model
+        if not m.vocab_size:
+            raise ValueError("model.vocab_size must be resolved from the tokenizer before building the model")
+        return cls(
+            vocab_size=m.vocab_size,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            n_kv_head=m.n_kv_head or m.n_head,
+            d_model=m.d_model,
+            d_ff=m.d_ff or 4 * m.d_model,
+            max_seq_len=m.max_seq_len or config.seq_len,
+            pos_embedding=m.pos_embedding,
+            rope_theta=m.rope_theta,
+            norm=m.norm,
+            norm_eps=m.norm_eps,
+            mlp=m.mlp,
+            use_bias=m.use_bias,
+            dropout=m.dropout,
+            tie_embeddings=m.tie_embeddings,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+            remat=m.remat,
+        )
+
+
+def _param(rngs: nnx.Rngs, init, shape, dtype, axes) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, _DTYPES[dtype]), sharding_axes=axes)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias), with x flattened to [tokens, in_features] for the matmul."""
+
+    def __init__(self, in_features, out_features, axes, *, cfg: ModelConfig, rngs: nnx.Rngs, std=0.02):
+        self.kernel = _param(rngs, nnx.initializers.normal(std), (in_features, out_features),
+                             cfg.param_dtype, axes)
+        self.bias = (_param(rngs, nnx.initializers.zeros, (out_features,), cfg.param_dtype, axes[1:])
+                     if cfg.use_bias else None)
+        self.dtype = _DTYPES[cfg.dtype]
+
+    def __call__(self, x):
+        lead = x.shape[:-1]
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype),
+                    preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype).reshape(*lead, -1)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.dtype = _DTYPES[cfg.dtype]
+        self.scale = _param(rngs, nnx.initializers.ones, (cfg.d_model,), cfg.param_dtype, ("norm",))
+        self.bias = (_param(rngs, nnx.initializers.zeros, (cfg.d_model,), cfg.param_dtype, ("norm",))
+                     if cfg.norm == "layernorm" else None)
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(self.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary position embedding on x [batch, seq, heads, head_dim] at positions [batch, seq].
+
+    Pairs dimension i with i + head_dim/2 (the HF Llama layout)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [batch, seq, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, hd = cfg.d_model, cfg.head_dim
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.query = Dense(d, cfg.n_head * hd, ("embed", "heads"), cfg=cfg, rngs=rngs)
+        self.key = Dense(d, cfg.n_kv_head * hd, ("embed", "kv_heads"), cfg=cfg, rngs=rngs)
+        self.value = Dense(d, cfg.n_kv_head * hd, ("embed", "kv_heads"), cfg=cfg, rngs=rngs)
+        self.out = Dense(cfg.n_head * hd, d, ("heads", "embed"), cfg=cfg, rngs=rngs, std=out_std)
+
+    def __call__(self, x, positions, cache=None, cache_index=None, key_valid=None):
+        """x [batch, seq, d_model]. With a cache ({"k", "v"}: [batch, max_len, n_kv_head, head_dim]) the new keys
+        and values are written at slot `cache_index` and attention covers the valid, causal cache slots."""
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        q = self.query(x).reshape(batch, seq, cfg.n_head, cfg.head_dim)
+        k = self.key(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim)
+        v = self.value(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim)
+        if cfg.pos_embedding == "rope":
+            q = rope(q, positions, cfg.rope_theta)
+            k = rope(k, positions, cfg.rope_theta)
+        if cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            new_cache = None
+        else:
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            slots = jnp.arange(k_all.shape[1])
+            causal = slots[None, :] <= cache_index + jnp.arange(seq)[:, None]  # [seq, max_len]
+            mask = causal[None, None] & key_valid[:, None, None, :]  # [batch, 1, seq, max_len]
+            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
+            new_cache = {"k": k_all, "v": v_all}
+        return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), new_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kind = cfg.mlp
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        if cfg.mlp == "swiglu":
+            self.gate = Dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), cfg=cfg, rngs=rngs)
+        self.up = Dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), cfg=cfg, rngs=rngs)
+        self.down = Dense(cfg.d_ff, cfg.d_model, ("mlp", "embed"), cfg=cfg, rngs=rngs, std=out_std)
+
+    def __call__(self, x):
+        if self.kind == "swiglu":
+            h = jax.nn.silu(self.gate(x)) * self.up(x)
+        else:
+            h = jax.nn.gelu(self.up(x), approximate=True)
+        return self.down(h)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+
+    def _drop(self, x, deterministic, rngs):
+        if self.dropout is None:
+            return x
+        return self.dropout(x, deterministic=deterministic, rngs=rngs)
+
+    def __call__(self, x, positions, cache=None, cache_index=None, key_valid=None, *, deterministic=True,
+                 rngs=None):
+        h, new_cache = self.attn(self.attn_norm(x), positions, cache, cache_index, key_valid)
+        x = x + self._drop(h, deterministic, rngs)
+        x = x + self._drop(self.mlp(self.mlp_norm(x)), deterministic, rngs)
+        x = sharding.constrain(x, ("activation_batch", "activation_seq", "activation_embed"))
+        return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model), cfg.param_dtype,
+                            ("vocab", "embed"))
+        if cfg.pos_embedding == "learned":
+            self.pos_embed = _param(rngs, nnx.initializers.normal(0.01), (cfg.max_seq_len, cfg.d_model),
+                                    cfg.param_dtype, ("position", "embed"))
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.final_norm = Norm(cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, nnx.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
+                                  cfg.param_dtype, ("embed", "vocab"))
+        self.dropout = nnx.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+
+    def __call__(self, token_ids, positions=None, *, cache=None, cache_index=None, key_valid=None,
+                 deterministic=True, rngs=None, return_hidden=False):
+        """token_ids [batch, seq] → (logits [batch, seq, vocab] in float32, new cache or None).
+
+        positions [batch, seq] default to 0..seq-1. `cache` is a list with one {"k", "v"} per layer (see
+        `init_cache`); `key_valid` [batch, max_len] marks the cache slots that hold real tokens."""
+        cfg = self.cfg
+        dtype = _DTYPES[cfg.dtype]
+        batch, seq = token_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        x = jnp.take(self.embed[...], token_ids, axis=0).astype(dtype)  # [batch, seq, d_model]
+        if cfg.pos_embedding == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dtype)
+        if self.dropout is not None:
+            x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache[i]
+            if cfg.remat != "none" and cache is None:
+                def run(blk, h, pos, _det=deterministic, _rngs=rngs):
+                    return blk(h, pos, deterministic=_det, rngs=_rngs)[0]
+                x = nnx.remat(run, policy=_REMAT_POLICIES[cfg.remat])(block, x, positions)
+                layer_new = None
+            else:
+                x, layer_new = block(x, positions, layer_cache, cache_index, key_valid,
+                                     deterministic=deterministic, rngs=rngs)
+            new_cache.append(layer_new)
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.dot(x.reshape(batch * seq, -1), head.astype(dtype), preferred_element_type=jnp.float32)
+        return logits.reshape(batch, seq, -1), (None if cache is None else new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> list[dict]:
+    """An empty KV cache: per layer {"k", "v"} of [batch, max_len, n_kv_head, head_dim]."""
+    dtype = dtype or _DTYPES[cfg.dtype]
+    shape = (batch, max_len, cfg.n_kv_head, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per parameter plus attention's 12 · layers · d_model · seq_len (PaLM's
+    accounting, counting the full causal square)."""
+    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len

@@ -1,0 +1,58 @@
+"""Loading a trained model for evaluation, sampling and serving: from a gpt_jax workdir (its config.json,
+tokenizer/ and the latest checkpoint's parameters)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from flax import nnx
+
+from gpt_jax import checkpoint as checkpoint_lib
+from gpt_jax import config as config_lib
+from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.errors import UserError
+from gpt_jax.model import ModelConfig, Transformer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: Transformer
+    model_cfg: ModelConfig
+    tokenizer: object
+    config: object  # the run config the model was trained with
+    step: int | None  # the checkpoint's step, None for a freshly converted model
+    name: str
+
+
+def load_workdir(workdir: str, step: int | None = None) -> LoadedModel:
+    """The model in a gpt_jax workdir at its latest checkpoint (or `step`)."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{workdir} has no config.json: not a gpt_jax workdir")
+    config = config_lib.from_json_file(config_path)
+    model_cfg = ModelConfig.from_config(config)
+    tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    if not checkpoint_lib.has_checkpoint(workdir):
+        raise UserError(f"{workdir} has no checkpoint to load (checkpoints/ is empty or missing)")
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nnx.to_pure_dict(state))
+    params, _, _ = ckpt.restore(step, target)
+    ckpt.close()
+    model = nnx.merge(graphdef, params)
+    return LoadedModel(model, model_cfg, tokenizer, config, step, os.path.basename(os.path.abspath(workdir)))
+
+
+def load(source: str) -> LoadedModel:
+    """A model from `source`: a gpt_jax workdir."""
+    if os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")) and \
+            os.path.isdir(os.path.join(source, "tokenizer")):
+        return load_workdir(source)
+    raise UserError(f"cannot load a model from {source!r}: expected a gpt_jax workdir")
+
