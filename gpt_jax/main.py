@@ -133,7 +133,12 @@ def run(argv) -> None:
                     for j, text in enumerate(outputs[i]):
                         print(f"--- prompt {i} sample {j}\n{prompt}{text}", flush=True)
         else:
-            _fail("--mode=serve is not available in this version")
+            from gpt_jax import serve
+
+            source = _WORKDIR.value if os.path.isfile(os.path.join(_WORKDIR.value, "config.json")) \
+                else config.init_from
+            serve.main(source, host=_HOST.value, port=_PORT.value,
+                       api_key=_API_KEY.value or os.environ.get("GPT_JAX_API_KEY"))
     except UserError as e:
         _fail(str(e))
 
