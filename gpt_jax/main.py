@@ -45,6 +45,12 @@ def _parse_flags(argv):
         _fail(str(e).splitlines()[0])
     except (FileNotFoundError, OSError) as e:
         _fail(f"cannot read config file: {e}")
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names a key the config lacks
+        overrides = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
+        hint = " ".join(str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "").split())
+        _fail(f"unknown config key among {', '.join(overrides) or '--config'}: {hint.strip(chr(39))}")
+    except (ValueError, TypeError) as e:
+        _fail(f"invalid flag value: {e}")
 
 
 def resolve_config():
@@ -53,8 +59,13 @@ def resolve_config():
     from gpt_jax import config as config_lib
     from gpt_jax.errors import ConfigError
 
-    config = _CONFIG.value
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+    try:
+        config = _CONFIG.value
+        config["seed"]  # the file is loaded lazily: make a failure to load it show here
+    except (OSError, AttributeError, KeyError) as e:
+        detail = str(e).strip().splitlines()[-1].strip()
+        raise ConfigError(f"cannot load config file {config_path}: {detail}") from None
     saved = os.path.join(_WORKDIR.value, "config.json")
     if os.path.abspath(config_path) == os.path.abspath(_DEFAULTS) and os.path.isfile(saved):
         config = config_lib.from_json_file(saved)

@@ -45,7 +45,7 @@ def param_shardings(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, dict]:
     model = abstract_model(model_cfg)
     graphdef, state = nnx.split(model, nnx.Param)
     pairs = []
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         spec = sharding.logical_to_spec(var.sharding_axes, var.get_value().shape, mesh)
         pairs.append((path, jax.sharding.NamedSharding(mesh, spec)))
     return graphdef, _nested(pairs)
@@ -108,7 +108,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         new_state = {"params": params, "opt_state": opt_state, "rng": state["rng"], "step": state["step"] + 1}
-        metrics = {"train_loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"train_loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
         return new_state, metrics
 
     return train_step

@@ -1,0 +1,149 @@
+"""The transformer: causality, KV cache, GQA, RoPE, parameter count."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpt_jax.model import ModelConfig, Transformer, count_params, init_cache, rope
+
+GPT2 = dict(vocab_size=61, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=64, max_seq_len=32)
+LLAMA = dict(GPT2, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, n_kv_head=2,
+             tie_embeddings=False)
+
+
+def _model(**kw):
+    return Transformer(ModelConfig(**kw), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kw", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_changing_a_later_token_leaves_earlier_logits_unchanged(kw):
+    model = _model(**kw)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, kw["vocab_size"])
+    t = 9
+    changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 7) % kw["vocab_size"])
+    a, _ = model(tokens)
+    b, _ = model(changed)
+    np.testing.assert_array_equal(np.asarray(a[:, : t + 1]), np.asarray(b[:, : t + 1]))
+    assert np.abs(np.asarray(a[:, t + 1:]) - np.asarray(b[:, t + 1:])).max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_kv_cache_decoding_equals_full_forward(kw):
+    model = _model(**kw)
+    cfg = model.cfg
+    batch, seq = 2, 12
+    tokens = jax.random.randint(jax.random.key(2), (batch, seq), 0, kw["vocab_size"])
+    full, _ = model(tokens)
+    cache = init_cache(cfg, batch, 16)
+    key_valid = jnp.ones((batch, 16), bool)
+    # prefill 5 tokens at once, then one token at a time
+    logits, cache = model(tokens[:, :5], cache=cache, cache_index=0, key_valid=key_valid)
+    steps = [logits]
+    for i in range(5, seq):
+        positions = jnp.full((batch, 1), i)
+        logits, cache = model(tokens[:, i:i + 1], positions, cache=cache, cache_index=i, key_valid=key_valid)
+        steps.append(logits)
+    cached = jnp.concatenate(steps, axis=1)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_with_as_many_kv_heads_as_heads_is_multi_head_attention():
+    """With n_kv_head == n_head, grouped-query attention must be exactly multi-head attention: compare with
+    attention written out per head in numpy."""
+    model = _model(**dict(LLAMA, n_kv_head=4))
+    attn = model.blocks[0].attn
+    cfg = model.cfg
+    x = jax.random.normal(jax.random.key(3), (1, 7, cfg.d_model))
+    positions = jnp.arange(7)[None]
+    got, _ = attn(x, positions)
+    q = np.asarray(rope(attn.query(x).reshape(1, 7, 4, 8), positions, cfg.rope_theta))[0]
+    k = np.asarray(rope(attn.key(x).reshape(1, 7, 4, 8), positions, cfg.rope_theta))[0]
+    v = np.asarray(attn.value(x).reshape(1, 7, 4, 8))[0]
+    heads = []
+    for h in range(4):
+        scores = q[:, h] @ k[:, h].T / np.sqrt(8)
+        scores = np.where(np.tril(np.ones((7, 7), bool)), scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        heads.append((p / p.sum(-1, keepdims=True)) @ v[:, h])
+    expected = np.concatenate(heads, -1) @ np.asarray(attn.out.kernel[...])
+    np.testing.assert_allclose(np.asarray(got)[0], expected, atol=1e-5)
+
+
+def test_gqa_shares_each_kv_head_across_its_group():
+    """GQA with 2 KV heads equals MHA whose K/V projections repeat each KV head for its 2 query heads."""
+    gqa = _model(**LLAMA)
+    mha = _model(**dict(LLAMA, n_kv_head=4))
+    for b_gqa, b_mha in zip(gqa.blocks, mha.blocks):
+        for name in ("key", "value"):
+            w = b_gqa.attn.__getattribute__(name).kernel[...].reshape(32, 2, 1, 8)
+            getattr(b_mha.attn, name).kernel[...] = jnp.broadcast_to(w, (32, 2, 2, 8)).reshape(32, 32)
+        for name in ("query", "out"):
+            getattr(b_mha.attn, name).kernel[...] = getattr(b_gqa.attn, name).kernel[...]
+        for name in ("gate", "up", "down"):
+            getattr(b_mha.mlp, name).kernel[...] = getattr(b_gqa.mlp, name).kernel[...]
+    mha.embed[...] = gqa.embed[...]
+    mha.lm_head[...] = gqa.lm_head[...]
+    tokens = jax.random.randint(jax.random.key(4), (2, 10), 0, 61)
+    np.testing.assert_allclose(np.asarray(gqa(tokens)[0]), np.asarray(mha(tokens)[0]), atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q = jax.random.normal(jax.random.key(5), (1, 1, 1, 16))
+    k = jax.random.normal(jax.random.key(6), (1, 1, 1, 16))
+
+    def score(pq, pk):
+        rq = rope(q, jnp.array([[pq]]), 10000.0)
+        rk = rope(k, jnp.array([[pk]]), 10000.0)
+        return float(jnp.sum(rq * rk))
+
+    base = score(7, 3)
+    for shift in (1, 10, 100, 1000):
+        assert score(7 + shift, 3 + shift) == pytest.approx(base, abs=1e-4)
+    assert abs(score(7, 3) - score(7, 5)) > 1e-3  # and they do depend on the distance
+
+
+def test_small_config_has_gpt2_small_parameter_count():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("small", "configs/small.py")
+    small = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(small)
+    config = small.get_config()
+    config.model.vocab_size = 50257
+    model = nnx.eval_shape(lambda: Transformer(ModelConfig.from_config(config), rngs=nnx.Rngs(0)))
+    assert count_params(model) == 124_439_808
+
+
+def test_dropout_is_active_only_in_training_mode():
+    model = _model(**dict(GPT2, dropout=0.5))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    a, _ = model(tokens)
+    b, _ = model(tokens)
+    c, _ = model(tokens, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    import optax
+
+    tokens = jax.random.randint(jax.random.key(7), (2, 9), 0, 61)
+
+    def loss_and_grads(remat):
+        model = _model(**dict(GPT2, remat=remat))
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            logits, _ = nnx.merge(graphdef, p)(tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        return jax.value_and_grad(loss)(params)
+
+    base_loss, base_grads = loss_and_grads("none")
+    for remat in ("full", "dots"):
+        loss, grads = loss_and_grads(remat)
+        assert float(loss) == pytest.approx(float(base_loss), rel=1e-6)
+        for g0, g1 in zip(jax.tree.leaves(base_grads), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(np.asarray(g0), np.asarray(g1), atol=1e-6)

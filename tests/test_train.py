@@ -1,0 +1,108 @@
+"""Training: the loss falls, a SIGKILLed run resumes bit for bit, the schedule and optimizer behave."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import config as config_lib
+from gpt_jax import optim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config.model.n_layer=1", "--config.model.d_model=32", "--config.model.n_head=2", "--config.batch_size=4",
+         "--config.seq_len=32", "--config.sample.max_new_tokens=0", "--config.eval_every=0",
+         "--config.final_eval_full=false", "--config.eval_steps=2"]
+
+
+def run_train(workdir, *overrides, env=None):
+    cmd = [sys.executable, "-m", "gpt_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", *SMALL,
+           *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(workdir):
+    return {m["step"]: m["train_loss"] for m in read_metrics(workdir) if "train_loss" in m}
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_bit_for_bit(tmp_path):
+    steps = ["--config.train_steps=200", "--config.checkpoint_every=100", "--config.log_every=1"]
+    full = tmp_path / "full"
+    r = run_train(full, *steps)
+    assert r.returncode == 0, r.stderr
+
+    killed = tmp_path / "killed"
+    r = run_train(killed, *steps, env={"GPT_JAX_SIGKILL_AFTER_STEP": "100"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert max(train_losses(killed)) == 100
+    r = run_train(killed, *steps)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr and "at step 100" in r.stderr
+
+    a, b = train_losses(full), train_losses(killed)
+    assert sorted(b) == list(range(1, 201))
+    for step in range(101, 201):
+        assert a[step] == b[step], (step, a[step], b[step])  # bit for bit: exact float equality
+    assert a[200] < a[1] - 0.5  # and it learned something
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = config_lib.base_config()
+    config.learning_rate, config.min_learning_rate = 1e-3, 1e-4
+    config.warmup_steps, config.train_steps = 10, 110
+    schedule = optim.learning_rate_schedule(config)
+    lrs = np.array([float(schedule(s)) for s in range(111)])
+    assert lrs[0] == pytest.approx(1e-3 / 11)
+    assert np.all(np.diff(lrs[:11]) > 0) and lrs[10] == pytest.approx(1e-3)
+    assert np.all(np.diff(lrs[10:]) <= 1e-12) and lrs[110] == pytest.approx(1e-4)
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * 0.9e-3, rel=1e-5)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    config = config_lib.base_config()
+    config.learning_rate = config.min_learning_rate = 0.1
+    config.warmup_steps, config.weight_decay, config.grad_clip = 0, 0.5, 0.0
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    tx = optim.make_optimizer(config)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    assert float(updates["bias"][0]) == 0.0
+    assert float(updates["kernel"][0, 0]) == pytest.approx(-0.1 * 0.5)
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    from gpt_jax import sharding
+    from gpt_jax.model import ModelConfig
+    from gpt_jax.train import init_params, make_train_step, param_shardings
+
+    config = config_lib.base_config()
+    config.model.vocab_size = 31
+    config.model.n_layer, config.model.d_model, config.model.n_head = 1, 16, 2
+    config.seq_len = 8
+    model_cfg = ModelConfig.from_config(config)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    graphdef, shardings = param_shardings(model_cfg, mesh)
+    params = init_params(model_cfg, 0, shardings)
+    tx = optim.make_optimizer(config)
+    tokens = jax.random.randint(jax.random.key(0), (8, 9), 0, 31)
+    results = []
+    for accum in (1, 4):
+        state = {"params": params, "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(0)),
+                 "step": jnp.int32(0)}
+        new_state, metrics = jax.jit(make_train_step(graphdef, tx, accum, False))(state, {"tokens": tokens})
+        results.append((new_state, metrics))
+    assert float(results[0][1]["train_loss"]) == pytest.approx(float(results[1][1]["train_loss"]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][0]["params"]), jax.tree.leaves(results[1][0]["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
