@@ -17,6 +17,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep or None, create=not read_only, read_only=read_only,
             enable_async_checkpointing=True)
+        self._options = options
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "opt_state", "meta"))
 
@@ -42,6 +43,34 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["params"], restored.get("opt_state") if opt_state_target is not None else None, \
             restored["meta"]
+
+    def restore_latest(self, params_target, opt_state_target, warn=print):
+        """(step, params, opt_state, meta) from the newest checkpoint that restores, or None when there is none.
+
+        A checkpoint that fails to restore (truncated or corrupt files) is moved aside to `corrupt-STEP-TIME` with
+        a warning, never deleted, and the one before it is tried."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                params, opt_state, meta = self.restore(step, params_target, opt_state_target)
+                return step, params, opt_state, meta
+            except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
+                reason = " ".join(str(e).split())[:200]
+                moved = self._quarantine(step)
+                warn(f"warning: checkpoint {step} cannot be restored ({type(e).__name__}: {reason}); moved it to "
+                     f"{moved} and trying the one before")
+        return None
+
+    def _quarantine(self, step: int) -> str:
+        import time
+
+        self.manager.close()
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            os.rename(source, target)
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options,
+                                             item_names=("params", "opt_state", "meta"))
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

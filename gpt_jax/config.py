@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.init_from = ""
+    c.max_nonfinite_steps = 10  # halt after this many steps with a NaN/Inf loss or gradient (each is skipped)
     c.peak_flops = 0.0  # per device, for MFU; 0 = known accelerator table, or a measured matmul rate on CPU
 
     c.model = ml_collections.ConfigDict()

@@ -19,7 +19,9 @@ _DEFAULTS = os.path.join(os.path.dirname(__file__), "config.py")
 
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULTS, "Config file (configs/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: config, checkpoints, metrics, tokenizer.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "serve"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "serve", "compile"],
+                          "What to do; compile = compile the train step for these devices and print its memory "
+                          "and FLOPs, without training.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text for --mode=sample.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File with one prompt per line for --mode=sample.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate (default: config.sample).")
@@ -66,12 +68,12 @@ def resolve_config():
     except (OSError, AttributeError, KeyError) as e:
         detail = str(e).strip().splitlines()[-1].strip()
         raise ConfigError(f"cannot load config file {config_path}: {detail}") from None
-    saved = os.path.join(_WORKDIR.value, "config.json")
+    saved = os.path.join(_WORKDIR.value or "", "config.json")
     if os.path.abspath(config_path) == os.path.abspath(_DEFAULTS) and os.path.isfile(saved):
         config = config_lib.from_json_file(saved)
         for key, value in config_flags.get_override_values(flags.FLAGS["config"]).items():
             config_lib.merge_dict(config, _unflatten(key, value), "--config." + key)
-    elif (os.path.abspath(config_path) == os.path.abspath(_DEFAULTS) and _MODE.value == "train"
+    elif (os.path.abspath(config_path) == os.path.abspath(_DEFAULTS) and _MODE.value in ("train", "compile")
           and not config.init_from):
         raise ConfigError("--config is required (or a --workdir holding config.json, or --config.init_from)")
     config_lib.validate(config)
@@ -105,14 +107,26 @@ def run(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     from gpt_jax.errors import UserError
 
-    if not _WORKDIR.value:
+    if not _WORKDIR.value and _MODE.value != "compile":
         _fail("--workdir is required")
     try:
         config = resolve_config()
-        if _MODE.value == "train":
+        if _MODE.value in ("train", "compile"):
+            from gpt_jax import sharding
+
+            sharding.initialize_distributed(config.distributed)
+        if _MODE.value == "compile":
+            from gpt_jax import train
+
+            train.compile_report(config)
+        elif _MODE.value == "train":
             from gpt_jax import decode, train
 
-            train.train_and_evaluate(config, _WORKDIR.value)
+            try:
+                train.train_and_evaluate(config, _WORKDIR.value)
+            except train.TrainingError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(1)
             if config.sample.max_new_tokens > 0 and _is_main_process():
                 s = config.sample
                 text = decode.sample_workdir(_WORKDIR.value, [s.prompt], s.max_new_tokens, s.temperature, s.top_k,
@@ -129,8 +143,10 @@ def run(argv) -> None:
 
             prompts = _prompts() or [config.sample.prompt]
             s = config.sample
+            source = _WORKDIR.value if os.path.isfile(os.path.join(_WORKDIR.value, "config.json")) \
+                else (config.init_from or _WORKDIR.value)
             outputs = decode.sample_workdir(
-                _WORKDIR.value, prompts,
+                source, prompts,
                 s.max_new_tokens if _MAX_NEW.value is None else _MAX_NEW.value,
                 s.temperature if _TEMPERATURE.value is None else _TEMPERATURE.value,
                 s.top_k if _TOP_K.value is None else _TOP_K.value,

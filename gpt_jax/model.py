@@ -41,6 +41,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots
+    scan_layers: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -71,6 +72,7 @@ class ModelConfig:
             dtype=m.dtype,
             param_dtype=m.param_dtype,
             remat=m.remat,
+            scan_layers=m.scan_layers,
         )
 
 
@@ -243,24 +245,47 @@ class Transformer(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dtype)
         if self.dropout is not None:
             x = self.dropout(x, deterministic=deterministic, rngs=rngs)
-        new_cache = []
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache[i]
-            if cfg.remat != "none" and cache is None:
-                def run(blk, h, pos, _det=deterministic, _rngs=rngs):
-                    return blk(h, pos, deterministic=_det, rngs=_rngs)[0]
-                x = nnx.remat(run, policy=_REMAT_POLICIES[cfg.remat])(block, x, positions)
-                layer_new = None
-            else:
-                x, layer_new = block(x, positions, layer_cache, cache_index, key_valid,
-                                     deterministic=deterministic, rngs=rngs)
-            new_cache.append(layer_new)
+        if cache is None and (cfg.scan_layers or cfg.remat != "none"):
+            x = self._blocks_functional(x, positions, deterministic, rngs)
+            new_cache = None
+        else:
+            new_cache = []
+            for i, block in enumerate(self.blocks):
+                x, layer_cache = block(x, positions, None if cache is None else cache[i], cache_index, key_valid,
+                                       deterministic=deterministic, rngs=rngs)
+                new_cache.append(layer_cache)
         x = self.final_norm(x)
         if return_hidden:
             return x
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.dot(x.reshape(batch * seq, -1), head.astype(dtype), preferred_element_type=jnp.float32)
         return logits.reshape(batch, seq, -1), (None if cache is None else new_cache)
+
+    def _blocks_functional(self, x, positions, deterministic, rngs):
+        """The blocks as a pure function of their parameters, for rematerialization and `lax.scan` over layers.
+
+        Parameters keep their per-layer layout (checkpoints and converters see one format); with scan_layers they
+        are stacked inside the step, so XLA compiles one block body instead of n_layer copies."""
+        cfg = self.cfg
+        graphdef, first_state = nnx.split(self.blocks[0])
+        states = [first_state] + [nnx.split(b)[1] for b in self.blocks[1:]]
+        use_dropout = rngs is not None and not deterministic and cfg.dropout > 0
+        keys = jax.random.split(rngs.dropout(), cfg.n_layer) if use_dropout else jnp.zeros((cfg.n_layer,))
+
+        def body(h, layer_state, key):
+            block = nnx.merge(graphdef, layer_state)
+            layer_rngs = nnx.Rngs(dropout=key) if use_dropout else None
+            return block(h, positions, deterministic=deterministic, rngs=layer_rngs)[0]
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+        if not cfg.scan_layers:
+            for layer_state, key in zip(states, keys):
+                x = body(x, layer_state, key)
+            return x
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        x, _ = jax.lax.scan(lambda h, xs: (body(h, *xs), None), x, (stacked, keys))
+        return x
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> list[dict]:

@@ -58,7 +58,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
         if num_devices % known:
             raise ConfigError(f"the mesh's fixed axes ({known} devices) do not divide the {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // known
-    if math.prod(sizes) != num_devices:
+    if math.prod(sizes) > num_devices or (jax.process_count() > 1 and math.prod(sizes) != num_devices):
         raise ConfigError(
             f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, "
             f"{num_devices} are present")
@@ -66,8 +66,11 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
+    """The (data, fsdp, tensor) mesh. Axes that ask for fewer devices than there are (single process only) use
+    the first ones, e.g. data=fsdp=tensor=1 for a one-device run on a multi-device host."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_config, len(devices))
+    devices = devices[: math.prod(shape)]
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

@@ -3,10 +3,13 @@ checkpoints with automatic resume, and progress lines, metrics.jsonl and TensorB
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -73,12 +76,19 @@ def token_losses(graphdef, params, tokens, *, deterministic=True, dropout_key=No
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps: int, use_dropout: bool):
-    """train_step(state, batch) → (state, metrics). state = {"params", "opt_state", "rng", "step"}; the batch is
-    {"tokens": [batch, seq+1]} with an optional "loss_mask" [batch, seq] (1 where a target counts)."""
+    """train_step(state, batch) → (state, metrics).
 
-    def loss_fn(params, micro, key):
+    state = {"params", "opt_state", "rng", "step", "health"}; the batch is {"tokens": [batch, seq+1]} with an
+    optional "loss_mask" [batch, seq] (1 where a target counts). A step whose loss or gradients are not finite
+    leaves parameters and optimizer state unchanged and is recorded in state["health"] (count, first such step and
+    which gradients were non-finite), which the loop reads at log steps, so no step waits on the host."""
+    inject_nan_at = int(os.environ.get("GPT_JAX_INJECT_NAN_AT_STEP", "0"))  # fault injection for tests
+
+    def loss_fn(params, micro, key, step):
         losses = token_losses(graphdef, params, micro["tokens"], deterministic=not use_dropout,
                               dropout_key=key if use_dropout else None)
+        if inject_nan_at:
+            losses = losses * jnp.where(step + 1 == inject_nan_at, jnp.nan, 1.0)
         mask = micro.get("loss_mask")
         mask = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
         return jnp.sum(losses * mask), jnp.sum(mask)
@@ -86,32 +96,59 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, batch):
-        params = state["params"]
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        params, step = state["params"], state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         micro_batches = jax.tree.map(
             lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
 
-        def accumulate(carry, inputs):
-            grads_sum, loss_sum, count_sum = carry
-            index, micro = inputs
-            (loss, count), grads = grad_fn(params, micro, jax.random.fold_in(key, index))
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count_sum + count), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
         if grad_accum_steps == 1:
-            (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), key)
+            (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), key, step)
         else:
+            def accumulate(carry, inputs):
+                grads_sum, loss_sum, count_sum = carry
+                index, micro = inputs
+                (loss, count), grads = grad_fn(params, micro, jax.random.fold_in(key, index), step)
+                return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count_sum + count), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, loss_sum, count), _ = jax.lax.scan(
                 accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum_steps), micro_batches))
         count = jnp.maximum(count, 1.0)
+        loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
-        new_state = {"params": params, "opt_state": opt_state, "rng": state["rng"], "step": state["step"] + 1}
-        metrics = {"train_loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
+        grads_finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(grads_finite)))
+        updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        health = state["health"]
+        first_bad = (health["count"] == 0) & ~finite
+        new_health = {
+            "count": health["count"] + (~finite).astype(jnp.int32),
+            "first_step": jnp.where(first_bad, step + 1, health["first_step"]),
+            "grads_finite": jax.tree.map(lambda new, old: jnp.where(first_bad, new, old), grads_finite,
+                                         health["grads_finite"]),
+        }
+        new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt_state, state["opt_state"]),
+                     "rng": state["rng"], "step": step + 1, "health": new_health}
+        metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
         return new_state, metrics
 
     return train_step
+
+
+def initial_health(params) -> dict:
+    return {"count": jnp.int32(0), "first_step": jnp.int32(0),
+            "grads_finite": jax.tree.map(lambda _: jnp.bool_(True), params)}
+
+
+def nonfinite_report(health) -> str:
+    """Which step first went non-finite and which parameters' gradients were non-finite then."""
+    bad = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+           for path, ok in jax.tree_util.tree_leaves_with_path(health["grads_finite"]) if not bool(ok)]
+    where = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "") if bad else "none (the loss)"
+    return (f"{int(health['count'])} non-finite step(s) skipped; the first at step {int(health['first_step'])}, "
+            f"non-finite gradients in: {where}")
 
 
 def make_eval_step(graphdef, byte_lengths: np.ndarray):
@@ -218,57 +255,125 @@ def _fmt_time(seconds: float) -> str:
 # The loop
 
 
+class TrainingError(Exception):
+    """Training cannot go on (e.g. too many non-finite steps); the message is the diagnostic."""
+
+
+def _apply_source_model(config, source_cfg: ModelConfig) -> None:
+    """Takes the architecture from a pretrained source; training choices (dropout, dtypes, remat, scan) stay."""
+    keep = {"dropout", "dtype", "param_dtype", "remat", "scan_layers"}
+    with config.ignore_type():
+        for field in dataclasses.fields(source_cfg):
+            if field.name not in keep:
+                config.model[field.name] = getattr(source_cfg, field.name)
+    if config.seq_len > source_cfg.max_seq_len:
+        raise ConfigError(f"seq_len={config.seq_len} is longer than init_from's context of {source_cfg.max_seq_len}")
+
+
 def prepare_run(config, workdir: str):
-    """Resolves the config against the data (vocabulary size) and the workdir's saved config; returns
-    (config, data source)."""
+    """Resolves the config against the pretrained source (`init_from`), the data (vocabulary size) and a run
+    already in the workdir; writes config.json. Returns (config, data source, pretrained params or None)."""
     os.makedirs(workdir, exist_ok=True)
-    data = data_lib.load_data(config, os.path.join(workdir, "tokenizer"))
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    saved_path = os.path.join(workdir, "config.json")
+    pretrained_params = None
+    if config.init_from:
+        if checkpoint_lib.has_checkpoint(workdir) and os.path.isfile(saved_path):
+            saved = config_lib.from_json_file(saved_path)  # resuming: the architecture is the run's own
+            with config.ignore_type():
+                for key, value in saved.model.items():
+                    if key not in ("dropout", "dtype", "param_dtype", "remat", "scan_layers"):
+                        config.model[key] = value
+        else:
+            from gpt_jax import pretrained
+
+            loaded = pretrained.load(config.init_from)
+            _apply_source_model(config, loaded.model_cfg)
+            loaded.tokenizer.save(tokenizer_dir)
+            pretrained_params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+    data = data_lib.load_data(config, tokenizer_dir)
     vocab = data.tokenizer.vocab_size
     if not config.model.vocab_size:
         config.model.vocab_size = vocab
     elif config.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab}")
     config_lib.validate(config)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
-    return config, data
+    if jax.process_index() == 0:
+        with open(saved_path, "w") as f:
+            f.write(config_lib.to_json(config))
+    return config, data, pretrained_params
+
+
+class _StopSignal:
+    """Turns SIGTERM (preemption, `kill`) into a request to checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if jax.process_count() > 1:  # every host must stop at the same step
+            from jax.experimental import multihost_utils
+
+            return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+        return self.requested
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def build_state(config, model_cfg: ModelConfig, mesh, pretrained_params=None):
+    """(graphdef, optimizer, state, state shardings, param shardings) for a fresh run, placed on the mesh."""
+    graphdef, p_shardings = param_shardings(model_cfg, mesh)
+    if pretrained_params is not None:
+        params = jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), pretrained_params, p_shardings)
+    else:
+        params = init_params(model_cfg, config.seed, p_shardings)
+    tx = optim.make_optimizer(config)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params),
+             "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated),
+             "step": jax.device_put(jnp.int32(0), replicated),
+             "health": jax.device_put(initial_health(params), replicated)}
+    return graphdef, tx, state, jax.tree.map(lambda x: x.sharding, state), p_shardings
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains (resuming from the latest checkpoint in `workdir/checkpoints`), evaluates every `eval_every` steps
-    and at the end; returns the last evaluation's metrics."""
-    config, data = prepare_run(config, workdir)
+    """Trains (resuming from the latest good checkpoint in `workdir/checkpoints`), evaluates every `eval_every`
+    steps and at the end; returns the last evaluation's metrics. SIGTERM checkpoints and returns early."""
+    config, data, pretrained_params = prepare_run(config, workdir)
     model_cfg = ModelConfig.from_config(config)
     mesh = sharding.make_mesh(config.mesh)
-    if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ConfigError(f"batch_size={config.batch_size} is not divisible by the mesh's data × fsdp = "
-                          f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
+    if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"] * config.grad_accum_steps):
+        raise ConfigError(f"batch_size={config.batch_size} is not divisible by grad_accum_steps × the mesh's "
+                          f"data × fsdp = {config.grad_accum_steps * mesh.shape['data'] * mesh.shape['fsdp']}")
 
     with jax.set_mesh(mesh):
-        graphdef, p_shardings = param_shardings(model_cfg, mesh)
-        params = init_params(model_cfg, config.seed, p_shardings)
-        n_params = sum(x.size for x in jax.tree.leaves(params))
-        tx = optim.make_optimizer(config)
-        opt_state = jax.jit(tx.init)(params)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        state = {"params": params, "opt_state": opt_state,
-                 "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated),
-                 "step": jax.device_put(jnp.int32(0), replicated)}
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        graphdef, tx, state, state_shardings, p_shardings = build_state(config, model_cfg, mesh,
+                                                                        pretrained_params)
+        n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         batch_sharding = sharding.batch_sharding(mesh)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
         ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
         start_step, data_state = 0, None
-        latest = ckpt.latest_step()
-        if latest is not None:
-            params, opt_state, meta = ckpt.restore(latest, state["params"], state["opt_state"])
-            start_step, data_state = int(meta["step"]), meta["data"]
-            state = {"params": params, "opt_state": opt_state,
-                     "rng": jax.device_put(np.asarray(meta["rng"], np.uint32), replicated),
-                     "step": jax.device_put(jnp.int32(start_step), replicated)}
+        restored = ckpt.restore_latest(state["params"], state["opt_state"], warn=_progress)
+        if restored is not None:
+            start_step, params, opt_state, meta = restored
+            data_state = meta["data"]
+            state.update(params=params, opt_state=opt_state,
+                         rng=jax.device_put(np.asarray(meta["rng"], np.uint32), replicated),
+                         step=jax.device_put(jnp.int32(start_step), replicated))
             _progress(f"resumed from {ckpt.directory} at step {start_step}")
         else:
-            _progress(f"model: {n_params:,} parameters; {mesh.size} device(s), mesh {dict(mesh.shape)}")
+            _progress(f"model: {n_params:,} parameters; {mesh.size} device(s), mesh {dict(mesh.shape)}"
+                      + (f"; initialized from {config.init_from}" if pretrained_params is not None else ""))
 
         train_step = jax.jit(
             make_train_step(graphdef, tx, config.grad_accum_steps, config.model.dropout > 0),
@@ -288,60 +393,161 @@ def train_and_evaluate(config, workdir: str) -> dict:
         peak = device_peak_flops(config) * jax.device_count()
         flops_tok = flops_per_token(model_cfg, n_params, config.seq_len)
         tokens_per_step = config.batch_size * config.seq_len
+        schedule = optim.learning_rate_schedule(config)
+        stop = _StopSignal()
 
         def put_batch(batch):
-            return jax.tree.map(
-                lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
+            return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
 
         def save(step):
             ckpt.save(step, state["params"], state["opt_state"],
                       {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
                        "data": batches.state()})
 
+        def evaluate(step, full):
+            windows = val_windows if full else quick_windows
+            result = evaluate_windows(eval_step, state["params"], windows, config.batch_size, batch_sharding)
+            writer.write(step, result)
+            _progress(f"step {step}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
+                      f"val_bpb {result['val_bpb']:.4f}" + ("  (whole validation split)" if full else ""))
+            return result
+
         metrics_out: dict = {}
-        pending = []  # (step, metrics on device): read at log steps only, so no per-step host sync
+        last_metrics = None
+        nonfinite_seen = 0
         last_log_time, last_log_step = time.perf_counter(), start_step
         train_start = time.perf_counter()
         step = start_step
-        for step in range(start_step + 1, config.train_steps + 1):
-            state, metrics = train_step(state, put_batch(next(batches)))
-            pending.append((step, metrics))
-            if step % config.log_every == 0 or step == config.train_steps:
-                values = jax.device_get(pending[-1][1])
-                now = time.perf_counter()
-                steps_done = step - last_log_step
-                tokens_per_sec = steps_done * tokens_per_step / max(now - last_log_time, 1e-9)
-                mfu = flops_tok * tokens_per_sec / peak
-                eta = (config.train_steps - step) * (now - train_start) / max(step - start_step, 1)
-                lr = float(optim.learning_rate_schedule(config)(step - 1))
-                loss = float(values["train_loss"])
-                writer.write(step, {"train_loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-                                    "grad_norm": float(values["grad_norm"])})
-                _progress(f"step {step}/{config.train_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                          f"{tokens_per_sec:,.0f} tok/s  mfu {mfu:.1%}  eta {_fmt_time(eta)}")
-                last_log_time, last_log_step = time.perf_counter(), step
-                pending.clear()
-            is_last = step == config.train_steps
-            if (config.eval_every and step % config.eval_every == 0) or is_last:
-                windows = val_windows if (is_last and config.final_eval_full) else quick_windows
-                metrics_out = evaluate_windows(eval_step, state["params"], windows, config.batch_size,
-                                               batch_sharding)
-                writer.write(step, metrics_out)
-                _progress(f"step {step}: val_loss {metrics_out['val_loss']:.4f}  val_ppl "
-                          f"{metrics_out['val_ppl']:.2f}  val_bpb {metrics_out['val_bpb']:.4f}"
-                          + ("  (whole validation split)" if windows is val_windows else ""))
-                last_log_time = time.perf_counter()
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last:
-                save(step)
-                _fault_injection_hook(ckpt, step)
-        if step == start_step and latest is not None:
-            _progress(f"the checkpoint at step {start_step} already reached train_steps={config.train_steps}")
-        ckpt.close()
+        try:
+            for step in range(start_step + 1, config.train_steps + 1):
+                state, last_metrics = train_step(state, put_batch(next(batches)))
+                is_last = step == config.train_steps
+                if step % config.log_every == 0 or is_last:
+                    values, health = jax.device_get((last_metrics, state["health"]))
+                    now = time.perf_counter()
+                    tokens_per_sec = (step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
+                    mfu = flops_tok * tokens_per_sec / peak
+                    eta = (config.train_steps - step) * (now - train_start) / max(step - start_step, 1)
+                    lr = float(schedule(step - 1))
+                    loss = float(values["train_loss"])
+                    writer.write(step, {"train_loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+                                        "grad_norm": float(values["grad_norm"])})
+                    _progress(f"step {step}/{config.train_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                              f"{tokens_per_sec:,.0f} tok/s  mfu {mfu:.1%}  eta {_fmt_time(eta)}")
+                    if int(health["count"]) > nonfinite_seen:
+                        nonfinite_seen = int(health["count"])
+                        _progress("warning: " + nonfinite_report(health))
+                        if nonfinite_seen >= config.max_nonfinite_steps:
+                            raise TrainingError("halted: " + nonfinite_report(health))
+                    last_log_time, last_log_step = time.perf_counter(), step
+                if (config.eval_every and step % config.eval_every == 0) or is_last:
+                    metrics_out = evaluate(step, full=is_last and config.final_eval_full)
+                    last_log_time = time.perf_counter()
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last:
+                    save(step)
+                    _fault_injection_hook(ckpt, step)
+                elif stop.should_stop():
+                    save(step)
+                    _progress(f"SIGTERM: saved a checkpoint at step {step}; run the same command to resume")
+                    break
+            if step == start_step and restored is not None:
+                _progress(f"the checkpoint at step {start_step} already reached train_steps={config.train_steps}")
+        finally:
+            stop.restore()
+            ckpt.close()
         elapsed = time.perf_counter() - train_start
         if step > start_step:
             _progress(f"trained steps {start_step + 1}-{step} in {elapsed:.1f}s "
                       f"({(step - start_step) * tokens_per_step / elapsed:,.0f} tok/s)")
         return metrics_out
+
+
+def compile_report(config) -> dict:
+    """Compiles the train step of `config` for the current devices without training; returns (and prints) the
+    per-device memory of parameters, optimizer state and the compiled step, and FLOPs per step."""
+    model_cfg_vocab = config.model.vocab_size or (config.data.vocab_size if config.data.tokenizer == "sentencepiece"
+                                                  else 0)
+    if not model_cfg_vocab:
+        raise ConfigError("--mode=compile needs model.vocab_size (or data.tokenizer=sentencepiece)")
+    config.model.vocab_size = model_cfg_vocab
+    config_lib.validate(config)
+    model_cfg = ModelConfig.from_config(config)
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+        graphdef, p_shardings = param_shardings(model_cfg, mesh)
+        tx = optim.make_optimizer(config)
+
+        def init_state():
+            params = nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(0)), nnx.Param))
+            return {"params": params, "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(0)),
+                    "step": jnp.int32(0), "health": initial_health(params)}
+
+        abstract = jax.eval_shape(init_state)
+        out_shardings = _state_shardings_like(abstract, p_shardings, mesh)
+        batch = {"tokens": jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
+                                                sharding=sharding.batch_sharding(mesh))}
+        state_in = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
+                                out_shardings)
+        step_fn = jax.jit(make_train_step(graphdef, tx, config.grad_accum_steps, config.model.dropout > 0),
+                          in_shardings=(out_shardings, sharding.batch_sharding(mesh)),
+                          out_shardings=(out_shardings, None), donate_argnums=(0,))
+        t = time.perf_counter()
+        compiled = step_fn.lower(state_in, batch).compile()
+        compile_seconds = time.perf_counter() - t
+
+    def per_device_bytes(tree, shardings_tree):
+        total = 0
+        for a, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree)):
+            total += int(np.prod(sh.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+        return total
+
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
+    report = {
+        "devices": mesh.size, "mesh": dict(mesh.shape), "parameters": n_params,
+        "param_bytes_per_device": per_device_bytes(abstract["params"], out_shardings["params"]),
+        "opt_state_bytes_per_device": per_device_bytes(abstract["opt_state"], out_shardings["opt_state"]),
+        "argument_bytes": int(getattr(memory, "argument_size_in_bytes", 0)),
+        "output_bytes": int(getattr(memory, "output_size_in_bytes", 0)),
+        "temp_bytes": int(getattr(memory, "temp_size_in_bytes", 0)),
+        "generated_code_bytes": int(getattr(memory, "generated_code_size_in_bytes", 0)),
+        "flops_per_step_compiled": float(cost.get("flops", 0.0)) if cost else 0.0,
+        "flops_per_step_model": flops_per_token(model_cfg, n_params, config.seq_len) * config.batch_size
+        * config.seq_len,
+        "compile_seconds": compile_seconds,
+    }
+    gib = 1024**3
+    lines = [f"compiled the train step for {mesh.size} device(s), mesh {dict(mesh.shape)}, in {compile_seconds:.1f}s",
+             f"  parameters            {n_params:,}",
+             f"  params / device       {report['param_bytes_per_device'] / gib:.3f} GiB",
+             f"  optimizer / device    {report['opt_state_bytes_per_device'] / gib:.3f} GiB",
+             f"  step arguments        {report['argument_bytes'] / gib:.3f} GiB (per device)",
+             f"  step temporaries      {report['temp_bytes'] / gib:.3f} GiB (per device)",
+             f"  FLOPs / step          {report['flops_per_step_compiled']:.3e} (compiled, per device); "
+             f"{report['flops_per_step_model']:.3e} (6N + attention, whole batch)"]
+    print("\n".join(lines), flush=True)
+    return report
+
+
+def _state_shardings_like(abstract_state, p_shardings, mesh):
+    """Shardings for a train state: the parameters' own, the same for every params-shaped subtree of the optimizer
+    state (AdamW's moments), replicated for the rest."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params_treedef = jax.tree.structure(abstract_state["params"])
+
+    def for_opt(node):
+        if jax.tree.structure(node) == params_treedef:
+            return p_shardings
+        return jax.tree.map(lambda _: replicated, node)
+
+    opt_state = abstract_state["opt_state"]
+    opt_shardings = jax.tree.map(for_opt, opt_state,
+                                 is_leaf=lambda n: jax.tree.structure(n) == params_treedef)
+    return {"params": p_shardings, "opt_state": opt_shardings,
+            "rng": replicated, "step": replicated,
+            "health": jax.tree.map(lambda _: replicated, abstract_state["health"])}
 
 
 def _progress(line: str) -> None:
