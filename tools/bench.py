@@ -1,0 +1,180 @@
+"""Benchmarks, each a section printing a table of ratios against peers measured in the same run.
+
+    python tools/bench.py data [--mb=8] [--train_steps=3] [--workdir=DIR]
+
+Sections:
+- `data`: delivered tokens/s of the data pipeline (tools/prepare_data.py's Beam pipeline on a synthetic corpus,
+  and the shard reader feeding training at configs/small.py's sequence length) against the tokens/s that
+  configs/small.py's training step consumes on this machine (measured with a small batch), plus near-duplicate
+  detection precision/recall on synthetic pairs.
+
+Add a section by writing `def bench_NAME(args) -> list[str]` (the lines to print) and listing it in SECTIONS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """A plain-text table, numbers right-aligned."""
+    cells = [header] + [[f"{c:,.1f}" if isinstance(c, float) else f"{c:,}" if isinstance(c, int) else str(c)
+                         for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+
+    def fmt(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    return [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+
+def synthetic_corpus(directory: str, megabytes: float, seed: int = 0) -> None:
+    """Files of Zipf-distributed pseudo-words in paragraphs, with some exact and near-duplicate files."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    vocab = ["".join(rng.choice(letters, int(rng.integers(1, 10)))) for _ in range(30000)]
+    os.makedirs(directory, exist_ok=True)
+    written, index, previous = 0, 0, []
+    while written < megabytes * 1e6:
+        if previous and index % 20 == 19:  # an exact copy of an earlier file
+            text = previous[int(rng.integers(len(previous)))]
+        elif previous and index % 20 == 9:  # a near copy: 1% of words replaced
+            words = previous[int(rng.integers(len(previous)))].split(" ")
+            for i in rng.integers(0, len(words), max(1, len(words) // 100)):
+                words[i] = vocab[int(rng.integers(len(vocab)))]
+            text = " ".join(words)
+        else:
+            ids = np.minimum(rng.zipf(1.2, 4000), len(vocab)) - 1
+            words = [vocab[i] for i in ids]
+            text = "\n\n".join(" ".join(words[i:i + 80]) + "." for i in range(0, len(words), 80))
+            previous.append(text)
+        with open(os.path.join(directory, f"doc{index:05d}.txt"), "w") as f:
+            f.write(text)
+        written += len(text)
+        index += 1
+
+
+def measure_prepare(input_dir: str, output_dir: str, flags: list[str]) -> tuple[float, dict]:
+    """Wall seconds of one prepare_data run (in this process) and its manifest."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from gpt_jax.data import corpus
+
+    opts = corpus.CorpusOptions(output_dir=output_dir, inputs=[os.path.join(input_dir, "*.txt")],
+                                doc_split="paragraph", vocab_size=8192)
+    start = time.perf_counter()
+    options = PipelineOptions(["--runner=DirectRunner", "--default_sdk_harness_log_level=WARNING", *flags])
+    manifest = corpus.prepare(opts, options, overwrite=True)
+    return time.perf_counter() - start, manifest
+
+
+def measure_reader(data_dir: str, batch_size: int, seq_len: int, batches: int) -> float:
+    """Tokens/s that ShardSource.train_batches delivers (after the first batch)."""
+    from gpt_jax.data import shards
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        it = shards.ShardSource(data_dir, tok_dir).train_batches(batch_size, seq_len, seed=0)
+        next(it)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        return batches * batch_size * seq_len / (time.perf_counter() - start)
+
+
+def measure_small_training(data_dir: str, batch_size: int, steps: int, vocab_size: int) -> float:
+    """Tokens/s that configs/small.py's training consumes on this machine: `gpt_jax.main` trains it for
+    `steps` + 1 steps at a small batch on the prepared shards; the median of the logged rates after the first
+    (compiling) step."""
+    import json
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "gpt_jax.main", "--config=" + os.path.join(ROOT, "configs", "small.py"),
+                   f"--workdir={workdir}", f"--config.data.path={data_dir}", f"--config.batch_size={batch_size}",
+                   f"--config.train_steps={steps + 1}", "--config.log_every=1", "--config.eval_every=0",
+                   "--config.eval_steps=1", f"--config.checkpoint_every={steps + 10}", "--config.keep_checkpoints=1",
+                   f"--config.model.vocab_size={vocab_size}", "--config.sample.max_new_tokens=0"]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"training configs/small.py failed:\n{result.stderr[-3000:]}")
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            rates = [r["tokens_per_sec"] for r in map(json.loads, f) if "tokens_per_sec" in r and r["step"] > 1]
+    return statistics.median(rates)
+
+
+def bench_data(args) -> list[str]:
+    from gpt_jax.data import minhash
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
+    corpus_dir, out_dir = os.path.join(work, "corpus"), os.path.join(work, "prepared")
+    if not os.path.isdir(corpus_dir):
+        synthetic_corpus(corpus_dir, args.mb)
+    lines = [f"data: synthetic corpus {args.mb} MB in {corpus_dir}"]
+    runs = [("prepare_data, DirectRunner in_memory", [])]
+    if args.multi_processing:
+        runs.append(("prepare_data, DirectRunner 2 processes",
+                     ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]))
+    rows = []
+    for name, flags in runs:
+        seconds, manifest = measure_prepare(corpus_dir, out_dir, flags)
+        tokens = sum(manifest["tokens"].values())
+        rows.append([name, tokens / seconds])
+        lines.append(f"{name}: {tokens:,} tokens ({sum(manifest['bytes'].values()) / 1e6:.1f} MB kept of "
+                     f"{manifest['documents_read']:,} documents read, removed {manifest['removed']}) in "
+                     f"{seconds:.1f}s")
+    rows.append(["shard reader, batch 8 x 1024", measure_reader(out_dir, 8, 1024, args.reader_batches)])
+    consumption = measure_small_training(out_dir, args.train_batch, args.train_steps, 32768)
+    rows.append([f"configs/small.py train step (batch {args.train_batch} x 1024, CPU)", consumption])
+    lines += [""] + table(["stage", "tokens/s", "x small.py consumption"],
+                          [[name, rate, f"{rate / consumption:,.0f}x"] for name, rate in rows])
+    pr = minhash.detection_table()
+    lines += ["", f"near-duplicate detection, {pr['threshold']} threshold, {pr['num_perm']} permutations "
+              f"({pr['bands']} bands x {pr['rows']} rows), 100 synthetic pairs per level, 1000 words each:"]
+    lines += table(["Jaccard level", "mean exact Jaccard", "pairs found"],
+                   [[f"{r['level']:.1f}", f"{r['jaccard']:.3f}", f"{r['found']:.0%}"] for r in pr["levels"]])
+    lines.append(f"precision {pr['precision']:.3f}, recall {pr['recall']:.3f} (true pairs: exact Jaccard >= "
+                 f"{pr['threshold']})")
+    return lines
+
+
+SECTIONS = {"data": bench_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sections", nargs="*", default=list(SECTIONS), help=f"of: {', '.join(SECTIONS)}")
+    parser.add_argument("--workdir", default="", help="keep inputs and outputs here (default: a temporary dir)")
+    parser.add_argument("--mb", type=float, default=8.0, help="data: size of the synthetic corpus")
+    parser.add_argument("--multi_processing", action="store_true", help="data: also run with 2 Beam processes")
+    parser.add_argument("--reader_batches", type=int, default=200, help="data: batches timed for the reader")
+    parser.add_argument("--train_batch", type=int, default=1, help="data: batch of the small.py step timing")
+    parser.add_argument("--train_steps", type=int, default=3, help="data: small.py steps timed")
+    args = parser.parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in args.sections:
+        if name not in SECTIONS:
+            print(f"error: unknown section {name!r} (have {', '.join(SECTIONS)})", file=sys.stderr)
+            return 2
+        print("\n".join(SECTIONS[name](args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
