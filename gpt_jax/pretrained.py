@@ -1,5 +1,5 @@
 """Loading a trained model for evaluation, sampling and serving: from a gpt_jax workdir (its config.json,
-tokenizer/ and the latest checkpoint's parameters)."""
+tokenizer/ and the latest checkpoint's parameters), an HF model directory or a .gguf file (converted in memory)."""
 
 from __future__ import annotations
 
@@ -49,10 +49,26 @@ def load_workdir(workdir: str, step: int | None = None) -> LoadedModel:
     return LoadedModel(model, model_cfg, tokenizer, config, step, os.path.basename(os.path.abspath(workdir)))
 
 
+def is_workdir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and \
+        os.path.isdir(os.path.join(path, "tokenizer"))
+
+
 def load(source: str) -> LoadedModel:
-    """A model from `source`: a gpt_jax workdir."""
-    if os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json")) and \
-            os.path.isdir(os.path.join(source, "tokenizer")):
+    """A model from `source`: a gpt_jax workdir, an HF model directory (config.json + *.safetensors + tokenizer
+    files) or a .gguf file. Imported models have step None and the run config `convert.run_config` gives."""
+    if is_workdir(source):
         return load_workdir(source)
-    raise UserError(f"cannot load a model from {source!r}: expected a gpt_jax workdir")
+    from gpt_jax import convert
+
+    if convert.is_gguf(source) or convert.is_hf_dir(source) or \
+            (os.path.isfile(source) and source.lower().endswith(convert.PICKLE_SUFFIXES)):
+        converted = convert.load_source(source)
+        model, model_cfg, config = convert.build_model(converted)
+        name = os.path.basename(os.path.normpath(source))
+        return LoadedModel(model, model_cfg, converted.tokenizer, config, None, name)
+    if not os.path.exists(source):
+        raise UserError(f"{source}: no such file or directory")
+    raise UserError(f"cannot load a model from {source!r}: expected a gpt_jax workdir, an HF model directory or a "
+                    ".gguf file")
 

@@ -1,14 +1,16 @@
-"""Tokenizers behind one interface: character-level and SentencePiece.
+"""Tokenizers behind one interface: character-level, SentencePiece, and `tokenizers`-library ("hf") ones.
 
 A tokenizer is saved as a directory holding `tokenizer.json` ({"kind": ...} plus what that kind needs) and, for
-SentencePiece, the `.model` file. `load_tokenizer(dir)` gives back the same tokenizer.
+SentencePiece, the `.model` file; for "hf", the `tokenizers` file `hf_tokenizer.json`. `load_tokenizer(dir)` gives
+back the same tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import numpy as np
 
@@ -45,7 +47,7 @@ class CharTokenizer:
         self.vocab_size = len(chars)
 
     @classmethod
-    def train(cls, text: str) -> "CharTokenizer":
+    def train(cls, text: str) -> CharTokenizer:
         return cls("".join(sorted(set(text))))
 
     def encode(self, text: str) -> list[int]:
@@ -83,7 +85,7 @@ class SentencePieceTokenizer:
     @classmethod
     def train(
         cls, texts: Iterable[str], vocab_size: int, directory: str, model_type: str = "bpe"
-    ) -> "SentencePieceTokenizer":
+    ) -> SentencePieceTokenizer:
         """Trains on `texts` (an iterable of documents) and writes the model into `directory`."""
         import sentencepiece as spm
 
@@ -139,6 +141,77 @@ class SentencePieceTokenizer:
             json.dump({"kind": "sentencepiece", "model_file": self.MODEL_FILE}, f)
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte value → the printable character that spells it in vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class HFTokenizer:
+    """A tokenizer of the `tokenizers` library, as HF model directories and GGUF files carry them.
+
+    `encode` adds no special tokens (no BOS): callers that want one prepend `bos_id` where `add_bos` says the model
+    expects it. `chat_template` keeps the model's Jinja chat template (or None)."""
+
+    FILE = "hf_tokenizer.json"
+
+    def __init__(self, tokenizer, eos_id: int | None = None, bos_id: int | None = None,
+                 chat_template: str | None = None, add_bos: bool = False):
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.bos_id = bos_id
+        self.chat_template = chat_template
+        self.add_bos = add_bos
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_file(cls, path: str, **kwargs) -> HFTokenizer:
+        from tokenizers import Tokenizer as _Tokenizer
+
+        try:
+            return cls(_Tokenizer.from_file(path), **kwargs)
+        except Exception as e:  # the library raises a bare Exception on bad files
+            raise DataError(f"{path}: cannot read the tokenizer: {str(e).splitlines()[0]}") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        spec = json.loads(self.tokenizer.to_str())
+        byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        lengths = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            token = self.tokenizer.id_to_token(i)
+            if token is None or i in special:
+                continue
+            if byte_level and all(c in char_to_byte for c in token):
+                lengths[i] = len(token)
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # byte fallback
+                lengths[i] = 1
+            else:
+                lengths[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+        return lengths
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.tokenizer.save(os.path.join(directory, self.FILE))
+        with open(os.path.join(directory, TOKENIZER_JSON), "w") as f:
+            json.dump({"kind": "hf", "file": self.FILE, "eos_id": self.eos_id, "bos_id": self.bos_id,
+                       "add_bos": self.add_bos, "chat_template": self.chat_template}, f, indent=1)
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
     """Loads a tokenizer saved by `save()` (or by `tools/prepare_data.py`) from `directory`."""
     path = os.path.join(directory, TOKENIZER_JSON)
@@ -154,4 +227,8 @@ def load_tokenizer(directory: str) -> Tokenizer:
         return CharTokenizer(spec["chars"])
     if kind == "sentencepiece":
         return SentencePieceTokenizer(os.path.join(directory, spec["model_file"]))
+    if kind == "hf":
+        return HFTokenizer.from_file(os.path.join(directory, spec.get("file", HFTokenizer.FILE)),
+                                     eos_id=spec.get("eos_id"), bos_id=spec.get("bos_id"),
+                                     chat_template=spec.get("chat_template"), add_bos=bool(spec.get("add_bos")))
     raise DataError(f"{path}: unknown tokenizer kind {kind!r}")

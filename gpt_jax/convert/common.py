@@ -1,0 +1,93 @@
+"""What every import produces (`Converted`), and turning it into a model, a run config or a gpt_jax workdir."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gpt_jax import config as config_lib
+from gpt_jax.errors import UserError
+from gpt_jax.model import ModelConfig, Transformer
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# Orbax refuses an empty tree, and an imported model has no optimizer state yet: this marks that.
+PLACEHOLDER_OPT_STATE = {"none": np.zeros((), np.int32)}
+
+
+class ConversionError(UserError):
+    """A source file that cannot be converted; the message names the file."""
+
+
+def refuse_pickle(path: str) -> None:
+    """Raises ConversionError for a pickle-based checkpoint: unpickling can run arbitrary code."""
+    raise ConversionError(
+        f"{path}: pickle-based checkpoints ({', '.join(PICKLE_SUFFIXES)}) are refused because loading them can "
+        "execute arbitrary code; convert the model to safetensors first")
+
+
+@dataclasses.dataclass
+class Converted:
+    """An imported model: `config.model` keys, parameters in the gpt_jax layout (numpy, float32), tokenizer."""
+
+    model: dict  # config.model keys: n_layer, n_head, ..., max_seq_len
+    params: dict  # the pure dict of `nnx.state(model, nnx.Param)`: embed, blocks[i]..., final_norm, lm_head
+    tokenizer: object  # a gpt_jax tokenizer (tokenizer.HFTokenizer)
+    source: str
+
+
+def run_config(converted: Converted):
+    """The full run config (`config.base_config()`) with the model keys of the source filled in."""
+    config = config_lib.base_config()
+    for key, value in converted.model.items():
+        if key not in config.model:
+            raise KeyError(f"converter produced an unknown model key {key!r}")
+        config.model[key] = value
+    config.seq_len = min(config.seq_len, converted.model["max_seq_len"])
+    config_lib.validate(config)
+    return config
+
+
+def build_model(converted: Converted) -> tuple[Transformer, ModelConfig, object]:
+    """(model holding the converted parameters, its ModelConfig, the run config)."""
+    config = run_config(converted)
+    model_cfg = ModelConfig.from_config(config)
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    check_params(converted.params, nnx.to_pure_dict(state), converted.source)
+    device = jax.devices()[0]
+    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float32), device), converted.params)
+    return nnx.merge(graphdef, params), model_cfg, config
+
+
+def check_params(params: dict, expected: dict, source: str) -> None:
+    """Raises ConversionError when the converted tree differs from the model's in keys or shapes."""
+    got = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+    for key in sorted(set(got) | set(want)):
+        if got.get(key) != want.get(key):
+            raise ConversionError(f"{source}: parameter {key} has shape {got.get(key)}, the model expects "
+                                  f"{want.get(key)}")
+
+
+def write_workdir(converted: Converted, output_dir: str) -> str:
+    """Writes a gpt_jax workdir: config.json, tokenizer/ and a step-0 Orbax checkpoint. Returns the directory."""
+    from gpt_jax import checkpoint as checkpoint_lib
+
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise UserError(f"{output_dir}: output directory exists and is not empty")
+    _, _, config = build_model(converted)  # validates shapes before anything is written
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config))
+    converted.tokenizer.save(os.path.join(output_dir, "tokenizer"))
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(output_dir, "checkpoints"), keep=1)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), converted.params)
+    ckpt.save(0, params, PLACEHOLDER_OPT_STATE,
+              {"step": 0, "converted_from": os.path.abspath(converted.source), "opt_state": "placeholder"})
+    ckpt.close()
+    return output_dir
