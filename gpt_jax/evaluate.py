@@ -1,21 +1,303 @@
-"""Evaluation of a trained model: validation loss, perplexity and bits per byte over the whole validation split
-(`--mode=eval`, written to WORKDIR/eval.json)."""
+"""Evaluation: perplexity with a sliding window (token perplexity, bits per byte, word-level perplexity, so models
+with different tokenizers compare), BLEU / chrF for translation and exact match for GSM8K-style answers through
+batched decoding, the `--mode=eval` report (WORKDIR/eval.json and eval.md), and markdown tables of results."""
 
 from __future__ import annotations
 
+import copy
+import decimal
 import json
+import math
 import os
+import re
+import tempfile
+from collections.abc import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 
+from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
 from gpt_jax import pretrained, train
+from gpt_jax.data import text as text_lib
+from gpt_jax.errors import UserError
+
+# ----------------------------------------------------------------------------------------------------------------
+# Perplexity with a sliding window
+
+TOKENS_PER_BATCH = 4096  # window tokens per forward pass when the batch size is automatic
+
+
+def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows over a sequence of `num_tokens` tokens, as HF's perplexity recipe lays them: a window of up to
+    `window` tokens starts every `stride` tokens and scores the targets the previous window did not reach.
+
+    Returns (begin, end, first_target) per window: the window holds tokens [begin, end) and scores tokens
+    [first_target, end), each predicted from the tokens before it in the window. The very first token (and with
+    stride == window, each window's first) has no context and is not scored."""
+    if num_tokens < 2:
+        raise UserError(f"the text has {num_tokens} token(s); perplexity needs at least 2")
+    if window < 2:
+        raise UserError(f"--window={window} must be at least 2")
+    if not 1 <= stride <= window:
+        raise UserError(f"--stride={stride} must be between 1 and the window ({window})")
+    spans = []
+    prev_end = 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + window, num_tokens)
+        spans.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return spans
+
+
+def token_nll(loaded: pretrained.LoadedModel, token_ids: np.ndarray, window: int, stride: int,
+              batch_size: int = 0) -> np.ndarray:
+    """Negative log-likelihood (nats) of each token of `token_ids` under the model, scored with sliding windows
+    (see `sliding_windows`); NaN where a token is not scored. `window` may be at most the model's context + 1
+    (a window's last token is only a target). batch_size 0 picks ~TOKENS_PER_BATCH tokens per forward pass."""
+    token_ids = np.asarray(token_ids, np.int32)
+    limit = loaded.model_cfg.max_seq_len + 1
+    if window > limit:
+        raise UserError(f"--window={window} is longer than the model's context + 1 ({limit})")
+    spans = sliding_windows(len(token_ids), window, stride)
+    width = max(end - begin for begin, end, _ in spans)
+    if batch_size <= 0:
+        batch_size = max(1, TOKENS_PER_BATCH // width)
+    batch_size = min(batch_size, len(spans))
+    graphdef, params = nnx.split(loaded.model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    losses_fn = jax.jit(lambda p, tokens: train.token_losses(graphdef, p, tokens))
+    nll = np.full(len(token_ids), np.nan, np.float64)
+    for start in range(0, len(spans), batch_size):
+        chunk = spans[start:start + batch_size]
+        tokens = np.zeros((batch_size, width), np.int32)  # a short last window is padded at its end (causal)
+        for row, (begin, end, _) in enumerate(chunk):
+            tokens[row, :end - begin] = token_ids[begin:end]
+        losses = np.asarray(losses_fn(params, tokens))  # [batch, width - 1]: losses[:, j] predicts token j + 1
+        for row, (begin, end, first) in enumerate(chunk):
+            nll[first:end] = losses[row, first - begin - 1:end - begin - 1]
+    return nll
+
+
+def perplexity_metrics(nll: np.ndarray, token_ids: np.ndarray, byte_lengths: np.ndarray, num_words: int) -> dict:
+    """Token perplexity, bits per byte (over the UTF-8 bytes of the scored tokens) and word-level perplexity
+    (total NLL over `num_words` whitespace-separated words) from per-token NLL (NaN = not scored)."""
+    scored = ~np.isnan(nll)
+    total = float(np.sum(nll[scored]))
+    tokens = int(scored.sum())
+    num_bytes = int(np.sum(np.asarray(byte_lengths)[np.asarray(token_ids)[scored]]))
+    return {
+        "ppl": math.exp(min(total / max(tokens, 1), 700.0)),
+        "bpb": total / math.log(2) / max(num_bytes, 1),
+        "word_ppl": math.exp(min(total / max(num_words, 1), 700.0)),
+        "tokens": tokens,
+        "loss": total / max(tokens, 1),
+        "nll": total,
+        "bytes": num_bytes,
+        "words": num_words,
+    }
+
+
+def default_window(loaded: pretrained.LoadedModel, window: int | None, stride: int | None) -> tuple[int, int]:
+    """The window (default: the model's whole context plus the last target) and stride (default: half of it)."""
+    window = window or loaded.model_cfg.max_seq_len + 1
+    return window, stride or max(1, (window - 1) // 2)
+
+
+def text_perplexity(loaded: pretrained.LoadedModel, text: str, window: int | None = None,
+                    stride: int | None = None, batch_size: int = 0) -> dict:
+    """Perplexity metrics of `text` (tokenized as one document, no BOS added) under a loaded model."""
+    window, stride = default_window(loaded, window, stride)
+    token_ids = text_lib.encode_array(loaded.tokenizer, text)
+    nll = token_nll(loaded, token_ids, window, stride, batch_size)
+    metrics = perplexity_metrics(nll, token_ids, loaded.tokenizer.token_byte_lengths(), len(text.split()))
+    return {**metrics, "window": window, "stride": stride, "model": loaded.name}
+
+
+def split_perplexity(loaded: pretrained.LoadedModel, split: str = "val", data_path: str = "",
+                     window: int | None = None, stride: int | None = None, batch_size: int = 0) -> dict:
+    """Perplexity metrics of a split (`train` or `val`) of the model's own data, or of the data prepared by
+    `tools/prepare_data.py` in `data_path` (its documents joined with EOS; it must use the model's tokenizer)."""
+    if split not in ("train", "val"):
+        raise UserError(f"--split={split!r} must be train or val")
+    if loaded.config is None and not data_path:
+        raise UserError(f"{loaded.name} carries no data config: name the prepared data with --data")
+    config = copy.deepcopy(loaded.config) if loaded.config is not None else config_lib.base_config()
+    where = data_path or "the model's data"
+    if data_path:
+        config.data.path, config.data.text_files = data_path, ""
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        if not data_path:  # plain text is read with the model's tokenizer, never a newly trained one
+            loaded.tokenizer.save(tokenizer_dir)
+        source = data_lib.load_data(config, tokenizer_dir)
+        token_ids = _split_tokens(source, split)
+    tokenizer = source.tokenizer
+    probe = tokenizer.decode(token_ids[:256])
+    if tokenizer.vocab_size != loaded.tokenizer.vocab_size or list(tokenizer.encode(probe)) != _encode(loaded, probe):
+        raise UserError(f"the data in {where} was tokenized with another tokenizer than {loaded.name}'s")
+    window, stride = default_window(loaded, window, stride)
+    nll = token_nll(loaded, token_ids, window, stride, batch_size)
+    num_words = len(tokenizer.decode(token_ids).split())
+    metrics = perplexity_metrics(nll, token_ids, tokenizer.token_byte_lengths(), num_words)
+    return {**metrics, "window": window, "stride": stride, "model": loaded.name, "split": split,
+            "data": data_path or None}
+
+
+def _encode(loaded: pretrained.LoadedModel, text: str) -> list[int] | None:
+    try:
+        return list(loaded.tokenizer.encode(text))
+    except UserError:
+        return None
+
+
+def _split_tokens(source, split: str) -> np.ndarray:
+    """A split's tokens: plain text's as tokenized, prepared shards' documents in order joined with EOS."""
+    if hasattr(source, f"{split}_tokens"):
+        return getattr(source, f"{split}_tokens")
+    from gpt_jax.data import shards
+
+    paths = [os.path.join(source.path, s["path"]) for s in source.shards[split]]
+    tokens, lengths = shards.read_documents(paths)
+    if not len(lengths):
+        raise UserError(f"{source.path} has no {split} documents")
+    return shards.join_documents(tokens, lengths, np.arange(len(lengths)), source.eos_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation tasks
+
+TRANSLATE_TEMPLATE = "English: {source}\nGerman:"
+GSM8K_TEMPLATE = "Question: {question}\nAnswer:"
+GSM8K_STOPS = ("\n\n", "\nQuestion:")
+
+
+def generate(loaded: pretrained.LoadedModel, prompts: Sequence[str], max_new_tokens: int,
+             stops: Sequence[str] = ("\n",), batch_size: int = 8, temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Continues each prompt (greedy at temperature 0) in batches of similar length; each continuation is cut
+    before the first of `stops`."""
+    from gpt_jax.decode import Decoder, SamplingParams
+
+    tok = loaded.tokenizer
+    fallback = tok.bos_id if tok.bos_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
+    encoded = [tok.encode(p) or [fallback] for p in prompts]
+    decoder = Decoder(loaded.model, loaded.model_cfg)
+
+    def should_stop(_row: int, new_tokens: list[int]) -> bool:
+        text = tok.decode(new_tokens)
+        return any(s in text for s in stops)
+
+    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        new = decoder.generate([encoded[i] for i in rows], max_new_tokens, SamplingParams(temperature),
+                               seed=seed, eos_id=tok.eos_id, should_stop=should_stop if stops else None)
+        for i, ids in zip(rows, new, strict=True):
+            outputs[i] = cut_at_stops(tok.decode(ids), stops)
+    return outputs
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any of `stops`."""
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """Corpus BLEU and chrF with sacrebleu's defaults (13a tokenization), as its command line computes them;
+    `references` holds one list of lines per reference set."""
+    import sacrebleu
+
+    for refs in references:
+        if len(refs) != len(hypotheses):
+            raise UserError(f"{len(hypotheses)} hypotheses but a reference set of {len(refs)} lines")
+    bleu_metric, chrf_metric = sacrebleu.BLEU(), sacrebleu.CHRF()
+    bleu_score = bleu_metric.corpus_score(list(hypotheses), [list(r) for r in references])
+    chrf_score = chrf_metric.corpus_score(list(hypotheses), [list(r) for r in references])
+    return {"bleu": bleu_score.score, "chrf": chrf_score.score, "sentences": len(hypotheses),
+            "bleu_signature": str(bleu_metric.get_signature()), "chrf_signature": str(chrf_metric.get_signature())}
+
+
+def translate(loaded: pretrained.LoadedModel, sources: Sequence[str], template: str = TRANSLATE_TEMPLATE,
+              prefix: str = "", max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
+    """Greedy translations of `sources`: each prompt is `prefix` (e.g. few-shot examples) + template filled with
+    {source}; a translation ends at the first newline."""
+    prompts = [prefix + template.format(source=s) for s in sources]
+    return [h.strip() for h in generate(loaded, prompts, max_new_tokens, ("\n",), batch_size)]
+
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def parse_number(text: str) -> decimal.Decimal | None:
+    """A number written as in GSM8K answers ("1,200", "$5", "3.50") as a Decimal; None if it is not one."""
+    try:
+        return decimal.Decimal(text.replace(",", "").replace("$", "").rstrip("."))
+    except decimal.InvalidOperation:
+        return None
+
+
+def extract_answer(text: str, strict: bool = True) -> decimal.Decimal | None:
+    """The number after the first `####` in `text`; with strict=False, the last number in the text when there is
+    no `####`. None when there is none."""
+    if "####" in text:
+        match = _NUMBER.search(text.split("####", 1)[1])
+        return parse_number(match.group()) if match else None
+    if strict:
+        return None
+    matches = _NUMBER.findall(text)
+    return parse_number(matches[-1]) if matches else None
+
+
+def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> dict:
+    """GSM8K-style accuracy: the number after `####` in a prediction equals the one in its reference answer
+    (`exact_match`); `exact_match_flexible` falls back to a prediction's last number."""
+    if len(predictions) != len(answers):
+        raise UserError(f"{len(predictions)} predictions but {len(answers)} answers")
+    golds = [extract_answer(a) for a in answers]
+    strict = [g is not None and extract_answer(p) == g for p, g in zip(predictions, golds, strict=True)]
+    flexible = [g is not None and extract_answer(p, strict=False) == g for p, g in zip(predictions, golds, strict=True)]
+    n = max(len(answers), 1)
+    return {"exact_match": sum(strict) / n, "exact_match_flexible": sum(flexible) / n, "examples": len(answers)}
+
+
+def gsm8k(loaded: pretrained.LoadedModel, examples: Sequence[dict], template: str = GSM8K_TEMPLATE,
+          prefix: str = "", max_new_tokens: int = 256, batch_size: int = 8) -> tuple[dict, list[str]]:
+    """Generates an answer per example ({"question", "answer"}) and scores exact match; returns (metrics,
+    generated answers)."""
+    prompts = [prefix + template.format(question=ex["question"]) for ex in examples]
+    predictions = generate(loaded, prompts, max_new_tokens, GSM8K_STOPS, batch_size)
+    return exact_match(predictions, [ex["answer"] for ex in examples]), predictions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A markdown table with one row per dict; `columns` defaults to every key in first-seen order. Floats get
+    four decimals, missing values stay empty."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def evaluate_workdir(config, workdir: str) -> dict:
     """Evaluates the latest checkpoint in `workdir` (or `config.init_from` when it has none) on every
-    non-overlapping window of the config's validation data; writes and returns eval.json's contents."""
+    non-overlapping window of the config's validation data; writes eval.json and eval.md, returns the results."""
     source = workdir if os.path.isfile(os.path.join(workdir, "config.json")) else config.init_from
     loaded = pretrained.load(source or workdir)
     data = data_lib.load_data(config, os.path.join(workdir, "tokenizer"))
@@ -28,4 +310,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)
+    with open(os.path.join(workdir, "eval.md"), "w") as f:
+        f.write(markdown_table([results], ["model", "step", "val_loss", "val_ppl", "val_bpb", "val_tokens",
+                                           "seq_len"]))
     return results
