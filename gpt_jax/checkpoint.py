@@ -38,11 +38,15 @@ class Checkpointer:
         """Restores (params, opt_state or None, meta) at `step`, placed like the given targets (arrays or
         jax.ShapeDtypeStruct with shardings)."""
         items = {"params": ocp.args.StandardRestore(_abstract(params_target)), "meta": ocp.args.JsonRestore()}
-        if opt_state_target is not None:
+        if opt_state_target is not None and not self._is_converted(step):
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_target))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["params"], restored.get("opt_state") if opt_state_target is not None else None, \
-            restored["meta"]
+        return restored["params"], restored.get("opt_state"), restored["meta"]
+
+    def _is_converted(self, step: int) -> bool:
+        """A workdir written by tools/convert.py holds parameters only (a placeholder optimizer state)."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return meta.get("opt_state") == "placeholder"
 
     def restore_latest(self, params_target, opt_state_target, warn=print):
         """(step, params, opt_state, meta) from the newest checkpoint that restores, or None when there is none.

@@ -366,9 +366,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         restored = ckpt.restore_latest(state["params"], state["opt_state"], warn=_progress)
         if restored is not None:
             start_step, params, opt_state, meta = restored
-            data_state = meta["data"]
-            state.update(params=params, opt_state=opt_state,
-                         rng=jax.device_put(np.asarray(meta["rng"], np.uint32), replicated),
+            data_state = meta.get("data")
+            state.update(params=params, opt_state=opt_state if opt_state is not None else jax.jit(tx.init)(params),
+                         rng=jax.device_put(np.asarray(meta.get("rng", state["rng"]), np.uint32), replicated),
                          step=jax.device_put(jnp.int32(start_step), replicated))
             _progress(f"resumed from {ckpt.directory} at step {start_step}")
         else:

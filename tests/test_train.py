@@ -106,3 +106,89 @@ def test_grad_accumulation_matches_one_big_batch():
     assert float(results[0][1]["train_loss"]) == pytest.approx(float(results[1][1]["train_loss"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(results[0][0]["params"]), jax.tree.leaves(results[1][0]["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+# ---- faults: SIGTERM, a truncated checkpoint, a non-finite step -------------------------------------------------
+
+
+def tiny_config(**overrides):
+    c = config_lib.base_config()
+    c.train_steps, c.batch_size, c.seq_len, c.warmup_steps = 20, 4, 32, 2
+    c.eval_every, c.final_eval_full, c.eval_steps, c.log_every, c.checkpoint_every = 0, False, 1, 1, 10
+    c.model.n_layer, c.model.n_head, c.model.d_model = 1, 2, 32
+    c.sample.max_new_tokens = 0
+    c.mesh.data = 1
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    import time
+
+    workdir = tmp_path / "w"
+    cmd = [sys.executable, "-m", "gpt_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", *SMALL,
+           "--config.train_steps=100000", "--config.log_every=1", "--config.checkpoint_every=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "SIGTERM: saved a checkpoint at step" in stderr
+    saved = int(stderr.split("SIGTERM: saved a checkpoint at step ")[1].split(";")[0])
+    assert saved >= 3 and (workdir / "checkpoints" / str(saved)).is_dir()
+    r = run_train(workdir, f"--config.train_steps={saved + 2}", "--config.log_every=1")
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {workdir / 'checkpoints'} at step {saved}" in r.stderr
+    assert max(train_losses(workdir)) == saved + 2
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    from gpt_jax import train
+
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(tiny_config(), workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(ckpt_dir)) == ["10", "20"]
+    truncated = 0
+    for root, _, files in os.walk(os.path.join(ckpt_dir, "20", "params")):
+        for name in files:
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            if size > 64:
+                with open(path, "r+b") as f:
+                    f.truncate(size // 2)
+                truncated += 1
+    assert truncated
+    capsys.readouterr()
+    train.train_and_evaluate(tiny_config(train_steps=25), workdir)
+    err = capsys.readouterr().err
+    assert "warning: checkpoint 20 cannot be restored" in err
+    assert "at step 10" in err
+    assert any(name.startswith("corrupt-20-") for name in os.listdir(ckpt_dir))  # kept aside, not deleted
+    assert max(train_losses(workdir)) == 25
+
+
+def test_non_finite_step_is_skipped_and_reported_then_halts(tmp_path, monkeypatch, capsys):
+    from gpt_jax import train
+
+    monkeypatch.setenv("GPT_JAX_INJECT_NAN_AT_STEP", "5")
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(tiny_config(train_steps=8), workdir)
+    err = capsys.readouterr().err
+    assert "warning: 1 non-finite step(s) skipped; the first at step 5" in err
+    assert "blocks.0.attn.query.kernel" in err
+    losses = train_losses(workdir)
+    assert np.isnan(losses[5]) and all(np.isfinite(losses[s]) for s in (4, 6, 7, 8))
+    assert losses[8] < losses[1]
+
+    with pytest.raises(train.TrainingError, match="halted: 1 non-finite step"):
+        train.train_and_evaluate(tiny_config(train_steps=8, max_nonfinite_steps=1), str(tmp_path / "halt"))
