@@ -4,7 +4,9 @@ GPT-2: learned positions, pre-LayerNorm, GELU MLP, biases, tied embeddings.
 Llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention (n_kv_head < n_head), no biases.
 
 Parameters carry logical axis names in their `sharding_axes` metadata; `sharding.py` maps them to mesh axes.
-Dense layers multiply 2-D `[tokens, features]` inputs: on CPU, XLA's weight-gradient matmuls are much faster so.
+Dense layers multiply 2-D `[tokens, features]` inputs (XLA:CPU runs their weight-gradient matmuls much faster
+than 3-D einsums); with dtype=bfloat16 the matmuls, forward and backward, take bf16 inputs and accumulate in
+float32, while norms, softmax and the residual stream stay float32.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class ModelConfig:
     use_bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
-    dtype: str = "float32"
+    dtype: str = "float32"  # matmul inputs (accumulation, activations and the residual stream stay float32)
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots
     scan_layers: bool = False
@@ -80,8 +82,37 @@ def _param(rngs: nnx.Rngs, init, shape, dtype, axes) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, _DTYPES[dtype]), sharding_axes=axes)
 
 
+@jax.custom_vjp
+def _matmul_low_precision(x, w):
+    """x [m, k] @ w [k, n] with bf16/f16 inputs and float32 accumulation and output. Its backward dots take
+    low-precision inputs too (plain autodiff would feed them the float32 cotangent, i.e. float32 dots)."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(x, w):
+    return _matmul_low_precision(x, w), (x, w)
+
+
+def _matmul_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.dot(g.T, x, preferred_element_type=jnp.float32).T.astype(w.dtype)
+    return dx, dw
+
+
+_matmul_low_precision.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x, w, dtype):
+    """x [m, k] @ w [k, n] → float32 [m, n], with inputs cast to the compute dtype."""
+    if dtype == jnp.float32:
+        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+    return _matmul_low_precision(x.astype(dtype), w.astype(dtype))
+
+
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias), with x flattened to [tokens, in_features] for the matmul."""
+    """y = x @ kernel (+ bias), with x flattened to [tokens, in_features] for the matmul; float32 out."""
 
     def __init__(self, in_features, out_features, axes, *, cfg: ModelConfig, rngs: nnx.Rngs, std=0.02):
         self.kernel = _param(rngs, nnx.initializers.normal(std), (in_features, out_features),
@@ -92,11 +123,10 @@ class Dense(nnx.Module):
 
     def __call__(self, x):
         lead = x.shape[:-1]
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype),
-                    preferred_element_type=jnp.float32)
+        y = matmul(x.reshape(-1, x.shape[-1]), self.kernel[...], self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype).reshape(*lead, -1)
+        return y.reshape(*lead, -1)
 
 
 class Norm(nnx.Module):
@@ -105,7 +135,6 @@ class Norm(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.kind = cfg.norm
         self.eps = cfg.norm_eps
-        self.dtype = _DTYPES[cfg.dtype]
         self.scale = _param(rngs, nnx.initializers.ones, (cfg.d_model,), cfg.param_dtype, ("norm",))
         self.bias = (_param(rngs, nnx.initializers.zeros, (cfg.d_model,), cfg.param_dtype, ("norm",))
                      if cfg.norm == "layernorm" else None)
@@ -118,7 +147,7 @@ class Norm(nnx.Module):
         x = x * self.scale[...].astype(jnp.float32)
         if self.bias is not None:
             x = x + self.bias[...].astype(jnp.float32)
-        return x.astype(self.dtype)
+        return x
 
 
 def rope(x, positions, theta: float):
@@ -132,6 +161,19 @@ def rope(x, positions, theta: float):
     cos = jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention(q, k, v, dtype: str, *, is_causal=False, mask=None):
+    """Softmax attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs in bf16/f16):
+    q [batch, seq, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim] (GQA when kv_heads < heads)."""
+    compute = _DTYPES[dtype]
+    backend = jax.default_backend()
+    if backend == "cpu":
+        compute = jnp.float32  # XLA:CPU runs bf16 attention slower than float32 (measured)
+    implementation = "cudnn" if backend == "gpu" and compute != jnp.float32 and mask is None else None
+    y = jax.nn.dot_product_attention(q.astype(compute), k.astype(compute), v.astype(compute), is_causal=is_causal,
+                                     mask=mask, implementation=implementation)
+    return y.astype(jnp.float32)
 
 
 class Attention(nnx.Module):
@@ -156,7 +198,7 @@ class Attention(nnx.Module):
             q = rope(q, positions, cfg.rope_theta)
             k = rope(k, positions, cfg.rope_theta)
         if cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            y = attention(q, k, v, cfg.dtype, is_causal=True)
             new_cache = None
         else:
             k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
@@ -164,7 +206,7 @@ class Attention(nnx.Module):
             slots = jnp.arange(k_all.shape[1])
             causal = slots[None, :] <= cache_index + jnp.arange(seq)[:, None]  # [seq, max_len]
             mask = causal[None, None] & key_valid[:, None, None, :]  # [batch, 1, seq, max_len]
-            y = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
+            y = attention(q, k_all, v_all, cfg.dtype, mask=mask)
             new_cache = {"k": k_all, "v": v_all}
         return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), new_cache
 
@@ -236,13 +278,12 @@ class Transformer(nnx.Module):
         positions [batch, seq] default to 0..seq-1. `cache` is a list with one {"k", "v"} per layer (see
         `init_cache`); `key_valid` [batch, max_len] marks the cache slots that hold real tokens."""
         cfg = self.cfg
-        dtype = _DTYPES[cfg.dtype]
         batch, seq = token_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-        x = jnp.take(self.embed[...], token_ids, axis=0).astype(dtype)  # [batch, seq, d_model]
+        x = jnp.take(self.embed[...], token_ids, axis=0).astype(jnp.float32)  # [batch, seq, d_model]
         if cfg.pos_embedding == "learned":
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dtype)
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(jnp.float32)
         if self.dropout is not None:
             x = self.dropout(x, deterministic=deterministic, rngs=rngs)
         if cache is None and (cfg.scan_layers or cfg.remat != "none"):
@@ -258,7 +299,7 @@ class Transformer(nnx.Module):
         if return_hidden:
             return x
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.dot(x.reshape(batch * seq, -1), head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = matmul(x.reshape(batch * seq, -1), head, _DTYPES[cfg.dtype])
         return logits.reshape(batch, seq, -1), (None if cache is None else new_cache)
 
     def _blocks_functional(self, x, positions, deterministic, rngs):

@@ -10,6 +10,7 @@ Model code names logical axes only (`embed`, `mlp`, `heads`, ...). This module a
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -35,9 +36,13 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def initialize_distributed(dist_config) -> None:
-    """Starts JAX's multi-controller runtime when the config names a coordinator (or on multi-host TPU, where
-    everything is auto-detected). A no-op for a single process."""
-    if dist_config.coordinator_address:
+    """Starts JAX's multi-controller runtime: with an explicit coordinator from the config, with auto-detection
+    (TPU pod slices, SLURM, Open MPI) when `coordinator_address` is "auto" or under a multi-task SLURM job; a no-op
+    for a single process. Must run before anything touches the devices."""
+    if dist_config.coordinator_address == "auto" or (
+            not dist_config.coordinator_address and int(os.environ.get("SLURM_NTASKS", "1")) > 1):
+        jax.distributed.initialize()
+    elif dist_config.coordinator_address:
         jax.distributed.initialize(
             coordinator_address=dist_config.coordinator_address,
             num_processes=dist_config.num_processes or None,

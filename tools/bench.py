@@ -1,12 +1,16 @@
 """Benchmarks, each a section printing a table of ratios against peers measured in the same run.
 
     python tools/bench.py data [--mb=8] [--train_steps=3] [--workdir=DIR]
+    python tools/bench.py train [--rounds=5] [--steps=20] [--shapes=shakespeare_char,cpu_medium]
 
 Sections:
 - `data`: delivered tokens/s of the data pipeline (tools/prepare_data.py's Beam pipeline on a synthetic corpus,
   and the shard reader feeding training at configs/small.py's sequence length) against the tokens/s that
   configs/small.py's training step consumes on this machine (measured with a small batch), plus near-duplicate
   detection precision/recall on synthetic pairs.
+- `train`: training tokens/s of our jitted train step against transformers' GPT2LMHeadModel trained with
+  torch.optim.AdamW on the same shapes and batch (interleaved rounds, median ratio), and CPU MFU against a float32
+  matmul rate measured in the same rounds.
 
 Add a section by writing `def bench_NAME(args) -> list[str]` (the lines to print) and listing it in SECTIONS.
 """
@@ -154,7 +158,144 @@ def bench_data(args) -> list[str]:
     return lines
 
 
-SECTIONS = {"data": bench_data}
+# ----------------------------------------------------------------------------------------------------------------
+# train
+
+TRAIN_SHAPES = {
+    # name: (n_layer, n_head, d_model, seq_len, batch)
+    "shakespeare_char": (4, 4, 128, 64, 12),
+    "cpu_medium": (6, 6, 384, 256, 8),
+}
+
+
+def _jax_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab, dtype):
+    """A function running k of our jitted train steps (configs/shakespeare_char.py's optimizer settings)."""
+    import jax
+    import numpy as np
+
+    from gpt_jax import config as config_lib
+    from gpt_jax import sharding, train
+    from gpt_jax.model import ModelConfig
+
+    c = config_lib.get_config()
+    c.train_steps, c.batch_size, c.seq_len = 2000, batch, seq_len
+    c.learning_rate, c.min_learning_rate, c.warmup_steps, c.adam_b2 = 1e-3, 1e-4, 100, 0.99
+    c.model.n_layer, c.model.n_head, c.model.d_model, c.model.vocab_size = n_layer, n_head, d_model, vocab
+    c.model.dtype = dtype
+    c.mesh.data = 1
+    model_cfg = ModelConfig.from_config(c)
+    mesh = sharding.make_mesh(c.mesh)
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh):
+        graphdef, tx, state = train.build_state(c, model_cfg, mesh)[:3]
+        n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+        step = jax.jit(train.make_train_step(graphdef, tx, 1, False), donate_argnums=(0,))
+        batches = [{"tokens": jax.device_put(rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32))}
+                   for _ in range(4)]
+    holder = {"state": state}
+
+    def run(k):
+        with jax.set_mesh(mesh):
+            s = holder["state"]
+            for i in range(k):
+                s, metrics = step(s, batches[i % 4])
+            jax.block_until_ready(metrics["train_loss"])
+            holder["state"] = s
+
+    return run, n_params, model_cfg
+
+
+def _torch_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab):
+    """k training steps of transformers' GPT2LMHeadModel with torch.optim.AdamW on the same shapes."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=seq_len, n_embd=d_model, n_layer=n_layer, n_head=n_head,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (batch, seq_len + 1), generator=gen) for _ in range(4)]
+
+    def run(k):
+        for i in range(k):
+            tokens = batches[i % 4]
+            loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def matmul_ceiling_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Float32 matmul FLOP/s of this CPU through JAX (best of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def bench_train(args) -> list[str]:
+    """Our train step against transformers' GPT-2 + torch AdamW, interleaved rounds, median ratio; CPU MFU."""
+    import platform
+
+    import torch
+
+    from gpt_jax.model import flops_per_token
+
+    lines = [f"## train: gpt_jax vs transformers GPT2LMHeadModel + torch.optim.AdamW (CPU, torch threads "
+             f"{torch.get_num_threads()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+             f"command: python tools/bench.py train --rounds={args.rounds} --steps={args.steps} "
+             f"--dtype={args.dtype}"]
+    rows = []
+    for name in args.shapes.split(","):
+        n_layer, n_head, d_model, seq_len, batch = TRAIN_SHAPES[name]
+        vocab = 65
+        jax_run, n_params, model_cfg = _jax_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab,
+                                                         args.dtype)
+        torch_run = _torch_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab)
+        jax_run(3)  # compile and warm up
+        torch_run(3)
+        tokens = args.steps * batch * seq_len
+        jax_tps, torch_tps, ratios, ceilings = [], [], [], []
+        for _ in range(args.rounds):
+            ceilings.append(matmul_ceiling_flops())
+            t = time.perf_counter()
+            jax_run(args.steps)
+            j = tokens / (time.perf_counter() - t)
+            t = time.perf_counter()
+            torch_run(args.steps)
+            p = tokens / (time.perf_counter() - t)
+            jax_tps.append(j)
+            torch_tps.append(p)
+            ratios.append(j / p)
+        ceiling = statistics.median(ceilings)
+        fpt = flops_per_token(model_cfg, n_params, seq_len)
+        j_med = statistics.median(jax_tps)
+        rows.append([f"{name} (L{n_layer} d{d_model} T{seq_len} B{batch})", j_med,
+                     statistics.median(torch_tps), f"{statistics.median(ratios):.2f}x",
+                     f"{min(ratios):.2f}-{max(ratios):.2f}", f"{fpt * j_med / ceiling:.1%}",
+                     f"{ceiling / 1e9:.0f}"])
+    lines += table(["shape", "gpt_jax tok/s", "torch tok/s", "ratio (median)", "ratio range", "gpt_jax MFU",
+                    "f32 matmul GFLOP/s"], rows)
+    lines.append(f"(medians of {args.rounds} interleaved rounds of {args.steps} steps each; MFU = "
+                 "(6N + attention) FLOPs/token x tokens/s / the float32 matmul rate measured in the same rounds)")
+    return lines
+
+
+SECTIONS = {"data": bench_data, "train": bench_train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reader_batches", type=int, default=200, help="data: batches timed for the reader")
     parser.add_argument("--train_batch", type=int, default=1, help="data: batch of the small.py step timing")
     parser.add_argument("--train_steps", type=int, default=3, help="data: small.py steps timed")
+    parser.add_argument("--rounds", type=int, default=5, help="train: interleaved rounds")
+    parser.add_argument("--steps", type=int, default=20, help="train: steps per round and framework")
+    parser.add_argument("--shapes", default=",".join(TRAIN_SHAPES), help=f"train: of {', '.join(TRAIN_SHAPES)}")
+    parser.add_argument("--dtype", default="float32", help="train: gpt_jax model.dtype")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)
     for name in args.sections:
