@@ -1,15 +1,28 @@
-"""Autoregressive decoding with a preallocated KV cache: jitted prefill and one-token steps, batches of prompts of
-different lengths (left-padded), temperature / top-k / top-p sampling with a seed, greedy at temperature 0.
+"""Autoregressive decoding with a preallocated KV cache, for sampling from the command line and for serving.
 
-Shapes are rounded up to buckets (prompt length to a multiple of 16, cache length to a multiple of 64) so repeated
-calls reuse compiled functions. A text longer than the model's context slides: when the cache is full the last half
-of the context is prefilled again and decoding continues.
+The `Engine` holds `max_batch` cache rows ("slots"); each request owns one row while it decodes, with its own
+position, so requests join and leave between steps (continuous batching) and prompts of different lengths never
+pad one another. Each iteration prefills newly admitted prompts (jitted, in chunks) and then runs one jitted decode
+step over all rows. Shapes come from a few buckets — prompt length and cache capacity in powers of two, the batch
+of new prompts in powers of two up to `max_batch` — so steady traffic reuses compiled functions.
+
+Sampling: temperature (0 = greedy), top-k, top-p, per request; a request's random stream depends only on its
+`seed`, `stream_id` and token index, not on what else shares the batch. Requests stop at an end token, a stop
+sequence (on text), a predicate on the tokens, or `max_tokens`. Updates (new tokens and the text that is safe to
+show) go to a per-request callback as they are produced, for streaming.
+
+`Decoder.generate` runs a batch of prompts to completion on an `Engine`; `sample_workdir` does the same from a
+model directory. A text longer than the context slides there: when a row's cache is full its last half is
+prefilled again and decoding goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+import functools
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +31,9 @@ from flax import nnx
 
 from gpt_jax.model import ModelConfig, init_cache
 
-PROMPT_BUCKET = 16
-CACHE_BUCKET = 64
+PROMPT_BUCKET = 16  # smallest prompt bucket; buckets double up to the cache length
+CACHE_BUCKET = 64  # smallest cache capacity; capacities double up to the cache length
+PREFILL_CHUNK = 256  # prompts are prefilled this many tokens at a time (bounds the logits held in memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,57 +43,449 @@ class SamplingParams:
     top_p: float = 1.0
 
 
-def sample_logits(logits, key, temperature, top_k: int, top_p):
-    """Picks one token per row of logits [batch, vocab] (float32). temperature 0 picks the argmax."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    if top_k:
-        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    # top-p: keep the smallest set of most likely tokens whose probability reaches top_p
-    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
-    cutoff = jnp.take_along_axis(sorted_logits, jnp.minimum(cutoff_index, logits.shape[-1] - 1), axis=-1)
-    scaled = jnp.where((top_p < 1.0) & (scaled < cutoff), -jnp.inf, scaled)
-    sampled = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature <= 0.0, greedy, sampled)
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def _filter_top_k_top_p(scaled, top_k, top_p):
+    """Sets logits outside each row's top-k and top-p nucleus to -inf. scaled [batch, vocab]; top_k [batch] (0 =
+    off); top_p [batch] (1 = off). The most likely token always stays."""
+    vocab = scaled.shape[-1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [batch, 1]
+    sorted_desc = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], sorted_desc, -jnp.inf)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.sum(mass_before < top_p[:, None], axis=-1)
+    n_keep = jnp.clip(jnp.where(top_p >= 1.0, k, n_keep), 1, vocab)
+    pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+    return jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
+
+
+def sample_tokens(logits, keys, temperature, top_k, top_p):
+    """One token per row of logits [batch, vocab] (float32), each row with its own PRNG key (keys [batch]).
+    temperature, top_k (0 = all) and top_p are scalars or [batch] arrays; a temperature of 0 picks the argmax."""
+    batch = logits.shape[0]
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch,))
+    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (batch,))
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (batch,))
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = temperature > 0.0
+
+    def sample(_):
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        needs_filter = jnp.any(sampling & ((top_k > 0) | (top_p < 1.0)))
+        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, top_k, top_p)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(sampling, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(sampling), sample, lambda _: greedy, None)
+
+
+def _row_keys(seeds, streams, counters):
+    """A PRNG key per row from (seed, stream, token index)."""
+    return jax.vmap(lambda s, i, c: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), i), c))(
+        seeds, streams, counters)
+
+
+# Per-row integer and float inputs are packed into two arrays, to keep host→device transfers few.
+_I_TOKEN, _I_LENGTH, _I_TOP_K, _I_SEED, _I_STREAM, _I_COUNTER = range(6)
+_F_TEMPERATURE, _F_TOP_P = range(2)
+
+
+def _sample_packed(logits, ints, floats):
+    keys = _row_keys(ints[:, _I_SEED].astype(jnp.uint32), ints[:, _I_STREAM], ints[:, _I_COUNTER])
+    return sample_tokens(logits, keys, floats[:, _F_TEMPERATURE], ints[:, _I_TOP_K], floats[:, _F_TOP_P])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jitted prefill and decode step, built once per model graph
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
+    """(prefill, step, sample, grow) jitted for one model graph; shapes pick the compiled variant. Sampling is
+    compiled on its own, once per batch size rather than once per prefill shape."""
+    last_position = cfg.max_seq_len - 1
+
+    def prefill(params, cache, tokens, slots, ints):
+        """Prefills prompts tokens [batch, padded] (right-padded; ints[:, LENGTH] real tokens) into cache rows
+        `slots` (out-of-range slots are dropped), returns (logits after each prompt [batch, vocab], cache)."""
+        batch, padded = tokens.shape
+        chunk = min(padded, PREFILL_CHUNK)
+        lengths = ints[:, _I_LENGTH]
+        key_valid = jnp.arange(padded)[None, :] < lengths[:, None]  # [batch, padded]
+
+        def body(carry, start):
+            small, last = carry
+            model = nnx.merge(graphdef, params)
+            chunk_tokens = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
+            positions = jnp.broadcast_to(jnp.minimum(start + jnp.arange(chunk), last_position), (batch, chunk))
+            logits, small = model(chunk_tokens, positions, cache=small, cache_index=start, key_valid=key_valid)
+            index = lengths - 1 - start
+            picked = jnp.take_along_axis(logits, jnp.clip(index, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+            last = jnp.where(((index >= 0) & (index < chunk))[:, None], picked, last)
+            return (small, last), None
+
+        small = init_cache(cfg, batch, padded, cache[0]["k"].dtype)
+        last = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+        (small, last), _ = jax.lax.scan(body, (small, last), jnp.arange(0, padded, chunk))
+        n = min(padded, cache[0]["k"].shape[1])
+        cache = [{name: layer[name].at[slots, :n].set(new[name][:, :n], mode="drop") for name in ("k", "v")}
+                 for layer, new in zip(cache, small, strict=True)]
+        return last, cache
+
+    def step(params, cache, ints):
+        """Writes each row's token at its position: returns (next-token logits [rows, vocab], cache)."""
+        capacity = cache[0]["k"].shape[1]
+
+        def one_row(token, length, row_cache):
+            model = nnx.merge(graphdef, params)
+            row_cache = [{name: layer[name][None] for name in ("k", "v")} for layer in row_cache]
+            key_valid = (jnp.arange(capacity) <= length)[None, :]
+            position = jnp.minimum(length, last_position)[None, None]
+            logits, row_cache = model(token[None, None], position, cache=row_cache, cache_index=length,
+                                      key_valid=key_valid)
+            return logits[0, 0], [{name: layer[name][0] for name in ("k", "v")} for layer in row_cache]
+
+        return jax.vmap(one_row)(ints[:, _I_TOKEN], ints[:, _I_LENGTH], cache)
+
+    def grow(cache, capacity: int):
+        pad = ((0, 0), (0, capacity - cache[0]["k"].shape[1]), (0, 0), (0, 0))
+        return [{name: jnp.pad(layer[name], pad) for name in ("k", "v")} for layer in cache]
+
+    return (jax.jit(prefill, donate_argnums=(1,)), jax.jit(step, donate_argnums=(1,)), jax.jit(_sample_packed),
+            jax.jit(grow, static_argnums=(1,)))
+
+
+def _bucket(n: int, smallest: int, largest: int) -> int:
+    """The smallest power-of-two multiple of `smallest` that holds n, capped at `largest`."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, largest)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclasses.dataclass
+class Update:
+    """What a request produced in one engine iteration."""
+
+    token_ids: list[int]  # the new tokens (an end token that stopped the request is not included)
+    text: str  # new text that is safe to show (held back while it may begin a stop sequence or a character)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" once the request is over
+
+
+@dataclasses.dataclass
+class Request:
+    """One prompt to continue. `on_update` is called from the engine's thread after each new token."""
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stream_id: int = 0  # requests with the same seed and different stream ids draw different samples
+    stop: Sequence[str] = ()  # stop sequences (text; needs a tokenizer); the matched text is not returned
+    stop_token_ids: Sequence[int] = ()  # end tokens (not returned)
+    stop_when: Callable[[list[int]], bool] | None = None  # stop once this is true of the tokens so far
+    slide: bool = False  # when the context is full: keep its last half and go on (else finish with "length")
+    on_update: Callable[[Update], None] | None = None
+
+
+class RequestState:
+    """A submitted request and what it has produced so far."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.history = list(request.prompt)  # prompt + generated tokens
+        self.token_ids: list[int] = []  # generated tokens
+        self.text = ""  # generated text (cut at a stop sequence)
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.done = threading.Event()
+        self._shown = 0  # characters of text already sent in updates
+        self._stop_set = frozenset(request.stop_token_ids)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt)
+
+
+class Engine:
+    """Continuous-batching decoder over `max_batch` KV-cache rows of up to `max_len` tokens.
+
+    `submit` and `cancel` may be called from any thread; `step` (and `run_until_done`) from one thread only.
+    """
+
+    def __init__(self, model: nnx.Module, cfg: ModelConfig, max_batch: int = 8, max_len: int | None = None,
+                 tokenizer=None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        if self.max_len < 2:
+            raise ValueError(f"max_len={self.max_len} leaves no room to decode")
+        # committed to one device, so every call sees the same placement (else the first call compiles twice)
+        self._device = jax.devices()[0]
+        graphdef, params = nnx.split(model, nnx.Param)
+        self.params = jax.device_put(params, self._device)
+        self._prefill, self._step, self._sample, self._grow = _compiled(graphdef, cfg)
+        self._capacity = min(CACHE_BUCKET, self.max_len)
+        self._cache = self._new_cache()
+        self._rows: list[RequestState | None] = [None] * max_batch
+        self._ints = np.zeros((max_batch, 6), np.int32)  # per row: see _I_*
+        self._floats = np.zeros((max_batch, 2), np.float32)
+        self._lock = threading.Lock()
+        self._pending: deque[RequestState] = deque()
+        self._refill: list[int] = []  # rows whose context is full and slides
+        self.steps = 0  # decode steps run (for statistics)
+
+    # -- the interface ---------------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> RequestState:
+        """Queues a request; it joins the batch at the next iteration with a free row."""
+        if not request.prompt:
+            raise ValueError("the prompt needs at least one token")
+        if request.stop and self.tokenizer is None:
+            raise ValueError("stop sequences need an engine with a tokenizer")
+        if len(request.prompt) > self.max_len and not request.slide:
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens; the context holds {self.max_len}")
+        state = RequestState(request)
+        if request.max_tokens <= 0:
+            self._finish(state, "length")
+            return state
+        with self._lock:
+            self._pending.append(state)
+        return state
+
+    def cancel(self, state: RequestState) -> None:
+        """Asks the engine to drop a request at its next iteration (its last update says "cancelled")."""
+        state.cancelled = True
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or any(r is not None for r in self._rows)
+
+    def load(self) -> tuple[int, int]:
+        """(rows decoding, requests waiting)."""
+        return sum(r is not None for r in self._rows), len(self._pending)
+
+    def step(self) -> None:
+        """One iteration: admits waiting requests into free rows (prefill), then one decode step for all rows."""
+        self._drop_cancelled()
+        self._admit()
+        active = [i for i, r in enumerate(self._rows) if r is not None]
+        if not active:
+            if self._capacity > CACHE_BUCKET:  # idle: start small again
+                self._capacity = min(CACHE_BUCKET, self.max_len)
+                self._cache = self._new_cache()
+            return
+        needed = int(self._ints[active, _I_LENGTH].max()) + 1
+        self._ensure_capacity(needed)
+        logits, self._cache = self._step(self.params, self._cache, self._ints)
+        tokens = np.asarray(self._sample(logits, self._ints, self._floats))
+        self.steps += 1
+        for i in active:
+            self._ints[i, _I_LENGTH] += 1
+            self._accept(i, int(tokens[i]))
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def fail_all(self, reason: str = "error") -> None:
+        """Finishes every waiting and decoding request (e.g. after an exception, or at shutdown)."""
+        with self._lock:
+            pending, self._pending = list(self._pending), deque()
+        for state in pending:
+            self._finish(state, reason)
+        for i, state in enumerate(self._rows):
+            if state is not None:
+                self._release(i, reason)
+        self._refill.clear()
+
+    def warmup(self, prompt_len: int = PROMPT_BUCKET) -> None:
+        """Compiles the decode step at the smallest capacity, sampling, and the prefill for every batch bucket and
+        every prompt bucket up to `prompt_len`, so early requests don't wait for the compiler."""
+        prompt_len = min(prompt_len, self.max_len)
+        batch = 1
+        while True:
+            length = min(PROMPT_BUCKET, prompt_len)
+            while True:
+                for _ in range(batch):
+                    self.submit(Request([0] * length, max_tokens=2, sampling=SamplingParams(0.0)))
+                self.run_until_done()
+                if length >= prompt_len:
+                    break
+                length = min(length * 2, prompt_len)
+            if batch >= self.max_batch:
+                break
+            batch = min(batch * 2, self.max_batch)
+        self.step()  # idle: the cache shrinks back
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        for i, state in enumerate(self._rows):
+            if state is not None and state.cancelled:
+                self._release(i, "cancelled")
+        with self._lock:
+            if any(s.cancelled for s in self._pending):
+                cancelled = [s for s in self._pending if s.cancelled]
+                self._pending = deque(s for s in self._pending if not s.cancelled)
+            else:
+                cancelled = []
+        for state in cancelled:
+            self._finish(state, "cancelled")
+
+    def _admit(self) -> None:
+        jobs: list[tuple[int, RequestState, list[int]]] = []  # (row, state, context to prefill)
+        for i in self._refill:
+            state = self._rows[i]
+            if state is not None:
+                jobs.append((i, state, state.history[-(self.max_len // 2):]))
+        self._refill.clear()
+        free = [i for i, r in enumerate(self._rows) if r is None]
+        with self._lock:
+            while free and self._pending:
+                state = self._pending.popleft()
+                i = free.pop(0)
+                self._rows[i] = state
+                jobs.append((i, state, state.history[-self.max_len:]))
+        if not jobs:
+            return
+        # one prefill call per prompt bucket
+        groups: dict[int, list[tuple[int, RequestState, list[int]]]] = {}
+        for job in jobs:
+            groups.setdefault(_bucket(len(job[2]), PROMPT_BUCKET, self.max_len), []).append(job)
+        for padded_len, group in sorted(groups.items()):
+            self._ensure_capacity(padded_len)
+            chunk = min(padded_len, PREFILL_CHUNK)
+            padded = -(-padded_len // chunk) * chunk
+            batch = _bucket(len(group), 1, self.max_batch)
+            tokens = np.zeros((batch, padded), np.int32)
+            slots = np.full(batch, self.max_batch, np.int32)  # out of range: dropped
+            ints = np.zeros((batch, 6), np.int32)
+            floats = np.zeros((batch, 2), np.float32)
+            ints[:, _I_LENGTH] = 1
+            for b, (i, state, context) in enumerate(group):
+                tokens[b, :len(context)] = context
+                slots[b] = i
+                self._set_row(i, state, len(context))
+                ints[b] = self._ints[i]
+                floats[b] = self._floats[i]
+            logits, self._cache = self._prefill(self.params, self._cache, tokens, slots, ints)
+            first = np.asarray(self._sample(logits, ints, floats))
+            for b, (i, _, _) in enumerate(group):
+                self._accept(i, int(first[b]))
+
+    def _new_cache(self) -> list[dict]:
+        return jax.device_put(init_cache(self.cfg, self.max_batch, self._capacity), self._device)
+
+    def _set_row(self, i: int, state: RequestState, length: int) -> None:
+        req = state.request
+        s = req.sampling
+        seed = (req.seed & 0xFFFFFFFF) - ((req.seed & 0x80000000) << 1)  # as int32; the step reads it as uint32
+        self._ints[i] = (0, length, max(s.top_k, 0), seed, req.stream_id, len(state.token_ids))
+        self._floats[i] = (s.temperature, s.top_p)
+
+    def _ensure_capacity(self, needed: int) -> None:
+        target = _bucket(needed, CACHE_BUCKET, self.max_len)
+        if target > self._capacity:
+            self._cache = self._grow(self._cache, target)
+            self._capacity = target
+
+    def _accept(self, i: int, token: int) -> None:
+        """Handles the token just sampled for row i: records it, emits an update, and stops the row or queues the
+        token to be written at the next step."""
+        state = self._rows[i]
+        req = state.request
+        self._ints[i, _I_COUNTER] += 1
+        if token in state._stop_set:
+            self._release(i, "stop")
+            return
+        state.token_ids.append(token)
+        state.history.append(token)
+        finish = None
+        if self.tokenizer is not None:
+            finish = self._update_text(state)
+        if finish is None and req.stop_when is not None and req.stop_when(state.token_ids):
+            finish = "stop"
+        if finish is None and len(state.token_ids) >= req.max_tokens:
+            finish = "length"
+        if finish is None and self._ints[i, _I_LENGTH] >= self.max_len:
+            if req.slide:
+                self._refill.append(i)
+            else:
+                finish = "length"
+        if finish is not None:
+            self._release(i, finish, new_tokens=[token])
+            return
+        self._ints[i, _I_TOKEN] = token
+        self._emit(state, [token], final=False)
+
+    def _update_text(self, state: RequestState) -> str | None:
+        text = self.tokenizer.decode(state.token_ids)
+        stops = state.request.stop
+        if stops:
+            start = max(0, len(state.text) - max(len(s) for s in stops))
+            hits = [j for j in (text.find(s, start) for s in stops) if j >= 0]
+            if hits:
+                state.text = text[:min(hits)]
+                return "stop"
+        state.text = text
+        return None
+
+    def _safe_end(self, state: RequestState) -> int:
+        """How much of the text can be shown now: not a trailing partial character, nor a tail that could be the
+        beginning of a stop sequence."""
+        text = state.text
+        end = len(text)
+        while end > state._shown and text[end - 1] == "\ufffd":
+            end -= 1
+        hold = 0
+        for s in state.request.stop:
+            for n in range(min(len(s) - 1, end), hold, -1):
+                if text[end - n:end] == s[:n]:
+                    hold = n
+                    break
+        return max(end - hold, state._shown)
+
+    def _emit(self, state: RequestState, tokens: list[int], final: bool) -> None:
+        end = len(state.text) if final else self._safe_end(state)
+        delta = state.text[state._shown:end]
+        state._shown = end
+        if state.request.on_update is not None:
+            state.request.on_update(Update(tokens, delta, state.finish_reason))
+
+    def _release(self, i: int, reason: str, new_tokens: Sequence[int] = ()) -> None:
+        state = self._rows[i]
+        self._rows[i] = None
+        self._ints[i] = 0
+        self._floats[i] = 0.0
+        if i in self._refill:
+            self._refill.remove(i)
+        self._finish(state, reason, new_tokens)
+
+    def _finish(self, state: RequestState, reason: str, new_tokens: Sequence[int] = ()) -> None:
+        state.finish_reason = reason
+        self._emit(state, list(new_tokens), final=True)
+        state.done.set()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch generation
 
 
 class Decoder:
-    """Holds a model's parameters and its jitted prefill / step functions."""
+    """Generates continuations for a batch of prompts with an `Engine` sized to the batch."""
 
     def __init__(self, model: nnx.Module, cfg: ModelConfig):
+        self.model = model
         self.cfg = cfg
-        self.graphdef, self.params = nnx.split(model, nnx.Param)
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len",))
-        self._step = jax.jit(self._step_fn, static_argnames=("top_k",), donate_argnums=(1,))
-
-    def _forward(self, params, tokens, positions, cache, cache_index, key_valid):
-        model = nnx.merge(self.graphdef, params)
-        return model(tokens, positions, cache=cache, cache_index=cache_index, key_valid=key_valid)
-
-    def _prefill_fn(self, params, tokens, pad_len, cache_len: int):
-        """tokens [batch, prompt_len] left-padded by pad_len [batch] → (last logits [batch, vocab], cache)."""
-        batch, prompt_len = tokens.shape
-        slots = jnp.arange(cache_len)
-        key_valid = slots[None, :] >= pad_len[:, None]  # [batch, cache_len]
-        positions = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad_len[:, None], 0)
-        cache = init_cache(self.cfg, batch, cache_len)
-        logits, cache = self._forward(params, tokens, positions, cache, 0, key_valid)
-        return logits[:, -1], cache
-
-    def _step_fn(self, params, cache, last_logits, pad_len, index, key, temperature, top_k: int, top_p):
-        """Samples a token from last_logits, writes it at cache slot `index`, returns (token, next logits, cache)."""
-        token = sample_logits(last_logits, key, temperature, top_k, top_p)
-        key_valid = jnp.arange(cache[0]["k"].shape[1])[None, :] >= pad_len[:, None]
-        positions = (index - pad_len)[:, None]
-        logits, cache = self._forward(params, token[:, None], positions, cache, index, key_valid)
-        return token, logits[:, -1], cache
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
                  seed: int = 0, eos_id: int | None = None,
@@ -88,57 +494,33 @@ class Decoder:
         """Continues each prompt (a list of token ids) by up to max_new_tokens tokens; returns the new tokens.
 
         A row stops at `eos_id` (not included) or when `should_stop(row, tokens_so_far)` is true. `on_tokens(step,
-        tokens)` sees each step's token per row, for streaming."""
+        tokens)` sees each step's new token per row (-1 for a row that produced none), for streaming. Row i samples
+        with (seed, stream i), so a row's tokens don't depend on the other rows. A text longer than the context
+        slides (the last half of the context is prefilled again)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        ctx = self.cfg.max_seq_len
         batch = len(prompts)
-        outputs: list[list[int]] = [[] for _ in range(batch)]
-        done = np.zeros(batch, bool)
-        key = jax.random.key(seed)
-        histories = [list(p) for p in prompts]
-        step_count = 0
-        temperature = jnp.float32(sampling.temperature)
-        top_p = jnp.float32(sampling.top_p)
-        while step_count < max_new_tokens and not done.all():
-            # (re)fill: the most recent tokens that leave room to decode in this segment
-            keep = ctx - 1 if step_count == 0 else ctx // 2
-            contexts = [h[-keep:] if len(h) > keep else h for h in histories]
-            if step_count == 0 and max(len(c) for c in contexts) > ctx - 1:
-                contexts = [c[-(ctx - 1):] for c in contexts]
-            prompt_len = min(_round_up(max(len(c) for c in contexts), PROMPT_BUCKET), ctx - 1)
-            contexts = [c[-prompt_len:] for c in contexts]
-            cache_len = min(_round_up(prompt_len + (max_new_tokens - step_count), CACHE_BUCKET), ctx)
-            pad_len = np.array([prompt_len - len(c) for c in contexts], np.int32)
-            tokens = np.zeros((batch, prompt_len), np.int32)
-            for i, c in enumerate(contexts):
-                tokens[i, pad_len[i]:] = c
-            pad_len = jnp.asarray(pad_len)
-            last_logits, cache = self._prefill(self.params, jnp.asarray(tokens), pad_len, cache_len=cache_len)
-            for index in range(prompt_len, cache_len):
-                if step_count >= max_new_tokens or done.all():
-                    break
-                token, last_logits, cache = self._step(
-                    self.params, cache, last_logits, pad_len, jnp.int32(index),
-                    jax.random.fold_in(key, step_count), temperature, sampling.top_k, top_p)
-                token = np.asarray(token)
-                for i in range(batch):
-                    if done[i]:
-                        continue
-                    t = int(token[i])
-                    if eos_id is not None and t == eos_id:
-                        done[i] = True
-                        continue
-                    outputs[i].append(t)
-                    histories[i].append(t)
-                    if should_stop is not None and should_stop(i, outputs[i]):
-                        done[i] = True
-                if on_tokens is not None:
-                    on_tokens(step_count, [int(t) for t in token])
-                step_count += 1
-            # the last sampled token's logits were computed at the final slot; a new segment re-prefills
-        return outputs
+        engine = Engine(self.model, self.cfg, max_batch=batch)
+        step_tokens = [-1] * batch
+        states = []
+        for row, prompt in enumerate(prompts):
+            def on_update(update: Update, row=row):
+                if update.token_ids:
+                    step_tokens[row] = update.token_ids[-1]
 
+            stop_when = None if should_stop is None else functools.partial(should_stop, row)
+            states.append(engine.submit(Request(
+                prompt=list(prompt)[-(engine.max_len - 1):], max_tokens=max_new_tokens, sampling=sampling,
+                seed=seed, stream_id=row, stop_token_ids=() if eos_id is None else (eos_id,), stop_when=stop_when,
+                slide=True, on_update=on_update)))
+        step = 0
+        while engine.has_work():
+            engine.step()
+            if on_tokens is not None and any(t >= 0 for t in step_tokens):
+                on_tokens(step, list(step_tokens))
+            step += 1
+            step_tokens[:] = [-1] * batch
+        return [s.token_ids for s in states]
 
 
 def sample_workdir(source: str, prompts: Sequence[str], max_new_tokens: int, temperature: float, top_k: int,
@@ -161,7 +543,9 @@ def sample_workdir(source: str, prompts: Sequence[str], max_new_tokens: int, tem
     tok = loaded.tokenizer
     encoded = []
     for p in prompts:
-        ids = tok.encode(p)
+        ids = list(tok.encode(p))
+        if getattr(tok, "add_bos", False) and tok.bos_id is not None:
+            ids.insert(0, tok.bos_id)
         if not ids:
             ids = [tok.bos_id if tok.bos_id is not None else (tok.eos_id if tok.eos_id is not None else 0)]
         encoded.append(ids)

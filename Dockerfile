@@ -1,0 +1,31 @@
+# gpt_jax OpenAI-compatible server, CPU.
+#   docker build -t gpt-jax .
+#   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/runs/tiny:/model:ro" gpt-jax
+# The model is whatever is mounted at /model: a gpt_jax workdir or an HF model directory; for a GGUF file mount it
+# and name it: docker run ... -v "$PWD/m.gguf:/models/m.gguf:ro" gpt-jax /models/m.gguf
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=3 \
+    GPT_JAX_HOST=0.0.0.0 \
+    GPT_JAX_MODEL=/model
+
+WORKDIR /app
+COPY setup.cfg pyproject.toml README.md ./
+COPY gpt_jax ./gpt_jax
+RUN pip install ".[serve,convert]" jinja2
+
+RUN useradd --create-home --uid 1000 gptjax
+USER gptjax
+
+EXPOSE 8000
+# GPT_JAX_API_KEY set at `docker run -e` makes a bearer token required
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"
+# SIGTERM (docker stop) lets requests in flight finish, up to 30 s; give docker stop at least that long
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python", "-m", "gpt_jax.serve"]
+CMD ["--port", "8000"]

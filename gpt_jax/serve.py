@@ -1,0 +1,900 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching `decode.Engine`.
+
+    python -m gpt_jax.main --mode=serve --workdir=DIR [--host=127.0.0.1] [--port=8000] [--api_key=KEY]
+    python -m gpt_jax.serve SOURCE [--host ...] [--port ...] [--max_batch 8] [--max_len N] [--api_key KEY]
+
+Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both stream server-sent events
+with `"stream": true`), `GET /health` (no key needed). Invalid requests get a 4xx with an OpenAI-style body
+`{"error": {"message", "type", "param", "code"}}`. One engine thread runs the model; concurrent requests share its
+decode steps.
+
+Chat prompts use the tokenizer's chat template (`apply_chat_template` or a Jinja `chat_template`) when it has one,
+else a plain format: one `role: content` line per message, then `assistant:`; with that format a line starting
+with `user:` also ends the reply.
+
+Beyond OpenAI's parameters: `top_k` (0 = off). Accepted and ignored: `user`, `stream_options` other than
+`include_usage`, unknown fields. Rejected when set: `logprobs`, `logit_bias`, non-zero `presence_penalty` /
+`frequency_penalty`, `suffix`, `best_of` other than `n`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import functools
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+import urllib.parse
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gpt_jax import decode
+from gpt_jax.errors import UserError
+
+log = logging.getLogger("gpt_jax.serve")
+access_log = logging.getLogger("gpt_jax.access")
+
+MAX_BODY_BYTES = 1 << 20  # larger JSON bodies get 413
+MAX_WAITING = 512  # requests waiting for a free cache row beyond this get 429
+MAX_CHOICES = 32  # prompts × n in one request
+MAX_STOP = 4
+FALLBACK_STOP = ("\nuser:",)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def _error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                    kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Request and response bodies
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # strict: no "1" → 1 or false → 0
+
+    model: str = Field(description="The served model's id (see /v1/models).")
+    max_tokens: int | None = Field(None, ge=1, description="At most the context length minus the prompt.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, description="Extension: sample from the k most likely tokens; 0 = all.")
+    n: int | None = Field(None, ge=1, le=16)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"Up to {MAX_STOP} stop sequences.")
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported.")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
+    user: str | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported.")
+    best_of: int | None = Field(None, ge=1, le=16, description="Only equal to n.")
+    suffix: str | None = Field(None, description="Not supported.")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = Field(None, description="Not supported.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gpt_jax"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    decoding: int
+    waiting: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine thread
+
+
+class EngineRunner:
+    """Runs `engine.step()` on its own thread while there is work; requests are submitted from any thread."""
+
+    def __init__(self, engine: decode.Engine):
+        self.engine = engine
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="gpt_jax-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: decode.Request) -> decode.RequestState:
+        state = self.engine.submit(request)
+        self._wake.set()
+        return state
+
+    def cancel(self, state: decode.RequestState) -> None:
+        if state.finish_reason is None:
+            self.engine.cancel(state)
+            self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends the loop; requests still running finish as "cancelled"."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            if not self.engine.has_work():
+                self._wake.wait(1.0)
+                continue
+            try:
+                self.engine.step()
+            except Exception:  # a failed step fails its requests, not the server
+                log.exception("decode step failed")
+                self.engine.fail_all("error")
+        self.engine.fail_all("cancelled")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@functools.lru_cache(maxsize=4)
+def _jinja_template(source: str):
+    """A model's chat template compiled the way transformers renders them (sandboxed, trimmed blocks)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise APIError(400, f"chat template: {message}", "messages")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+def render_chat(tokenizer, messages: list[dict]) -> tuple[str | list[int], tuple[str, ...]]:
+    """The prompt for chat `messages` ([{"role", "content"}]) and the stop sequences its format implies: the
+    tokenizer's chat template if it has one, else `role: content` lines and `assistant:`."""
+    apply = getattr(tokenizer, "apply_chat_template", None)
+    if callable(apply):
+        return apply(messages, add_generation_prompt=True), ()
+    template = getattr(tokenizer, "chat_template", None)
+    if callable(template):
+        return template(messages, add_generation_prompt=True), ()
+    if isinstance(template, str) and template:
+        import jinja2
+
+        special = {}
+        for name in ("bos", "eos"):
+            token_id = getattr(tokenizer, f"{name}_id", None)
+            special[f"{name}_token"] = tokenizer.decode([token_id]) if token_id is not None else ""
+        try:
+            return _jinja_template(template).render(messages=messages, add_generation_prompt=True, **special), ()
+        except jinja2.TemplateError as e:
+            raise APIError(400, f"chat template: {e}", "messages") from None
+    lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return lines + "assistant:", FALLBACK_STOP
+
+
+def _message_text(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(part.text for part in message.content)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The app
+
+
+class _Mailbox:
+    """Carries updates from the engine thread to the event loop, waking the loop once per batch of updates rather
+    than once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+class _Choice:
+    """One generation within a request: what to submit and, once done, its result."""
+
+    def __init__(self, index: int, prompt_ids: list[int], prefix: str = ""):
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.prefix = prefix  # echoed prompt text
+        self.state: decode.RequestState | None = None
+
+
+class Server:
+    """The model, its engine thread and the request handling behind the routes."""
+
+    def __init__(self, loaded, max_batch: int = 8, max_len: int | None = None, name: str | None = None):
+        self.tokenizer = loaded.tokenizer
+        self.name = name or loaded.name
+        self.engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=max_batch, max_len=max_len,
+                                    tokenizer=loaded.tokenizer)
+        self.context = self.engine.max_len
+        self.runner = EngineRunner(self.engine)
+        self.created = int(time.time())
+        self.eos_id = getattr(self.tokenizer, "eos_id", None)
+        self._mailbox: _Mailbox | None = None
+
+    # -- validation ------------------------------------------------------------------------------------------
+
+    def _check_common(self, body: _SamplingFields) -> None:
+        if body.model != self.name:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{self.name}'.",
+                           "model", "model_not_found")
+        for field in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, field):
+                raise APIError(400, f"{field} is not supported (only 0).", field, "unsupported_parameter")
+        if body.logit_bias:
+            raise APIError(400, "logit_bias is not supported.", "logit_bias", "unsupported_parameter")
+
+    def _stops(self, body: _SamplingFields) -> list[str]:
+        stop = body.stop
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP:
+            raise APIError(400, f"stop takes at most {MAX_STOP} sequences, got {len(stops)}.", "stop")
+        if any(not s for s in stops):
+            raise APIError(400, "stop sequences must not be empty.", "stop")
+        return stops
+
+    def _encode(self, text: str, param: str, add_bos: bool = False) -> list[int]:
+        try:
+            ids = list(self.tokenizer.encode(text))
+        except UserError as e:
+            raise APIError(400, f"{param} cannot be encoded: {e}", param) from None
+        bos = getattr(self.tokenizer, "bos_id", None)
+        if add_bos and getattr(self.tokenizer, "add_bos", False) and bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        if not ids:
+            for name in ("bos_id", "eos_id"):
+                if getattr(self.tokenizer, name, None) is not None:
+                    return [getattr(self.tokenizer, name)]
+            raise APIError(400, f"{param} is empty.", param)
+        return ids
+
+    def _max_tokens(self, requested: int | None, default: int | None, prompt_len: int, param: str,
+                    field: str = "max_tokens") -> int:
+        room = self.context - prompt_len
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
+                                f"{prompt_len} tokens and leaves no room to generate.", param,
+                           "context_length_exceeded")
+        if requested is None:
+            return room if default is None else min(default, room)
+        if requested > room:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you "
+                                f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                                f"{requested} in the completion).", field, "context_length_exceeded")
+        return requested
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    def _submit_all(self, choices: list[_Choice], body: _SamplingFields, max_tokens: list[int], stops: list[str],
+                    queue: asyncio.Queue) -> None:
+        if self.engine.load()[1] + len(choices) > MAX_WAITING:
+            raise APIError(429, "The server is overloaded; retry later.", None, "server_overloaded",
+                           kind="server_error")
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        mailbox = self._mailbox
+        n = body.n or 1
+        seed = body.seed if body.seed is not None else secrets.randbits(32)
+        sampling = decode.SamplingParams(1.0 if body.temperature is None else body.temperature,
+                                         min(body.top_k or 0, self.engine.cfg.vocab_size),
+                                         1.0 if body.top_p is None else body.top_p)
+        for choice in choices:
+            def on_update(update: decode.Update, index=choice.index):
+                if body.stream or update.finish_reason is not None:  # without streaming only the end matters
+                    mailbox.put(queue, (index, update))
+
+            choice.state = self.runner.submit(decode.Request(
+                prompt=choice.prompt_ids, max_tokens=max_tokens[choice.index], sampling=sampling, seed=seed,
+                stream_id=choice.index % n, stop=stops,
+                stop_token_ids=() if self.eos_id is None else (self.eos_id,), on_update=on_update))
+
+    async def _updates(self, choices: list[_Choice], queue: asyncio.Queue):
+        """Yields lists of (choice index, Update), all that arrived since the last, until every choice has
+        finished; cancels what is left if abandoned (a client that went away)."""
+        remaining = len(choices)
+        try:
+            while remaining:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                for _, update in batch:
+                    if update.finish_reason is not None:
+                        remaining -= 1
+                        if update.finish_reason == "error":
+                            raise APIError(500, "The model failed while generating.", code="generation_failed",
+                                           kind="server_error")
+                yield batch
+        finally:
+            for choice in choices:
+                if choice.state is not None:
+                    self.runner.cancel(choice.state)
+
+    @staticmethod
+    def _finish_reason(reason: str | None) -> str | None:
+        return None if reason is None else ("length" if reason == "length" else "stop")
+
+    # -- endpoints -------------------------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest):
+        self._check_common(body)
+        if body.logprobs:
+            raise APIError(400, "logprobs is not supported.", "logprobs", "unsupported_parameter")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported.", "suffix", "unsupported_parameter")
+        n = body.n or 1
+        if body.best_of is not None and body.best_of != n:
+            raise APIError(400, "best_of must equal n.", "best_of", "unsupported_parameter")
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise APIError(400, "prompt must not be empty.", "prompt")
+        if len(prompts) * n > MAX_CHOICES:
+            raise APIError(400, f"At most {MAX_CHOICES} completions (prompts × n) per request.", "n")
+        vocab = self.engine.cfg.vocab_size
+        encoded = []
+        for p in prompts:
+            if isinstance(p, str):
+                encoded.append((self._encode(p, "prompt", add_bos=True), p))
+            else:
+                if not p:
+                    raise APIError(400, "prompt must not be empty.", "prompt")
+                if any(t < 0 or t >= vocab for t in p):
+                    raise APIError(400, f"prompt token ids must be in [0, {vocab}).", "prompt")
+                encoded.append((list(p), self.tokenizer.decode(p) if body.echo else ""))
+        stops = self._stops(body)
+        choices, max_tokens = [], []
+        for ids, text in encoded:
+            limit = self._max_tokens(body.max_tokens, 16, len(ids), "prompt")
+            for _ in range(n):
+                choices.append(_Choice(len(choices), ids, text if body.echo else ""))
+                max_tokens.append(limit)
+        return await self._run(choices, body, max_tokens, stops, chat=False)
+
+    async def chat_completions(self, body: ChatCompletionRequest):
+        self._check_common(body)
+        if body.logprobs:
+            raise APIError(400, "logprobs is not supported.", "logprobs", "unsupported_parameter")
+        n = body.n or 1
+        messages = [{"role": m.role, "content": _message_text(m)} for m in body.messages]
+        rendered, implied_stops = render_chat(self.tokenizer, messages)
+        ids = self._encode(rendered, "messages") if isinstance(rendered, str) else list(rendered)
+        stops = self._stops(body)
+        stops += [s for s in implied_stops if s not in stops]
+        limit = self._max_tokens(body.max_tokens, None, len(ids), "messages")
+        if body.max_completion_tokens is not None:  # the newer name wins; both must fit
+            limit = self._max_tokens(body.max_completion_tokens, None, len(ids), "messages", "max_completion_tokens")
+        choices = [_Choice(i, ids) for i in range(n)]
+        return await self._run(choices, body, [limit] * n, stops, chat=True)
+
+    async def _run(self, choices: list[_Choice], body: _SamplingFields, max_tokens: list[int], stops: list[str],
+                   chat: bool):
+        queue: asyncio.Queue = asyncio.Queue()
+        self._submit_all(choices, body, max_tokens, stops, queue)
+        request_id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n or 1])
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = self._stream(choices, queue, request_id, created, prompt_tokens, include_usage, chat)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        reasons: dict[int, str | None] = {}
+        async for batch in self._updates(choices, queue):
+            for index, update in batch:
+                reasons[index] = self._finish_reason(update.finish_reason)
+        texts = {c.index: c.prefix + c.state.text for c in choices}
+        completion_tokens = sum(len(c.state.token_ids) for c in choices)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
+        if chat:
+            out = ChatCompletionResponse(
+                id=request_id, created=created, model=self.name, usage=usage,
+                choices=[ChatChoice(index=c.index, message=AssistantMessage(content=texts[c.index]),
+                                    finish_reason=reasons[c.index]) for c in choices])
+        else:
+            out = CompletionResponse(
+                id=request_id, created=created, model=self.name, usage=usage,
+                choices=[CompletionChoice(index=c.index, text=texts[c.index],
+                                          finish_reason=reasons[c.index]) for c in choices])
+        return JSONResponse(out.model_dump())
+
+    async def _stream(self, choices: list[_Choice], queue: asyncio.Queue, request_id: str, created: int,
+                      prompt_tokens: int, include_usage: bool, chat: bool):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choice_list: list[dict], usage: dict | None = None) -> str:
+            chunk: dict[str, Any] = {"id": request_id, "object": kind, "created": created, "model": self.name,
+                                     "choices": choice_list}
+            if include_usage:
+                chunk["usage"] = usage
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        def piece(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+            if not chat:
+                return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        for c in choices:
+            if chat:
+                yield event([piece(c.index, "", None, role=True)])
+            elif c.prefix:
+                yield event([piece(c.index, c.prefix, None)])
+        try:
+            async for batch in self._updates(choices, queue):
+                out, texts = [], {}  # a backlog of updates goes out as one chunk per choice
+                for index, update in batch:
+                    if update.text:
+                        texts.setdefault(index, []).append(update.text)
+                    finish = self._finish_reason(update.finish_reason)
+                    if finish is not None:
+                        text = "".join(texts.pop(index, []))
+                        if chat and text:
+                            out.append(event([piece(index, text, None)]))
+                        out.append(event([piece(index, None if chat else text, finish)]))
+                out += [event([piece(index, "".join(parts), None)]) for index, parts in texts.items()]
+                yield "".join(out)
+        except APIError as e:
+            body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
+            yield f"data: {json.dumps(body)}\n\n"
+            return
+        if include_usage:
+            completion_tokens = sum(len(c.state.token_ids) for c in choices)
+            yield event([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens})
+        yield "data: [DONE]\n\n"
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.name, created=self.created, max_model_len=self.context)])
+
+    def health(self) -> Health:
+        decoding, waiting = self.engine.load()
+        return Health(status="ok", model=self.name, decoding=decoding, waiting=waiting)
+
+
+_ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
+    (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
+    (413, "Body too large"), (429, "Overloaded"))}
+_SSE_EVENT = {"type": "object", "required": ["data"], "description": "One event: `data` holds a JSON chunk, the "
+               "last one `[DONE]`.", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+_STREAM_OR_JSON = {"description": "A JSON body, or server-sent events with `\"stream\": true`",
+                   "content": {"text/event-stream": {"schema": _SSE_EVENT}}}
+
+
+def create_app(server: Server, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               warmup_prompt_len: int = 64):
+    """The ASGI app: FastAPI routes wrapped in the access log, API-key and body-size checks. The engine thread
+    starts with the app's lifespan, after compiling the shapes of prompts up to `warmup_prompt_len` tokens (0:
+    none), and stops with it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        if warmup_prompt_len:
+            await asyncio.to_thread(server.engine.warmup, warmup_prompt_len)
+        server.runner.start()
+        log.info("serving %s (context %d tokens, %d cache rows)", server.name, server.context,
+                 server.engine.max_batch)
+        yield
+        server.runner.stop()
+
+    app = FastAPI(title="gpt_jax", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible completions and chat completions.")
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return _error_response(e.status, e.message, e.param, e.code, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return _error_response(400, "The body of your request is not valid JSON.", None, "invalid_json")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid body")
+        return _error_response(400, message, param, first.get("type"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return _error_response(e.status_code, str(e.detail), None, code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(_, e: Exception):
+        log.exception("unhandled error")
+        return _error_response(500, "The server had an error while processing your request.", None, None,
+                               "server_error")
+
+    @app.get("/health", response_model=Health)
+    async def health():
+        return server.health()
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def list_models():
+        return server.models()
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=_ERRORS)
+    async def get_model(model_id: str):
+        if model_id != server.name:
+            raise APIError(404, f"The model '{model_id}' does not exist.", "model", "model_not_found")
+        return server.models().data[0]
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: _STREAM_OR_JSON})
+    async def completions(body: CompletionRequest):
+        return await server.completions(body)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={**_ERRORS, 200: _STREAM_OR_JSON})
+    async def chat_completions(body: ChatCompletionRequest):
+        return await server.chat_completions(body)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            for operations in schema["paths"].values():  # validation errors are 400 here, not FastAPI's 422
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+                    if operation.get("requestBody"):
+                        error = {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                        operation["responses"].setdefault(
+                            "400", {"description": "Invalid request", "content": {"application/json": error}})
+            components = schema["components"]["schemas"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            _narrow_schema(components, server)
+            if api_key:
+                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, operations in schema["paths"].items():
+                    if path.startswith("/v1/"):
+                        for operation in operations.values():
+                            operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return AccessLog(ApiKeyCheck(BodyLimit(app, max_body_bytes), api_key))
+
+
+def _narrow_schema(components: dict, server: Server) -> None:
+    """Puts what only the loaded model knows into the schema: its id, its context and its vocabulary."""
+    vocab = server.engine.cfg.vocab_size
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        properties = components[name]["properties"]
+        properties["model"] = {**properties["model"], "enum": [server.name]}
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in properties:
+                for option in properties[field]["anyOf"]:
+                    if option.get("type") == "integer":
+                        option["maximum"] = server.context - 1
+
+    def cap_token_ids(node):
+        if isinstance(node, dict):
+            if node.get("type") == "integer" and node.get("minimum") == 0:
+                node["maximum"] = vocab - 1
+            for value in node.values():
+                cap_token_ids(value)
+        elif isinstance(node, list):
+            for value in node:
+                cap_token_ids(value)
+
+    cap_token_ids(components["CompletionRequest"]["properties"]["prompt"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ASGI middleware
+
+
+async def _send_error(send, status: int, message: str, code: str | None, headers: list | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """Reads request bodies up to `limit` bytes and answers 413 beyond it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = f"The request body is larger than {self.limit} bytes."
+        if declared is not None:
+            if not declared.isdigit():
+                return await _send_error(send, 400, "Invalid Content-Length header.", "invalid_header")
+            if int(declared) > self.limit:
+                return await _send_error(send, 413, too_large, "body_too_large")
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await _send_error(send, 413, too_large, "body_too_large")
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class ApiKeyCheck:
+    """With a key set, `/v1/` paths need `Authorization: Bearer <key>` (401 otherwise)."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if self.api_key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                message = "Incorrect API key provided." if header else "Missing API key (Authorization: Bearer)."
+                return await _send_error(send, 401, message, "invalid_api_key",
+                                         [(b"www-authenticate", b"Bearer")])
+        await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """One line per request on the `gpt_jax.access` logger: client, method, path, status, milliseconds (until the
+    last byte, so streams count whole)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 0
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            path = urllib.parse.quote(scope["path"], safe="/:@!$&'()*+,;=-._~")  # no control characters in logs
+            access_log.info('%s:%s "%s %s" %d %.1fms', client[0], client[1], scope["method"], path, status,
+                            1000 * (time.perf_counter() - start))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def log_config(level: str = "info") -> dict:
+    """uvicorn's logging config plus the gpt_jax loggers (access log included), all to stderr."""
+    import uvicorn.config
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["formatters"]["gpt_jax"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    config["handlers"]["gpt_jax"] = {"class": "logging.StreamHandler", "formatter": "gpt_jax",
+                                     "stream": "ext://sys.stderr"}
+    config["loggers"]["gpt_jax"] = {"handlers": ["gpt_jax"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def main(source: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
+         max_batch: int = 8, max_len: int | None = None, name: str | None = None, log_level: str = "info") -> None:
+    """Loads the model at `source` (a gpt_jax workdir, an HF directory or a GGUF file) and serves it until
+    SIGINT/SIGTERM, then lets requests in flight finish (up to 30 s) before exiting."""
+    import uvicorn
+
+    from gpt_jax import pretrained
+
+    if not source:
+        raise UserError("nothing to serve: --workdir has no config.json and --config.init_from is empty")
+    if max_batch < 1:
+        raise UserError(f"max_batch={max_batch} must be at least 1")
+    loaded = pretrained.load(source)
+    server = Server(loaded, max_batch=max_batch, max_len=max_len, name=name)
+    app = create_app(server, api_key=api_key)
+    # uvicorn handles SIGINT/SIGTERM (stop accepting, finish requests in flight) and afterwards raises the signal
+    # again for the handler it found; a no-op one lets the process exit 0 after a graceful shutdown
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(app, host=host, port=port, log_config=log_config(log_level), log_level=log_level,
+                access_log=False, timeout_graceful_shutdown=30)
+    log.info("shut down")
+
+
+def _cli() -> None:
+    parser = argparse.ArgumentParser(prog="python -m gpt_jax.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", nargs="?", default=os.environ.get("GPT_JAX_MODEL"),
+                        help="a gpt_jax workdir, an HF model directory or a .gguf file (default: env GPT_JAX_MODEL)")
+    parser.add_argument("--host", default=os.environ.get("GPT_JAX_HOST", "127.0.0.1"),
+                        help="address to bind (default 127.0.0.1, or env GPT_JAX_HOST)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api_key", default=None, help="bearer token to require (or env GPT_JAX_API_KEY)")
+    parser.add_argument("--max_batch", type=int, default=8, help="KV-cache rows: requests decoded together")
+    parser.add_argument("--max_len", type=int, default=None, help="context length served (default: the model's)")
+    parser.add_argument("--name", default=None, help="model id in the API (default: the source's name)")
+    parser.add_argument("--log_level", default="info")
+    args = parser.parse_args()
+    if not args.source:
+        parser.error("give the model to serve (or set GPT_JAX_MODEL)")
+    try:
+        main(args.source, args.host, args.port, args.api_key or os.environ.get("GPT_JAX_API_KEY"),
+             max_batch=args.max_batch, max_len=args.max_len, name=args.name, log_level=args.log_level)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _cli()

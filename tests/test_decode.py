@@ -1,0 +1,206 @@
+"""Decoding: the KV-cached engine against uncached greedy decoding, batch invariance, sampling, stops, buckets."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpt_jax import decode
+from gpt_jax.model import ModelConfig, Transformer
+from gpt_jax.tokenizer import CharTokenizer
+
+CHARS = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+GREEDY = decode.SamplingParams(temperature=0.0)
+
+
+def _model(style: str) -> tuple[Transformer, ModelConfig]:
+    """A small random model with peaked logits (parameters scaled up), so greedy choices are far from ties."""
+    if style == "gpt2":
+        cfg = ModelConfig(vocab_size=len(CHARS), n_layer=2, n_head=4, d_model=32, d_ff=64, max_seq_len=64)
+    else:  # Llama-style: RoPE, RMSNorm, SwiGLU, grouped-query attention
+        cfg = ModelConfig(vocab_size=len(CHARS), n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
+                          max_seq_len=64, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", use_bias=False)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    nnx.update(model, jax.tree.map(lambda p: p * 4.0, nnx.state(model, nnx.Param)))
+    return model, cfg
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model_and_cfg(request):
+    return _model(request.param)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return _model("gpt2")
+
+
+def _prompts(lengths, seed=0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, len(CHARS), size=n).tolist() for n in lengths]
+
+
+@functools.cache
+def _forward(graphdef):
+    return jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens)[0])
+
+
+def _uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The reference: the whole sequence through the model for every new token, no cache. Sequences are padded
+    at the end to the context length (one compiled shape); causal attention keeps the padding out of the way."""
+    graphdef, state = nnx.split(model)
+    forward = _forward(graphdef)
+    context = model.cfg.max_seq_len
+    tokens = list(prompt)
+    for _ in range(n):
+        padded = np.zeros((1, context), np.int32)
+        padded[0, :len(tokens)] = tokens
+        logits = forward(state, padded)
+        tokens.append(int(jnp.argmax(logits[0, len(tokens) - 1])))
+    return tokens[len(prompt):]
+
+
+def test_cached_equals_uncached_greedy_and_batch_equals_alone(model_and_cfg):
+    model, cfg = model_and_cfg
+    prompts = _prompts([3, 21, 9, 40])
+    decoder = decode.Decoder(model, cfg)
+    batched = decoder.generate(prompts, 12, GREEDY)
+    for prompt, got in zip(prompts, batched, strict=True):
+        assert got == _uncached_greedy(model, prompt, 12)
+        assert decoder.generate([prompt], 12, GREEDY)[0] == got
+
+
+def test_requests_joining_mid_flight_match_running_alone(gpt2):
+    """Continuous batching: a request admitted while others decode gets the tokens it gets alone."""
+    model, cfg = gpt2
+    engine = decode.Engine(model, cfg, max_batch=4)
+    prompts = _prompts([5, 30, 12, 7, 18], seed=1)
+    alone = []
+    for p in prompts:
+        state = engine.submit(decode.Request(p, max_tokens=10, sampling=GREEDY))
+        engine.run_until_done()
+        alone.append(state.token_ids)
+    states = []
+    for p in prompts:  # one new request per iteration; the fifth waits for a free row
+        states.append(engine.submit(decode.Request(p, max_tokens=10, sampling=GREEDY)))
+        engine.step()
+    engine.run_until_done()
+    assert [s.token_ids for s in states] == alone
+    assert all(s.finish_reason == "length" for s in states)
+
+
+def test_sampling_is_seeded_and_independent_of_the_batch(gpt2):
+    model, cfg = gpt2
+    engine = decode.Engine(model, cfg, max_batch=4)
+    sampling = decode.SamplingParams(temperature=1.0, top_k=20, top_p=0.95)
+    prompt = _prompts([8], seed=2)[0]
+
+    def run(requests):
+        states = [engine.submit(r) for r in requests]
+        engine.run_until_done()
+        return [s.token_ids for s in states]
+
+    alone = run([decode.Request(prompt, 16, sampling, seed=7)])[0]
+    together = run([decode.Request(p, 16, sampling, seed=s) for p, s in ((prompt, 3), (prompt, 7), ([1, 2], 7))])
+    assert together[1] == alone  # same seed and stream: same tokens, whatever shares the batch
+    assert together[0] != alone  # another seed: other tokens
+    other_stream = run([decode.Request(prompt, 16, sampling, seed=7, stream_id=1)])[0]
+    assert other_stream != alone
+    # top_k=1 and a tiny top_p both reduce sampling to greedy
+    greedy = run([decode.Request(prompt, 16, GREEDY)])[0]
+    assert run([decode.Request(prompt, 16, decode.SamplingParams(1.0, top_k=1), seed=5)])[0] == greedy
+    assert run([decode.Request(prompt, 16, decode.SamplingParams(1.0, top_p=1e-6), seed=5)])[0] == greedy
+
+
+def test_top_k_top_p_filter():
+    probs = jnp.array([[0.05, 0.5, 0.15, 0.3]])
+    logits = jnp.log(probs)
+
+    def kept(top_k, top_p):
+        out = decode._filter_top_k_top_p(logits, jnp.array([top_k]), jnp.array([top_p], jnp.float32))
+        return np.flatnonzero(np.isfinite(np.asarray(out[0]))).tolist()
+
+    assert kept(0, 1.0) == [0, 1, 2, 3]
+    assert kept(3, 1.0) == [1, 2, 3]
+    assert kept(0, 0.7) == [1, 3]  # 0.5 + 0.3 reaches 0.7
+    assert kept(0, 0.5) == [1]
+    assert kept(0, 0.0) == [1]  # the most likely token always stays
+    assert kept(1, 0.9) == [1]
+    assert kept(3, 0.96) == [1, 2, 3]
+
+
+def test_stop_sequences_eos_max_tokens_and_streamed_text(gpt2):
+    model, cfg = gpt2
+    tok = CharTokenizer(CHARS)
+    engine = decode.Engine(model, cfg, max_batch=2, tokenizer=tok)
+    prompt = tok.encode("to be or not")
+    free = engine.submit(decode.Request(prompt, 30, GREEDY))
+    engine.run_until_done()
+    text = free.text
+    assert free.finish_reason == "length" and len(free.token_ids) == 30 and text == tok.decode(free.token_ids)
+
+    stop = text[10:13]
+    updates: list[decode.Update] = []
+    stopped = engine.submit(decode.Request(prompt, 30, GREEDY, stop=["\x00never", stop], on_update=updates.append))
+    engine.run_until_done()
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == text[:text.index(stop)]
+    assert "".join(u.text for u in updates) == stopped.text  # streamed pieces add up, none shows the stop text
+    assert [u.finish_reason for u in updates][-1] == "stop" and all(u.finish_reason is None for u in updates[:-1])
+
+    eos = free.token_ids[5]
+    ended = engine.submit(decode.Request(prompt, 30, GREEDY, stop_token_ids=[eos]))
+    engine.run_until_done()
+    assert ended.token_ids == free.token_ids[:free.token_ids.index(eos)] and ended.finish_reason == "stop"
+
+    short = engine.submit(decode.Request(prompt, 4, GREEDY, stop_when=lambda ids: len(ids) == 3))
+    engine.run_until_done()
+    assert short.token_ids == free.token_ids[:3] and short.finish_reason == "stop"
+
+
+def test_cancel_frees_the_row(gpt2):
+    model, cfg = gpt2
+    engine = decode.Engine(model, cfg, max_batch=1)
+    first = engine.submit(decode.Request([1, 2, 3], 40, GREEDY))
+    second = engine.submit(decode.Request([4, 5], 3, GREEDY))
+    engine.step()
+    engine.cancel(first)
+    engine.run_until_done()
+    assert first.finish_reason == "cancelled" and len(first.token_ids) < 40
+    assert second.finish_reason == "length" and len(second.token_ids) == 3
+
+
+def test_context_limits_and_sliding(gpt2):
+    model, cfg = gpt2
+    engine = decode.Engine(model, cfg, max_batch=2)
+    with pytest.raises(ValueError, match="context holds 64"):
+        engine.submit(decode.Request(list(range(65)), 1, GREEDY))
+    full = engine.submit(decode.Request([1] * 60, 50, GREEDY))
+    engine.run_until_done()
+    assert full.finish_reason == "length" and len(full.token_ids) == 5  # 60 + 5 tokens: the cache holds 64
+    # generate() slides past the context: the last half is prefilled again
+    out = decode.Decoder(model, cfg).generate([[1, 2, 3]], 150, GREEDY)[0]
+    assert len(out) == 150
+
+
+def test_steady_traffic_does_not_recompile(gpt2):
+    model, cfg = gpt2
+    engine = decode.Engine(model, cfg, max_batch=4)
+    engine.warmup(prompt_len=32)
+
+    def traffic():
+        for wave in range(3):
+            for p in _prompts([3 + wave, 20, 9, 31][: wave + 2], seed=wave):
+                engine.submit(decode.Request(p, 12, decode.SamplingParams(0.7, top_k=5), seed=wave))
+                engine.step()
+            engine.run_until_done()
+
+    traffic()
+    sizes = [f._cache_size() for f in (engine._prefill, engine._step, engine._sample, engine._grow)]
+    traffic()
+    assert [f._cache_size() for f in (engine._prefill, engine._step, engine._sample, engine._grow)] == sizes
