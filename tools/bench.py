@@ -2,6 +2,7 @@
 
     python tools/bench.py data [--mb=8] [--train_steps=3] [--workdir=DIR]
     python tools/bench.py train [--rounds=5] [--steps=20] [--shapes=shakespeare_char,cpu_medium]
+    python tools/bench.py --gpu [--gpu_batch=16] [--gpu_steps=10] [--gpu_remat=none,dots]   (on a GPU machine)
 
 Sections:
 - `data`: delivered tokens/s of the data pipeline (tools/prepare_data.py's Beam pipeline on a synthetic corpus,
@@ -295,12 +296,74 @@ def bench_train(args) -> list[str]:
     return lines
 
 
-SECTIONS = {"data": bench_data, "train": bench_train}
+# ----------------------------------------------------------------------------------------------------------------
+# gpu
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA's datasheet figure without sparsity)
+
+
+def bench_gpu(args) -> list[str]:
+    """GPT-2 124M (configs/small.py's shape) training MFU in bf16 on one GPU, with cuDNN flash attention."""
+    import jax
+    import numpy as np
+
+    from gpt_jax import config as config_lib
+    from gpt_jax import sharding, train
+    from gpt_jax.model import ModelConfig, flops_per_token
+
+    device = jax.devices()[0]
+    peak = args.peak_flops or (H100_BF16_PEAK if "H100" in device.device_kind or "H200" in device.device_kind
+                               else 0.0)
+    lines = [f"## gpu: GPT-2 124M training, bf16 matmuls + cuDNN attention, on {device.device_kind} "
+             f"(jax {jax.__version__})",
+             f"command: python tools/bench.py gpu --gpu_batch={args.gpu_batch} --gpu_steps={args.gpu_steps}"]
+    rows = []
+    for remat in args.gpu_remat.split(","):
+        c = config_lib.get_config()
+        c.train_steps, c.batch_size, c.seq_len = 1000, args.gpu_batch, 1024
+        c.model.n_layer, c.model.n_head, c.model.d_model, c.model.vocab_size = 12, 12, 768, 50304
+        c.model.dtype, c.model.remat = "bfloat16", remat
+        c.mesh.data = 1
+        model_cfg = ModelConfig.from_config(c)
+        mesh = sharding.make_mesh(c.mesh)
+        rng = np.random.default_rng(0)
+        with jax.set_mesh(mesh):
+            graphdef, tx, state = train.build_state(c, model_cfg, mesh)[:3]
+            n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+            step = jax.jit(train.make_train_step(graphdef, tx, 1, False), donate_argnums=(0,))
+            batch = {"tokens": jax.device_put(rng.integers(0, 50257, (args.gpu_batch, 1025), dtype=np.int32))}
+            t = time.perf_counter()
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics["train_loss"])
+            compile_s = time.perf_counter() - t
+            for _ in range(3):
+                state, metrics = step(state, batch)
+            jax.block_until_ready(metrics["train_loss"])
+            times = []
+            for _ in range(args.gpu_steps):
+                t = time.perf_counter()
+                state, metrics = step(state, batch)
+                jax.block_until_ready(metrics["train_loss"])
+                times.append(time.perf_counter() - t)
+        step_s = statistics.median(times)
+        tokens_per_s = args.gpu_batch * 1024 / step_s
+        fpt = flops_per_token(model_cfg, n_params, 1024)
+        rows.append([f"remat={remat}", f"{step_s * 1e3:.1f}", tokens_per_s, f"{fpt * tokens_per_s / 1e12:.0f}",
+                     f"{fpt * tokens_per_s / peak:.1%}" if peak else "n/a", f"{compile_s:.0f}",
+                     f"{float(metrics['train_loss']):.3f}"])
+        del state
+    lines += table(["variant", "ms/step", "tokens/s", "TFLOP/s", "MFU", "compile s", "loss"], rows)
+    lines.append(f"(batch {args.gpu_batch} x 1024 tokens, {n_params:,} parameters with vocab 50304; FLOPs = 6N + "
+                 f"attention per token; peak {peak / 1e12:.0f} TFLOP/s; median of {args.gpu_steps} steps)")
+    return lines
+
+
+SECTIONS = {"data": bench_data, "train": bench_train, "gpu": bench_gpu}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sections", nargs="*", default=list(SECTIONS), help=f"of: {', '.join(SECTIONS)}")
+    parser.add_argument("sections", nargs="*", default=["data", "train"], help=f"of: {', '.join(SECTIONS)}")
     parser.add_argument("--workdir", default="", help="keep inputs and outputs here (default: a temporary dir)")
     parser.add_argument("--mb", type=float, default=8.0, help="data: size of the synthetic corpus")
     parser.add_argument("--multi_processing", action="store_true", help="data: also run with 2 Beam processes")
@@ -311,7 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="train: steps per round and framework")
     parser.add_argument("--shapes", default=",".join(TRAIN_SHAPES), help=f"train: of {', '.join(TRAIN_SHAPES)}")
     parser.add_argument("--dtype", default="float32", help="train: gpt_jax model.dtype")
+    parser.add_argument("--gpu", action="store_true", help="run the gpu section (same as naming it)")
+    parser.add_argument("--gpu_batch", type=int, default=16, help="gpu: sequences of 1024 tokens per step")
+    parser.add_argument("--gpu_steps", type=int, default=10, help="gpu: timed steps")
+    parser.add_argument("--gpu_remat", default="none", help="gpu: comma-separated model.remat variants")
+    parser.add_argument("--peak_flops", type=float, default=0.0, help="gpu: peak FLOP/s (default: H100/H200 bf16)")
     args = parser.parse_args(argv)
+    if args.gpu:
+        args.sections = ["gpu"]
     logging.getLogger().setLevel(logging.ERROR)
     for name in args.sections:
         if name not in SECTIONS:
