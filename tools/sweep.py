@@ -1,0 +1,278 @@
+"""Hyper-parameter sweeps: a grid or random search over config overrides, one training run per trial.
+
+    python tools/sweep.py --config=configs/tiny.py --sweep_dir=DIR --grid=learning_rate=1e-3,3e-3,1e-2 \\
+        [--grid=batch_size=8,16] [--config.KEY=VALUE ...]
+    python tools/sweep.py --config=configs/tiny.py --sweep_dir=DIR --random=8 \\
+        --range=learning_rate=1e-4:1e-2:log [--range=warmup_steps=10:100] [--grid=batch_size=8,16] [--seed=0]
+
+Grid search runs every combination of the --grid values. Random search draws --random trials: each --range key
+uniformly from LO:HI (log-uniformly with `:log`; integers when both ends are integers), each --grid key from its
+list. Trials run one after another as `python -m gpt_jax.main --config=... --workdir=DIR/trial_NNN` with the
+shared --config.KEY=VALUE overrides, then the trial's own (and `--config.sample.max_new_tokens=0` unless given).
+Each trial logs to DIR/trial_NNN/train.log; a failed trial is recorded, not fatal. Re-running the same command
+resumes: finished trials return at once, interrupted ones continue from their checkpoints.
+
+DIR/results.csv and DIR/results.md rank the trials by final validation loss (the last `val_loss` in each
+workdir's metrics.jsonl); failed trials come last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SweepError(Exception):
+    """Bad sweep arguments; the message names the flag."""
+
+
+def parse_list(spec: str, flag: str) -> tuple[str, list[str]]:
+    """`KEY=V1,V2,...` → (KEY, [V1, V2, ...])."""
+    key, sep, values = spec.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not items:
+        raise SweepError(f"{flag}={spec!r}: expected KEY=VALUE1,VALUE2,...")
+    return key.strip(), items
+
+
+def parse_range(spec: str) -> tuple[str, float, float, bool, bool]:
+    """`KEY=LO:HI[:log]` → (KEY, lo, hi, log scale, integers)."""
+    key, sep, rest = spec.partition("=")
+    parts = rest.split(":")
+    if not sep or not key.strip() or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+        raise SweepError(f"--range={spec!r}: expected KEY=LO:HI or KEY=LO:HI:log")
+    try:
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise SweepError(f"--range={spec!r}: LO and HI must be numbers") from None
+    log = len(parts) == 3
+    if hi < lo or (log and lo <= 0):
+        raise SweepError(f"--range={spec!r}: needs LO <= HI" + (" and LO > 0 for :log" if log else ""))
+    integers = all(p.strip().lstrip("+-").isdigit() for p in parts[:2])
+    return key.strip(), lo, hi, log, integers
+
+
+def grid_trials(grid: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
+    """Every combination of the grid's values (the first key varies slowest)."""
+    keys = [k for k, _ in grid]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in grid))]
+
+
+def random_trials(n: int, ranges: list[tuple], choices: list[tuple[str, list[str]]],
+                  seed: int = 0) -> list[dict[str, str]]:
+    """`n` trials drawn with a seeded generator: ranges uniformly (or log-uniformly), choices from their lists."""
+    rng = random.Random(seed)
+    trials = []
+    for _ in range(n):
+        trial: dict[str, str] = {}
+        for key, lo, hi, log, integers in ranges:
+            if integers:
+                value = round(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if log else rng.randint(int(lo),
+                                                                                                        int(hi))
+                trial[key] = str(int(value))
+            else:
+                value = math.exp(rng.uniform(math.log(lo), math.log(hi))) if log else rng.uniform(lo, hi)
+                trial[key] = f"{value:.3g}"
+        for key, values in choices:
+            trial[key] = rng.choice(values)
+        trials.append(trial)
+    return trials
+
+
+def trial_command(config: str, workdir: str, shared: list[str], overrides: dict[str, str]) -> list[str]:
+    """The training command of one trial; the trial's overrides come last, so they win."""
+    cmd = [sys.executable, "-m", "gpt_jax.main", f"--config={config}", f"--workdir={workdir}"]
+    if not any(a.startswith("--config.sample.max_new_tokens=") for a in shared) and \
+            "sample.max_new_tokens" not in overrides:
+        cmd.append("--config.sample.max_new_tokens=0")
+    return cmd + list(shared) + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def run_subprocess(cmd: list[str], log_path: str, timeout: float | None) -> int:
+    """Runs `cmd` (in this directory, so relative paths in overrides work) with stdout and stderr into
+    `log_path`; returns its exit code."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        try:
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"sweep: timed out after {timeout}s\n")
+            return 124
+
+
+def read_result(workdir: str) -> dict:
+    """The last validation loss (and its step), the best one and the last training loss in metrics.jsonl."""
+    result: dict = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return result
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "val_loss" in record:
+                result["final_val_loss"] = record["val_loss"]
+                result["val_step"] = record.get("step")
+                result["best_val_loss"] = min(record["val_loss"], result.get("best_val_loss", math.inf))
+            if "train_loss" in record:
+                result["final_train_loss"] = record["train_loss"]
+    return result
+
+
+def _last_error(log_path: str) -> str:
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if ln.startswith("error:") or "Error" in ln]
+    return (errors or lines or [""])[-1][:200]
+
+
+def run_sweep(config: str, sweep_dir: str, trials: list[dict[str, str]], shared: list[str],
+              timeout: float | None = None,
+              runner: Callable[[list[str], str, float | None], int] = run_subprocess,
+              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> list[dict]:
+    """Runs the trials in order and writes results.csv / results.md; returns the ranked rows."""
+    os.makedirs(sweep_dir, exist_ok=True)
+    rows = []
+    for index, overrides in enumerate(trials):
+        name = f"trial_{index:03d}"
+        workdir = os.path.join(sweep_dir, name)
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "trial.json"), "w") as f:
+            json.dump({"overrides": overrides, "shared": shared, "config": config}, f, indent=1)
+        described = " ".join(f"{k}={v}" for k, v in overrides.items())
+        log(f"[{index + 1}/{len(trials)}] {name}: {described}")
+        log_path = os.path.join(workdir, "train.log")
+        start = time.perf_counter()
+        try:
+            rc = runner(trial_command(config, workdir, shared, overrides), log_path, timeout)
+        except OSError as e:
+            rc, error = -1, str(e)
+        else:
+            error = "" if rc == 0 else _last_error(log_path)
+        seconds = time.perf_counter() - start
+        row = {"trial": name, **overrides, **read_result(workdir),
+               "status": "ok" if rc == 0 else f"failed (exit {rc})", "seconds": round(seconds, 1), "error": error}
+        rows.append(row)
+        log(f"    {row['status']}, final val_loss {row.get('final_val_loss', 'n/a')}, {seconds:.0f}s"
+            + (f": {error}" if error else ""))
+        write_results(sweep_dir, rows, list(dict.fromkeys(k for t in trials for k in t)))
+    return rank(rows)
+
+
+def rank(rows: list[dict]) -> list[dict]:
+    """Successful trials with a validation loss first, lowest final loss first; then the rest in trial order."""
+    def key(row):
+        ok = row["status"] == "ok" and isinstance(row.get("final_val_loss"), (int, float))
+        return (0, row["final_val_loss"]) if ok else (1, 0.0)
+
+    ranked = sorted(rows, key=key)
+    for i, row in enumerate(ranked, 1):
+        row["rank"] = i
+    return ranked
+
+
+def write_results(sweep_dir: str, rows: list[dict], override_keys: list[str]) -> None:
+    """results.csv and results.md, ranked."""
+    ranked = rank([dict(r) for r in rows])
+    columns = ["rank", "trial", *override_keys, "final_val_loss", "best_val_loss", "val_step", "final_train_loss",
+               "status", "seconds", "error"]
+    with open(os.path.join(sweep_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(ranked)
+
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    shown = [c for c in columns if c != "error" or any(r.get("error") for r in ranked)]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in shown) + " |" for r in ranked]
+    with open(os.path.join(sweep_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description="Grid or random search over config overrides; one `python -m gpt_jax.main` run per trial, "
+                    "ranked by final validation loss in SWEEP_DIR/results.csv and results.md. Other "
+                    "--config.KEY=VALUE arguments apply to every trial.")
+    parser.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
+    parser.add_argument("--sweep_dir", required=True, help="directory for the trials' workdirs and the results")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="values of a config key (repeatable); with --random, a list to draw from")
+    parser.add_argument("--random", type=int, default=0, metavar="N", help="random search with N trials")
+    parser.add_argument("--range", action="append", default=[], metavar="KEY=LO:HI[:log]",
+                        help="a range to draw a key from in random search (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per trial before it is stopped")
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if not a.startswith("--config.") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (shared overrides are --config.KEY=VALUE)")
+    return args, rest
+
+
+def build_trials(args: argparse.Namespace) -> list[dict[str, str]]:
+    grid = [parse_list(spec, "--grid") for spec in args.grid]
+    ranges = [parse_range(spec) for spec in args.range]
+    keys = [k for k, _ in grid] + [r[0] for r in ranges]
+    duplicate = next((k for k in keys if keys.count(k) > 1), None)
+    if duplicate:
+        raise SweepError(f"config key {duplicate!r} is swept twice")
+    if args.random < 0:
+        raise SweepError(f"--random={args.random} must not be negative")
+    if args.random:
+        if not keys:
+            raise SweepError("--random needs at least one --range or --grid")
+        return random_trials(args.random, ranges, grid, args.seed)
+    if ranges:
+        raise SweepError("--range needs --random=N (grid search takes --grid lists)")
+    if not grid:
+        raise SweepError("give at least one --grid=KEY=V1,V2,... (or --random=N with --range)")
+    return grid_trials(grid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, shared = parse_args(argv)
+    try:
+        trials = build_trials(args)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.config):
+        print(f"error: --config {args.config}: no such file", file=sys.stderr)
+        return 2
+    config = os.path.abspath(args.config)
+    rows = run_sweep(config, os.path.abspath(args.sweep_dir), trials, shared, args.timeout)
+    best = rows[0] if rows and rows[0]["status"] == "ok" else None
+    print(open(os.path.join(args.sweep_dir, "results.md")).read(), end="")
+    if best is None:
+        print("error: no trial finished", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
