@@ -245,8 +245,6 @@ def test_smollm2_workdir_sample_cli(tmp_path, smollm2_converted):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="main's sample mode passes --workdir to decode.sample_workdir even when it is empty and "
-                          "--config.init_from names the model (routing is the lead's part of issue 5)", strict=False)
 def test_smollm2_sample_cli_init_from(tmp_path, smollm2_gguf):
     result = _sample_cli(f"--workdir={tmp_path / 'empty'}", f"--config.init_from={smollm2_gguf}")
     assert result.returncode == 0, result.stderr

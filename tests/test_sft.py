@@ -140,3 +140,20 @@ def _val_records(records):
     order = np.random.default_rng(sft.SPLIT_SEED).permutation(len(records))
     n_val = int(round(len(records) * 0.1))
     return [records[i] for i in order[:n_val]]
+
+
+@pytest.mark.slow
+def test_smollm2_template_masks_the_gsm8k_answer(smollm2_gguf):
+    from gpt_jax.convert.gguf_import import gguf_tokenizer, open_gguf
+
+    tok = gguf_tokenizer(open_gguf(smollm2_gguf), smollm2_gguf)
+    question = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+    answer = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+    ids, is_target = sft.tokenize_chat(tok, [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": answer}])
+    expected_prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                       f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(ids[~is_target]) == expected_prompt + "\n"
+    assert tok.decode(ids[is_target]) == answer + "<|im_end|>"
+    assert ids[is_target][-1] == tok.eos_id == 2 and list(ids[:1]) == [1]  # <|im_end|> ends it, <|im_start|> opens
+    assert list(ids[is_target][:-1]) == tok.encode(answer)

@@ -85,6 +85,7 @@ def test_weight_decay_applies_to_matrices_only():
 def test_grad_accumulation_matches_one_big_batch():
     from gpt_jax import sharding
     from gpt_jax.model import ModelConfig
+    from gpt_jax import train as train_lib
     from gpt_jax.train import init_params, make_train_step, param_shardings
 
     config = config_lib.base_config()
@@ -100,7 +101,7 @@ def test_grad_accumulation_matches_one_big_batch():
     results = []
     for accum in (1, 4):
         state = {"params": params, "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(0)),
-                 "step": jnp.int32(0)}
+                 "step": jnp.int32(0), "health": train_lib.initial_health(params)}
         new_state, metrics = jax.jit(make_train_step(graphdef, tx, accum, False))(state, {"tokens": tokens})
         results.append((new_state, metrics))
     assert float(results[0][1]["train_loss"]) == pytest.approx(float(results[1][1]["train_loss"]), rel=1e-6)
