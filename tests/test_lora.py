@@ -13,7 +13,7 @@ from flax import nnx
 
 from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import config as config_lib
-from gpt_jax import lora, model, pretrained, train
+from gpt_jax import lora, model, optim, pretrained, train
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.convert.common import PLACEHOLDER_OPT_STATE
 from gpt_jax.data import text as text_lib
@@ -215,3 +215,25 @@ def _restore_opt(workdir: str, step: int):
     restored = manager.restore(step, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore()))
     manager.close()
     return restored["opt_state"]
+
+
+def test_lora_step_gradient_accumulation_matches_one_batch():
+    cfg = tiny_model_config(40)
+    base = jax.tree.map(jnp.asarray, random_params(cfg))
+    graphdef = nnx.split(nnx.eval_shape(lambda: model.Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
+    spec = lora.LoraSpec(4, 8.0, ("query", "down"))
+    adapters = jax.tree.map(lambda x: x + 0.01, lora.init_adapters(base, spec, 0))  # B != 0: both get gradients
+    config = config_lib.base_config()
+    tx = optim.make_optimizer(config)
+    tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, 40)
+    results = []
+    for accum in (1, 2):
+        state = {"params": adapters, "opt_state": tx.init(adapters), "rng": jax.random.key_data(jax.random.key(0)),
+                 "step": jnp.int32(0), "health": train.initial_health(adapters)}
+        step = jax.jit(train.make_train_step(graphdef, tx, accum, False, spec.scale))
+        results.append(step(state, {"tokens": tokens}, base))
+    assert float(results[0][1]["train_loss"]) == pytest.approx(float(results[1][1]["train_loss"]), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0]["params"],
+                 results[1][0]["params"])
+    assert not np.allclose(results[0][0]["params"]["blocks"][0]["attn"]["query"]["lora_b"],
+                           adapters["blocks"][0]["attn"]["query"]["lora_b"])

@@ -72,3 +72,7 @@ def test_sweep_ranks_by_final_val_loss_and_records_failures(tmp_path):
     assert markdown[0].startswith("| rank | trial | learning_rate | final_val_loss")
     assert "| 1 | trial_001 | 0.003 | 1.9000 |" in markdown[2]
     assert json.loads((tmp_path / "trial_002" / "trial.json").read_text())["overrides"] == {"learning_rate": "0.01"}
+    plot = sweep.plot_curves(str(tmp_path), rows)
+    assert plot == str(tmp_path / "loss.png")
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,8 @@ Each trial logs to DIR/trial_NNN/train.log; a failed trial is recorded, not fata
 resumes: finished trials return at once, interrupted ones continue from their checkpoints.
 
 DIR/results.csv and DIR/results.md rank the trials by final validation loss (the last `val_loss` in each
-workdir's metrics.jsonl); failed trials come last.
+workdir's metrics.jsonl); failed trials come last. DIR/loss.png plots every trial's training and validation loss
+(when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def run_sweep(config: str, sweep_dir: str, trials: list[dict[str, str]], shared:
             error = "" if rc == 0 else _last_error(log_path)
         seconds = time.perf_counter() - start
         row = {"trial": name, **overrides, **read_result(workdir),
-               "status": "ok" if rc == 0 else f"failed (exit {rc})", "seconds": round(seconds, 1), "error": error}
+               "status": "ok" if rc == 0 else f"failed (exit {rc})", "seconds": round(seconds), "error": error}
         rows.append(row)
         log(f"    {row['status']}, final val_loss {row.get('final_val_loss', 'n/a')}, {seconds:.0f}s"
             + (f": {error}" if error else ""))
@@ -211,6 +212,45 @@ def write_results(sweep_dir: str, rows: list[dict], override_keys: list[str]) ->
     lines += ["| " + " | ".join(cell(r.get(c)) for c in shown) + " |" for r in ranked]
     with open(os.path.join(sweep_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def plot_curves(sweep_dir: str, rows: list[dict]) -> str | None:
+    """SWEEP_DIR/loss.png: each trial's training loss (lines) and validation loss (dots) against step, labelled
+    with its overrides; None (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in sorted(rows, key=lambda r: r["trial"]):
+        path = os.path.join(sweep_dir, row["trial"], "metrics.jsonl")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip().startswith("{")]
+        label = row["trial"] + ": " + " ".join(f"{k}={v}" for k, v in row.items()
+                                               if k not in _RESULT_COLUMNS and k != "trial")
+        train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        line = ax.plot([s for s, _ in train], [v for _, v in train], label=label)[0] if train else None
+        if val:
+            ax.plot([s for s, _ in val], [v for _, v in val], "o", color=line.get_color() if line else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (lines: training, dots: validation)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    out = os.path.join(sweep_dir, "loss.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+_RESULT_COLUMNS = {"rank", "final_val_loss", "best_val_loss", "val_step", "final_train_loss", "status", "seconds",
+                   "error"}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -266,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = os.path.abspath(args.config)
     rows = run_sweep(config, os.path.abspath(args.sweep_dir), trials, shared, args.timeout)
+    plot_curves(args.sweep_dir, rows)
     best = rows[0] if rows and rows[0]["status"] == "ok" else None
     print(open(os.path.join(args.sweep_dir, "results.md")).read(), end="")
     if best is None:
