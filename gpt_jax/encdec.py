@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt_jax import sharding
-from gpt_jax.model import _DTYPES, MLP, Attention, Dense, ModelConfig, Norm, _param, rope
+from gpt_jax.model import _DTYPES, MLP, Attention, Dense, ModelConfig, Norm, _param, attention
 
 LAYOUTS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
@@ -116,14 +116,9 @@ class SelfAttention(Attention):
             return super().__call__(x, positions, cache, cache_index, key_valid)
         cfg = self.cfg
         batch, seq, _ = x.shape
-        q = self.query(x).reshape(batch, seq, cfg.n_head, cfg.head_dim)
-        k = self.key(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim)
-        v = self.value(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim)
-        if cfg.pos_embedding == "rope":
-            q = rope(q, positions, cfg.rope_theta)
-            k = rope(k, positions, cfg.rope_theta)
+        q, k, v = self.project(x, positions)
         mask = None if key_valid is None else key_valid[:, None, None, :]  # [batch, 1, 1, seq]
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        y = attention(q, k, v, cfg.dtype, mask=mask)
         return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), None
 
 
@@ -152,7 +147,7 @@ class CrossAttention(nnx.Module):
         batch, seq, _ = x.shape
         q = self.query(x).reshape(batch, seq, cfg.n_head, cfg.head_dim)
         mask = None if memory_valid is None else memory_valid[:, None, None, :]
-        y = jax.nn.dot_product_attention(q, kv["k"].astype(q.dtype), kv["v"].astype(q.dtype), mask=mask)
+        y = attention(q, kv["k"], kv["v"], cfg.dtype, mask=mask)
         return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim))
 
 

@@ -50,7 +50,7 @@ class ModelConfig:
         return self.d_model // self.n_head
 
     @classmethod
-    def from_config(cls, config) -> "ModelConfig":
+    def from_config(cls, config) -> ModelConfig:
         """Builds from a run config (`config.model` plus `seq_len`); zeros take their documented defaults."""
         m = config.model
         if not m.vocab_size:
@@ -186,9 +186,9 @@ class Attention(nnx.Module):
         self.value = Dense(d, cfg.n_kv_head * hd, ("embed", "kv_heads"), cfg=cfg, rngs=rngs)
         self.out = Dense(cfg.n_head * hd, d, ("heads", "embed"), cfg=cfg, rngs=rngs, std=out_std)
 
-    def __call__(self, x, positions, cache=None, cache_index=None, key_valid=None):
-        """x [batch, seq, d_model]. With a cache ({"k", "v"}: [batch, max_len, n_kv_head, head_dim]) the new keys
-        and values are written at slot `cache_index` and attention covers the valid, causal cache slots."""
+    def project(self, x, positions):
+        """x [batch, seq, d_model] → q [batch, seq, n_head, head_dim], k and v [batch, seq, n_kv_head, head_dim],
+        with RoPE applied to q and k when the model uses it."""
         cfg = self.cfg
         batch, seq, _ = x.shape
         q = self.query(x).reshape(batch, seq, cfg.n_head, cfg.head_dim)
@@ -197,6 +197,14 @@ class Attention(nnx.Module):
         if cfg.pos_embedding == "rope":
             q = rope(q, positions, cfg.rope_theta)
             k = rope(k, positions, cfg.rope_theta)
+        return q, k, v
+
+    def __call__(self, x, positions, cache=None, cache_index=None, key_valid=None):
+        """x [batch, seq, d_model]. With a cache ({"k", "v"}: [batch, max_len, n_kv_head, head_dim]) the new keys
+        and values are written at slot `cache_index` and attention covers the valid, causal cache slots."""
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        q, k, v = self.project(x, positions)
         if cache is None:
             y = attention(q, k, v, cfg.dtype, is_causal=True)
             new_cache = None
@@ -321,7 +329,7 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
         if not cfg.scan_layers:
-            for layer_state, key in zip(states, keys):
+            for layer_state, key in zip(states, keys, strict=True):
                 x = body(x, layer_state, key)
             return x
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
