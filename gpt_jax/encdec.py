@@ -19,7 +19,6 @@ encoder and decoder widths differ, a `bridge` projects the encoder output to the
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -122,17 +121,9 @@ class SelfAttention(Attention):
         return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), None
 
 
-class CrossAttention(nnx.Module):
-    """Queries from the decoder, keys and values from the encoder output (the "memory")."""
-
-    def __init__(self, cfg: StackConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        d, hd = cfg.d_model, cfg.head_dim
-        out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        self.query = Dense(d, cfg.n_head * hd, ("embed", "heads"), cfg=cfg, rngs=rngs)
-        self.key = Dense(d, cfg.n_kv_head * hd, ("embed", "kv_heads"), cfg=cfg, rngs=rngs)
-        self.value = Dense(d, cfg.n_kv_head * hd, ("embed", "kv_heads"), cfg=cfg, rngs=rngs)
-        self.out = Dense(cfg.n_head * hd, d, ("heads", "embed"), cfg=cfg, rngs=rngs, std=out_std)
+class CrossAttention(Attention):
+    """Queries from the decoder, keys and values from the encoder output (the "memory"); the same projections
+    (and parameter names) as self-attention."""
 
     def memory_kv(self, memory) -> dict:
         """memory [batch, src, d_model] → {"k", "v"}: [batch, src, n_kv_head, head_dim], computed once per source."""
