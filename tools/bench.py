@@ -169,28 +169,37 @@ TRAIN_SHAPES = {
 }
 
 
-def _jax_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab, dtype):
-    """A function running k of our jitted train steps (configs/shakespeare_char.py's optimizer settings)."""
+def _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype, train_steps=2000, remat="none"):
+    """(mesh, model config, state, jitted train step, parameter count) on one device, with
+    configs/shakespeare_char.py's optimizer settings."""
     import jax
-    import numpy as np
 
     from gpt_jax import config as config_lib
     from gpt_jax import sharding, train
     from gpt_jax.model import ModelConfig
 
     c = config_lib.get_config()
-    c.train_steps, c.batch_size, c.seq_len = 2000, batch, seq_len
+    c.train_steps, c.batch_size, c.seq_len = train_steps, batch, seq_len
     c.learning_rate, c.min_learning_rate, c.warmup_steps, c.adam_b2 = 1e-3, 1e-4, 100, 0.99
     c.model.n_layer, c.model.n_head, c.model.d_model, c.model.vocab_size = n_layer, n_head, d_model, vocab
-    c.model.dtype = dtype
+    c.model.dtype, c.model.remat = dtype, remat
     c.mesh.data = 1
     model_cfg = ModelConfig.from_config(c)
     mesh = sharding.make_mesh(c.mesh)
-    rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
         graphdef, tx, state = train.build_state(c, model_cfg, mesh)[:3]
-        n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         step = jax.jit(train.make_train_step(graphdef, tx, 1, False), donate_argnums=(0,))
+    return mesh, model_cfg, state, step, sum(x.size for x in jax.tree.leaves(state["params"]))
+
+
+def _jax_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab, dtype):
+    """A function running k of our jitted train steps (configs/shakespeare_char.py's optimizer settings)."""
+    import jax
+    import numpy as np
+
+    mesh, model_cfg, state, step, n_params = _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype)
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh):
         batches = [{"tokens": jax.device_put(rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32))}
                    for _ in range(4)]
     holder = {"state": state}
@@ -307,9 +316,7 @@ def bench_gpu(args) -> list[str]:
     import jax
     import numpy as np
 
-    from gpt_jax import config as config_lib
-    from gpt_jax import sharding, train
-    from gpt_jax.model import ModelConfig, flops_per_token
+    from gpt_jax.model import flops_per_token
 
     device = jax.devices()[0]
     peak = args.peak_flops or (H100_BF16_PEAK if "H100" in device.device_kind or "H200" in device.device_kind
@@ -319,18 +326,10 @@ def bench_gpu(args) -> list[str]:
              f"command: python tools/bench.py gpu --gpu_batch={args.gpu_batch} --gpu_steps={args.gpu_steps}"]
     rows = []
     for remat in args.gpu_remat.split(","):
-        c = config_lib.get_config()
-        c.train_steps, c.batch_size, c.seq_len = 1000, args.gpu_batch, 1024
-        c.model.n_layer, c.model.n_head, c.model.d_model, c.model.vocab_size = 12, 12, 768, 50304
-        c.model.dtype, c.model.remat = "bfloat16", remat
-        c.mesh.data = 1
-        model_cfg = ModelConfig.from_config(c)
-        mesh = sharding.make_mesh(c.mesh)
+        mesh, model_cfg, state, step, n_params = _jax_train_setup(12, 12, 768, 1024, args.gpu_batch, 50304,
+                                                                  "bfloat16", train_steps=1000, remat=remat)
         rng = np.random.default_rng(0)
         with jax.set_mesh(mesh):
-            graphdef, tx, state = train.build_state(c, model_cfg, mesh)[:3]
-            n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-            step = jax.jit(train.make_train_step(graphdef, tx, 1, False), donate_argnums=(0,))
             batch = {"tokens": jax.device_put(rng.integers(0, 50257, (args.gpu_batch, 1025), dtype=np.int32))}
             t = time.perf_counter()
             state, metrics = step(state, batch)
