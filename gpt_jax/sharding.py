@@ -55,7 +55,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     sizes = [int(mesh_config[name]) for name in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-    for name, size in zip(MESH_AXES, sizes):
+    for name, size in zip(MESH_AXES, sizes, strict=True):
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{name}={size} must be -1 or at least 1")
     known = math.prod(s for s in sizes if s != -1)

@@ -533,7 +533,7 @@ def compile_report(config) -> dict:
 
     def per_device_bytes(tree, shardings_tree):
         total = 0
-        for a, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree)):
+        for a, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree), strict=True):
             total += int(np.prod(sh.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
         return total
 

@@ -75,7 +75,7 @@ def test_gqa_shares_each_kv_head_across_its_group():
     """GQA with 2 KV heads equals MHA whose K/V projections repeat each KV head for its 2 query heads."""
     gqa = _model(**LLAMA)
     mha = _model(**dict(LLAMA, n_kv_head=4))
-    for b_gqa, b_mha in zip(gqa.blocks, mha.blocks):
+    for b_gqa, b_mha in zip(gqa.blocks, mha.blocks, strict=True):
         for name in ("key", "value"):
             w = b_gqa.attn.__getattribute__(name).kernel[...].reshape(32, 2, 1, 8)
             getattr(b_mha.attn, name).kernel[...] = jnp.broadcast_to(w, (32, 2, 2, 8)).reshape(32, 32)
@@ -147,7 +147,7 @@ def test_remat_and_scan_give_the_same_loss_and_gradients():
     for kw in (dict(remat="dots"), dict(scan_layers=True), dict(scan_layers=True, remat="full")):
         loss, grads = loss_and_grads(**kw)
         assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5), kw
-        for g0, g1 in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
+        for g0, g1 in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
             np.testing.assert_allclose(np.asarray(g0), np.asarray(g1), atol=1e-5)
     assert abs(float(base_loss) - float(ref_loss)) < 0.5  # same model, other dropout masks
 
