@@ -97,3 +97,21 @@ def has_checkpoint(workdir: str) -> bool:
     path = os.path.join(workdir, "checkpoints")
     return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
 
+
+
+def restore_model(workdir: str, abstract_model, step: int | None = None):
+    """(model, step): the parameters of `workdir`'s checkpoint at `step` (default: the latest) merged into
+    `abstract_model` (an `nnx.eval_shape` of the module), on the first device, for inference and export."""
+    from flax import nnx
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        graphdef, state = nnx.split(abstract_model, nnx.Param)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                              nnx.to_pure_dict(state))
+        params, _, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, params), step

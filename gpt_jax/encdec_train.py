@@ -596,16 +596,8 @@ def load_workdir(workdir: str) -> LoadedSeq2Seq:
     cfg, vocab, run = _load_workdir_config(workdir)
     if not checkpoint_lib.has_checkpoint(workdir):
         raise DataError(f"{workdir} has no checkpoint to load")
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    step = ckpt.latest_step()
-    abstract = nnx.eval_shape(lambda: EncoderDecoder(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract, nnx.Param)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.to_pure_dict(state))
-    params, _, _ = ckpt.restore(step, target)
-    ckpt.close()
-    return LoadedSeq2Seq(nnx.merge(graphdef, params), vocab, run, step)
+    model, step = checkpoint_lib.restore_model(workdir, nnx.eval_shape(lambda: EncoderDecoder(cfg, rngs=nnx.Rngs(0))))
+    return LoadedSeq2Seq(model, vocab, run, step)
 
 
 def translate_texts(model: EncoderDecoder, vocab: Vocab, sources: Sequence[str], *, max_source_len: int = 64,
