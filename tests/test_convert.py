@@ -153,6 +153,32 @@ def test_gpt2_vocab_and_merges_tokenizer(tmp_path, tiny_bpe):
     assert int(lengths[tok.encode(text)].sum()) == len(text.encode("utf-8"))
 
 
+def test_tokenizer_json_padding_and_truncation_are_switched_off(tmp_path, tiny_bpe):
+    """A tokenizer.json that pads and truncates every encoding to a fixed length still gives the text's own ids,
+    and the tokenizer saved into a workdir keeps neither setting."""
+    from tokenizers import Tokenizer
+
+    from gpt_jax.convert import hf
+
+    text = TINY_TEXT[:200]
+    want = tiny_bpe.encode(text).ids
+    assert 8 < len(want) < 500
+    for padding, truncation in [(True, False), (False, True), (True, True)]:
+        directory = tmp_path / f"tok_{padding}_{truncation}"
+        directory.mkdir()
+        fixed = Tokenizer.from_str(tiny_bpe.to_str())  # a copy: the fixture is shared
+        if padding:
+            fixed.enable_padding(length=500, pad_id=0, pad_token="<|endoftext|>")
+        if truncation:
+            fixed.enable_truncation(max_length=8)
+        fixed.save(str(directory / "tokenizer.json"))
+        assert fixed.encode(text).ids != want  # the file really changes the encoding
+        tok = hf.load_hf_tokenizer(str(directory), {})
+        assert tok.encode(text) == want
+        tok.save(str(directory / "saved"))
+        assert tokenizer_lib.load_tokenizer(str(directory / "saved")).encode(text) == want
+
+
 def test_native_model_exports_to_transformers(tmp_path):
     """A gpt_jax-born Llama-shaped model with a character tokenizer exports to LlamaForCausalLM."""
     chars = tokenizer_lib.CharTokenizer.train(TINY_TEXT)

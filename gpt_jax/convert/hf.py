@@ -72,7 +72,8 @@ def _first(value):
 
 
 def load_hf_tokenizer(directory: str, config: dict) -> tokenizer_lib.HFTokenizer:
-    """The tokenizer in an HF model directory: tokenizer.json, or vocab.json + merges.txt (byte-level BPE)."""
+    """The tokenizer in an HF model directory: tokenizer.json, or vocab.json + merges.txt (byte-level BPE), with
+    any padding or truncation that tokenizer.json switches on switched off."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     tok_config_path = os.path.join(directory, "tokenizer_config.json")
@@ -90,6 +91,8 @@ def load_hf_tokenizer(directory: str, config: dict) -> tokenizer_lib.HFTokenizer
         tok.decoder = decoders.ByteLevel()
     else:
         raise ConversionError(f"{directory}: no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+    tok.no_padding()  # a tokenizer.json may pad or cut every encoding to a fixed length; ids here are the text's
+    tok.no_truncation()
     for info in tok_config.get("added_tokens_decoder", {}).values():
         if tok.token_to_id(info["content"]) is not None:
             tok.add_special_tokens([AddedToken(info["content"], special=info.get("special", True),
