@@ -17,9 +17,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
 from gpt_jax import pretrained, train
+from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.data import text as text_lib
 from gpt_jax.errors import UserError
 
@@ -135,8 +137,7 @@ def split_perplexity(loaded: pretrained.LoadedModel, split: str = "val", data_pa
         source = data_lib.load_data(config, tokenizer_dir)
         token_ids = _split_tokens(source, split)
     tokenizer = source.tokenizer
-    probe = tokenizer.decode(token_ids[:256])
-    if tokenizer.vocab_size != loaded.tokenizer.vocab_size or list(tokenizer.encode(probe)) != _encode(loaded, probe):
+    if not _same_tokenizer(tokenizer, loaded.tokenizer, tokenizer.decode(token_ids[:256])):
         raise UserError(f"the data in {where} was tokenized with another tokenizer than {loaded.name}'s")
     window, stride = default_window(loaded, window, stride)
     nll = token_nll(loaded, token_ids, window, stride, batch_size)
@@ -146,11 +147,15 @@ def split_perplexity(loaded: pretrained.LoadedModel, split: str = "val", data_pa
             "data": data_path or None}
 
 
-def _encode(loaded: pretrained.LoadedModel, text: str) -> list[int] | None:
+def _same_tokenizer(data_tokenizer, model_tokenizer, probe: str) -> bool:
+    """Whether the data's tokenizer is the model's: the same vocabulary size and the same ids for `probe` (a piece
+    of the data, so the data's tokenizer can encode it)."""
+    if data_tokenizer.vocab_size != model_tokenizer.vocab_size:
+        return False
     try:
-        return list(loaded.tokenizer.encode(text))
-    except UserError:
-        return None
+        return list(data_tokenizer.encode(probe)) == list(model_tokenizer.encode(probe))
+    except UserError:  # a character the vocabulary lacks
+        return False
 
 
 def _split_tokens(source, split: str) -> np.ndarray:
@@ -297,15 +302,26 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
 
 def evaluate_workdir(config, workdir: str) -> dict:
     """Evaluates the latest checkpoint in `workdir` (or `config.init_from` when it has none) on every
-    non-overlapping window of the config's validation data; writes eval.json and eval.md, returns the results."""
-    source = workdir if os.path.isfile(os.path.join(workdir, "config.json")) else config.init_from
-    loaded = pretrained.load(source or workdir)
-    data = data_lib.load_data(config, os.path.join(workdir, "tokenizer"))
+    non-overlapping window of the config's validation data; writes eval.json and eval.md, returns the results.
+    The data is tokenized with the model's own tokenizer: one from `init_from` is saved to `workdir/tokenizer`
+    when that holds none, and a different tokenizer there is an error."""
+    has_model = os.path.isfile(os.path.join(workdir, "config.json")) and \
+        (checkpoint_lib.has_checkpoint(workdir) or not config.init_from)
+    loaded = pretrained.load(workdir if has_model else (config.init_from or workdir))
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    if not os.path.isfile(os.path.join(tokenizer_dir, tokenizer_lib.TOKENIZER_JSON)):
+        loaded.tokenizer.save(tokenizer_dir)  # never a tokenizer trained on the evaluation data
+    data = data_lib.load_data(config, tokenizer_dir)
+    seq_len = min(config.seq_len, loaded.model_cfg.max_seq_len)
+    windows = data.val_windows(seq_len)
+    probe = data.tokenizer.decode(windows[0][:256]) if len(windows) else ""
+    if not _same_tokenizer(data.tokenizer, loaded.tokenizer, probe):
+        raise UserError(f"{tokenizer_dir} holds another tokenizer than {loaded.name}'s: evaluate into a new workdir")
+    masks = data.val_loss_masks(seq_len) if hasattr(data, "val_loss_masks") else None  # SFT: the responses only
     graphdef, params = nnx.split(loaded.model, nnx.Param)
     params = nnx.to_pure_dict(params)
     eval_step = jax.jit(train.make_eval_step(graphdef, data.tokenizer.token_byte_lengths()))
-    seq_len = min(config.seq_len, loaded.model_cfg.max_seq_len)
-    results = train.evaluate_windows(eval_step, params, data.val_windows(seq_len), config.batch_size)
+    results = train.evaluate_windows(eval_step, params, windows, config.batch_size, masks=masks)
     results.update({"step": loaded.step, "seq_len": seq_len, "model": loaded.name})
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "eval.json"), "w") as f:

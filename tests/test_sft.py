@@ -113,7 +113,7 @@ def test_bad_records_are_named(tmp_path):
 
 
 def test_sft_trains_a_tiny_model_on_responses_only(tmp_path):
-    from gpt_jax import train
+    from gpt_jax import evaluate, train
 
     records = [{"prompt": f"Add {a} and {b}.", "response": f"{a} + {b} = {a + b}"}
                for a in range(12) for b in range(12)]
@@ -131,6 +131,11 @@ def test_sft_trains_a_tiny_model_on_responses_only(tmp_path):
     # the final evaluation counted response targets only: the "{a} + {b} = {sum}" characters and <|im_end|>
     assert result["val_tokens"] == int(source.val_loss_masks(96).sum())
     assert result["val_tokens"] == sum(len(f"{r['response']}{sft.CHATML_END}") for r in _val_records(records))
+    # --mode=eval scores the same response targets as the training loop's final evaluation
+    run_config = config_lib.from_json_file(str(tmp_path / "run" / "config.json"))
+    evaluated = evaluate.evaluate_workdir(run_config, str(tmp_path / "run"))
+    assert evaluated["val_tokens"] == result["val_tokens"]
+    assert evaluated["val_loss"] == pytest.approx(result["val_loss"], rel=1e-5)
     with open(os.path.join(tmp_path, "run", "metrics.jsonl")) as f:
         losses = [json.loads(line)["train_loss"] for line in f if "train_loss" in line]
     assert losses[-1] < losses[0] - 1.0
