@@ -12,7 +12,7 @@ HF model directory or a gpt_jax workdir). Run:
     python -m gpt_jax.main --config=configs/finetune_shakespeare.py --workdir=/tmp/ft_shakespeare
 
 Every parameter trains (AdamW keeps two float32 copies of the 135M parameters: ~1.6 GB per checkpoint), so only
-the latest checkpoint is kept. configs/finetune_shakespeare_lora.py trains 0.3% of that.
+the latest checkpoint is kept. configs/finetune_shakespeare_lora.py trains 1.8% of that.
 """
 
 import os

@@ -1,15 +1,17 @@
 """LoRA fine-tuning of SmolLM2-135M-Instruct on the bundled tinyshakespeare: rank-8 adapters on every attention
-and MLP projection (~1.6M trainable parameters, 1.2% of the model); the base stays frozen.
+and MLP projection (2,442,240 trainable parameters, 1.8% of the model's 134.5M); the base stays frozen.
 
-Get the GGUF file as configs/finetune_shakespeare.py says (or pass `--config.init_from=PATH`). Train, then merge the
-adapters into a plain workdir for sampling, serving, `--mode=eval` and `tools/convert.py --to=hf`:
+Get the GGUF file as configs/finetune_shakespeare.py says (or pass `--config.init_from=PATH`). Train, then sample,
+evaluate or serve the LoRA workdir like any other (its adapters are merged into the `init_from` base as it loads):
 
     python -m gpt_jax.main --config=configs/finetune_shakespeare_lora.py --workdir=/tmp/lora_shakespeare
-    python -m gpt_jax.lora --workdir=/tmp/lora_shakespeare --output=/tmp/lora_shakespeare_merged
-    python -m gpt_jax.main --workdir=/tmp/lora_shakespeare_merged --mode=sample --prompt="ROMEO:"
+    python -m gpt_jax.main --workdir=/tmp/lora_shakespeare --mode=sample --prompt="ROMEO:"
 
-Checkpoints hold the adapters and their optimizer state only (~20 MB); a resumed run reloads the base from
-`init_from`. The LoRA workdir itself is not a loadable model (sampling at the end of training is off): merge it.
+Checkpoints hold the adapters and their AdamW moments only (~28 MB); loading or resuming the run reads the base
+from `init_from` again, so keep that file. For a model that stands alone (and an HF export with
+`tools/convert.py --to=hf`), merge the adapters into a plain workdir:
+
+    python -m gpt_jax.lora --workdir=/tmp/lora_shakespeare --output=/tmp/lora_shakespeare_merged
 """
 
 import os
@@ -29,5 +31,4 @@ def get_config():
     config.min_learning_rate = 1e-4
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
-    config.sample.max_new_tokens = 0
     return config

@@ -17,7 +17,8 @@ GGUF file as configs/finetune_shakespeare.py says (or pass `--config.init_from=P
 The evaluation prompt must be the chat rendering the model was trained on (CHAT_PROMPT below; SmolLM2's template
 adds its default system turn when a chat has none).
 
-Full fine-tuning by default; add `--config.lora.rank=8` for LoRA (then merge with `python -m gpt_jax.lora`).
+Full fine-tuning by default; add `--config.lora.rank=8` for LoRA (the LoRA workdir evaluates and samples as it
+is; `python -m gpt_jax.lora` merges it into a workdir that stands alone).
 """
 
 import os

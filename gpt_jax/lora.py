@@ -6,7 +6,9 @@ mirrors the parameters down to each targeted module (`{"blocks": {0: {"attn": {"
 `merge_params` folds them into the base parameters as a pure function, so the train step merges inside jit while
 the base stays a frozen input and the model code knows nothing of LoRA.
 
-Merging a trained LoRA workdir into a plain one that `tools/convert.py`, sampling and serving load as any model:
+A LoRA run's workdir loads as a model wherever a workdir does (`--mode=eval|sample|serve`, tools/evaluate.py,
+`tools/convert.py --to=hf`): `pretrained.load_workdir` merges its adapters into the `init_from` base, which must
+still be there. Merging writes a plain workdir that stands alone, without the base:
 
     python -m gpt_jax.lora --workdir=LORA_WORKDIR --output=MERGED_DIR [--step=N]
 """
@@ -139,6 +141,9 @@ def load_merged(workdir: str, step: int | None = None):
         raise UserError(f"{workdir} is not a LoRA run (its lora.rank is 0)")
     if not checkpoint_lib.has_checkpoint(workdir):
         raise UserError(f"{workdir} has no checkpoint to load (checkpoints/ is empty or missing)")
+    if not os.path.exists(config.init_from):
+        raise UserError(f"{workdir} holds LoRA adapters of the base model init_from={config.init_from}, which is "
+                        "not there: the base is needed to load them")
     base = pretrained.load(config.init_from)
     base_params = nnx.to_pure_dict(nnx.state(base.model, nnx.Param))
     model_cfg = ModelConfig.from_config(config)

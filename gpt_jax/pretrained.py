@@ -1,5 +1,6 @@
 """Loading a trained model for evaluation, sampling and serving: from a gpt_jax workdir (its config.json,
-tokenizer/ and the latest checkpoint's parameters), an HF model directory or a .gguf file (converted in memory)."""
+tokenizer/ and the latest checkpoint's parameters; a LoRA run's adapters merged into its base), an HF model
+directory or a .gguf file (converted in memory)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,16 @@ class LoadedModel:
 
 
 def load_workdir(workdir: str, step: int | None = None) -> LoadedModel:
-    """The model in a gpt_jax workdir at its latest checkpoint (or `step`)."""
+    """The model in a gpt_jax workdir at its latest checkpoint (or `step`). A LoRA run's workdir (lora.rank > 0)
+    holds adapters only: its model is the `init_from` base with the adapters merged in (`lora.load_merged`)."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"{workdir} has no config.json: not a gpt_jax workdir")
     config = config_lib.from_json_file(config_path)
+    if config.lora.rank:
+        from gpt_jax import lora
+
+        return lora.load_merged(workdir, step)
     model_cfg = ModelConfig.from_config(config)
     tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
     if not checkpoint_lib.has_checkpoint(workdir):

@@ -237,3 +237,37 @@ def test_lora_step_gradient_accumulation_matches_one_batch():
                  results[1][0]["params"])
     assert not np.allclose(results[0][0]["params"]["blocks"][0]["attn"]["query"]["lora_b"],
                            adapters["blocks"][0]["attn"]["query"]["lora_b"])
+
+
+def test_lora_workdir_loads_as_its_merged_model(tmp_path):
+    """Evaluation, sampling and serving load a LoRA workdir directly: its adapters merged into the init_from base."""
+    from gpt_jax import decode, evaluate
+    from gpt_jax.errors import UserError
+
+    base_dir, run_dir, merged_dir = (str(tmp_path / n) for n in ("base", "run", "merged"))
+    base_params = write_base_workdir(base_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(text_lib.load_corpus("")[0][:20000])
+    config = lora_config(base_dir, 3)
+    config.data.text_files, config.final_eval_full = str(text), True
+    final = train.train_and_evaluate(config, run_dir)
+
+    loaded = pretrained.load(run_dir)  # the checkpoint holds adapters, not a model
+    assert loaded.step == 3 and loaded.config.lora.rank == 0 and loaded.name == "run"
+    lora.merge_into_workdir(run_dir, merged_dir)
+    params = lambda m: jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m.model, nnx.Param)))
+    jax.tree.map(np.testing.assert_array_equal, params(loaded), params(pretrained.load(merged_dir)))
+    query = params(loaded)["blocks"][0]["attn"]["query"]["kernel"]
+    assert np.abs(query - base_params["blocks"][0]["attn"]["query"]["kernel"]).max() > 1e-3
+
+    # --mode=eval on the LoRA workdir gives the training loop's own final evaluation (base + adapters)
+    result = evaluate.evaluate_workdir(config_lib.from_json_file(os.path.join(run_dir, "config.json")), run_dir)
+    assert result["step"] == 3 and result["val_tokens"] == final["val_tokens"] > 1000
+    assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    # --mode=sample (and serve, through the same loader): the merged workdir's greedy continuation
+    sample = lambda source: decode.sample_workdir(source, ["ROMEO:"], 12, 0.0, 0, 1.0)
+    assert sample(run_dir) == sample(merged_dir)
+
+    os.rename(base_dir, base_dir + "_moved")  # the adapters are nothing without their base
+    with pytest.raises(UserError, match="init_from=.*base"):
+        pretrained.load(run_dir)
