@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 from flax import nnx
 
 from gpt_jax import checkpoint as checkpoint_lib
@@ -42,16 +41,8 @@ def load_workdir(workdir: str, step: int | None = None) -> LoadedModel:
     tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
     if not checkpoint_lib.has_checkpoint(workdir):
         raise UserError(f"{workdir} has no checkpoint to load (checkpoints/ is empty or missing)")
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract, nnx.Param)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.to_pure_dict(state))
-    params, _, _ = ckpt.restore(step, target)
-    ckpt.close()
-    model = nnx.merge(graphdef, params)
+    model, step = checkpoint_lib.restore_model(
+        workdir, nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))), step)
     return LoadedModel(model, model_cfg, tokenizer, config, step, os.path.basename(os.path.abspath(workdir)))
 
 

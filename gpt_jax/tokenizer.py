@@ -176,9 +176,12 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tokenizer
 
         try:
-            return cls(_Tokenizer.from_file(path), **kwargs)
+            tokenizer = _Tokenizer.from_file(path)
         except Exception as e:  # the library raises a bare Exception on bad files
             raise DataError(f"{path}: cannot read the tokenizer: {str(e).splitlines()[0]}") from None
+        tokenizer.no_padding()  # a tokenizer.json may pad or cut every encoding to a fixed length; ids here are
+        tokenizer.no_truncation()  # the text's own
+        return cls(tokenizer, **kwargs)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -177,6 +177,9 @@ def test_tokenizer_json_padding_and_truncation_are_switched_off(tmp_path, tiny_b
         assert tok.encode(text) == want
         tok.save(str(directory / "saved"))
         assert tokenizer_lib.load_tokenizer(str(directory / "saved")).encode(text) == want
+        # a workdir's tokenizer file written with the settings still on (converted before they were switched off)
+        fixed.save(str(directory / "saved" / tokenizer_lib.HFTokenizer.FILE))
+        assert tokenizer_lib.load_tokenizer(str(directory / "saved")).encode(text) == want
 
 
 def test_native_model_exports_to_transformers(tmp_path):

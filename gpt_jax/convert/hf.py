@@ -91,7 +91,7 @@ def load_hf_tokenizer(directory: str, config: dict) -> tokenizer_lib.HFTokenizer
         tok.decoder = decoders.ByteLevel()
     else:
         raise ConversionError(f"{directory}: no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
-    tok.no_padding()  # a tokenizer.json may pad or cut every encoding to a fixed length; ids here are the text's
+    tok.no_padding()  # (HFTokenizer.from_file does this too; a vocab.json + merges.txt tokenizer has neither)
     tok.no_truncation()
     for info in tok_config.get("added_tokens_decoder", {}).values():
         if tok.token_to_id(info["content"]) is not None:
