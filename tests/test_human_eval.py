@@ -277,12 +277,10 @@ def test_report_ranks_three_systems(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_outputs_generated_by_a_model(tmp_path_factory):
-    from test_evaluate import make_tiny_workdir
-
+def test_outputs_generated_by_a_model(tiny_workdir):
     from gpt_jax.human_eval import systems
 
-    workdir = make_tiny_workdir(tmp_path_factory)
+    workdir = tiny_workdir
     outputs = systems.load_outputs(workdir, ["ROMEO:", "JULIET:"], "--a", max_new_tokens=5)
     assert len(outputs) == 2 and all(isinstance(o, str) and len(o) <= 5 for o in outputs)
     assert systems.system_name(workdir) == "tiny_model"

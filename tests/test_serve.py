@@ -23,24 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-key"
 
 
-@pytest.fixture(scope="session")
-def tiny_workdir(tmp_path_factory) -> str:
-    """A character-level model trained for a few steps on the bundled text (a gpt_jax workdir)."""
-    import importlib.util
-
-    from gpt_jax import train
-
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    workdir = str(tmp_path_factory.mktemp("serve") / "tiny")
-    config = tiny.get_config()
-    config.model.n_layer, config.model.d_model, config.model.n_head = 1, 32, 2
-    config.batch_size, config.seq_len, config.train_steps = 8, 64, 30
-    config.eval_every, config.eval_steps, config.final_eval_full = 0, 1, False
-    config.checkpoint_every, config.log_every = 0, 30
-    train.train_and_evaluate(config, workdir)
-    return workdir
+# tiny_workdir, the model served here, is a session fixture in conftest.py (configs/tiny.py, 20 steps)
 
 
 class ServerThread:
