@@ -1,15 +1,21 @@
 """Shared fixtures, each made once per test session: the SmolLM2-135M-Instruct GGUF file (fetched once into a cache
-directory outside the repo) and a tiny trained workdir."""
+directory outside the repo), its import, transformers' answers on it, and a tiny trained workdir."""
 
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
+import importlib.metadata
 import importlib.util
+import inspect
+import json
 import os
 import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +51,86 @@ def smollm2_gguf() -> str:
                 dst.write(chunk)
     os.replace(partial, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_gguf):
+    """SmolLM2 imported by `convert.load_source` (what `pretrained.load` and tools/convert.py do first)."""
+    from gpt_jax import convert
+
+    return convert.load_source(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_converted):
+    """What `pretrained.load(gguf)` returns, built from the one import the session shares."""
+    from gpt_jax import convert, pretrained
+
+    model, model_cfg, config = convert.build_model(smollm2_converted)
+    return pretrained.LoadedModel(model, model_cfg, smollm2_converted.tokenizer, config, None, "smollm2")
+
+
+@functools.cache
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TransformersReference:
+    """transformers' own loading of a GGUF file (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`, tens
+    of seconds of CPU for SmolLM2), loaded at most once per session and only when an answer is not on disk yet.
+
+    `answer(question, inputs, compute)` returns `compute(model)` (a dict of arrays) and keeps it in
+    <cache>/reference/, keyed by the file's sha256, the question, its inputs, the source of `compute` and the torch
+    and transformers versions: a changed file, prompt, computation or library computes it again. Delete that folder
+    to recompute everything."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            import torch
+            import transformers
+
+            directory, name = os.path.split(self.path)
+            self._model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                                            dtype=torch.float32).eval()
+        return self._model
+
+    def answer(self, question: str, inputs, compute) -> dict[str, np.ndarray]:
+        key = json.dumps({"file_sha256": _file_sha256(self.path), "question": question, "inputs": inputs,
+                          "code": inspect.getsource(compute), "torch": importlib.metadata.version("torch"),
+                          "transformers": importlib.metadata.version("transformers")}, sort_keys=True)
+        path = os.path.join(_cache_dir(), "reference", hashlib.sha256(key.encode()).hexdigest() + ".npz")
+        try:
+            with np.load(path) as stored:
+                if str(stored["key"]) == key:
+                    return {name: stored[name] for name in stored.files if name != "key"}
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+            pass  # not there yet (or damaged): computed below
+        import torch
+
+        with torch.no_grad():
+            result = {name: np.asarray(value) for name, value in compute(self.model).items()}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial"
+        with open(partial, "wb") as f:
+            np.savez(f, key=np.array(key), **result)
+        os.replace(partial, path)
+        return result
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf) -> TransformersReference:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return TransformersReference(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")

@@ -395,22 +395,13 @@ def test_evaluate_workdir_writes_json_and_markdown(tiny_workdir, tiny, tmp_path,
 # SmolLM2-135M against transformers
 
 @pytest.mark.slow
-def test_smollm2_perplexity_matches_transformers(smollm2_gguf, tmp_path):
+def test_smollm2_perplexity_matches_transformers(smollm2_gguf, smollm2_converted, smollm2_reference, tmp_path):
     """Item 1 of "Evaluate like a researcher": the same tokens, window and stride give transformers' perplexity."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    from gpt_jax import pretrained
     from gpt_jax.data import text as text_lib
-    from gpt_jax.errors import UserError
 
     gguf = smollm2_gguf
-    try:
-        loaded = pretrained.load(gguf)
-    except UserError as e:
-        if "expected a gpt_jax workdir" in str(e) and ".gguf" not in str(e):
-            pytest.skip("pretrained.load does not read GGUF files yet")
-        raise
     text = text_lib.read_text(text_lib.BUNDLED_CORPUS)[:3000]  # ~800 tokens
     text_file = tmp_path / "text.txt"
     text_file.write_text(text)
@@ -420,38 +411,41 @@ def test_smollm2_perplexity_matches_transformers(smollm2_gguf, tmp_path):
     assert proc.returncode == 0, proc.stderr
     ours = json.loads(proc.stdout)
 
-    token_ids = text_lib.encode_array(loaded.tokenizer, text)
-    del loaded
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                              dtype=torch.float32)
-    model.eval()
-    ids = torch.tensor(token_ids[None, :], dtype=torch.long)
-    # HF's documented recipe (it weighs each window's mean loss by its valid labels - 1, one fewer than it scores
-    # after the first window, a small reweighting) ...
-    nll_sum, n_tokens, prev_end = 0.0, 0, 0
-    # ... and the exact per-token sum over the same windows
-    exact_sum, exact_count = 0.0, 0
-    for begin in range(0, ids.size(1), stride):
-        end = min(begin + window, ids.size(1))
-        trg_len = end - prev_end
-        input_ids = ids[:, begin:end]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
+    token_ids = text_lib.encode_array(smollm2_converted.tokenizer, text)  # the tokenizer pretrained.load gives
+
+    def transformers_perplexity(model):
+        ids = torch.tensor(token_ids[None, :], dtype=torch.long)
+        # HF's documented recipe (it weighs each window's mean loss by its valid labels - 1, one fewer than it
+        # scores after the first window, a small reweighting) ...
+        nll_sum, n_tokens, prev_end = 0.0, 0, 0
+        # ... and the exact per-token sum over the same windows
+        exact_sum, exact_count = 0.0, 0
+        for begin in range(0, ids.size(1), stride):
+            end = min(begin + window, ids.size(1))
+            trg_len = end - prev_end
+            input_ids = ids[:, begin:end]
+            target_ids = input_ids.clone()
+            target_ids[:, :-trg_len] = -100
             out = model(input_ids, labels=target_ids)
-        num_loss_tokens = int((target_ids != -100).sum()) - 1
-        nll_sum += float(out.loss) * num_loss_tokens
-        n_tokens += num_loss_tokens
-        log_probs = torch.log_softmax(out.logits[0, :-1].double(), -1)
-        labels = target_ids[0, 1:]
-        valid = labels != -100
-        exact_sum -= float(log_probs[valid].gather(-1, labels[valid][:, None]).sum())
-        exact_count += int(valid.sum())
-        prev_end = end
-        if end == ids.size(1):
-            break
-    hf_recipe_ppl = math.exp(nll_sum / n_tokens)
-    hf_exact_ppl = math.exp(exact_sum / exact_count)
+            num_loss_tokens = int((target_ids != -100).sum()) - 1
+            nll_sum += float(out.loss) * num_loss_tokens
+            n_tokens += num_loss_tokens
+            log_probs = torch.log_softmax(out.logits[0, :-1].double(), -1)
+            labels = target_ids[0, 1:]
+            valid = labels != -100
+            exact_sum -= float(log_probs[valid].gather(-1, labels[valid][:, None]).sum())
+            exact_count += int(valid.sum())
+            prev_end = end
+            if end == ids.size(1):
+                break
+        return {"nll_sum": nll_sum, "n_tokens": n_tokens, "exact_sum": exact_sum, "exact_count": exact_count}
+
+    # transformers' numbers (kept on disk once computed, keyed by the file, the tokens and this computation)
+    hf = smollm2_reference.answer("sliding-window perplexity", {"token_ids": token_ids.tolist(), "window": window,
+                                                                "stride": stride}, transformers_perplexity)
+    hf_recipe_ppl = math.exp(float(hf["nll_sum"]) / int(hf["n_tokens"]))
+    hf_exact_ppl = math.exp(float(hf["exact_sum"]) / int(hf["exact_count"]))
+    exact_count = int(hf["exact_count"])
     print(f"SmolLM2 ppl: gpt_jax {ours['ppl']:.6f}, transformers {hf_exact_ppl:.6f} (recipe {hf_recipe_ppl:.6f}); "
           f"relative difference {ours['ppl'] / hf_exact_ppl - 1:.2e}")
     assert ours["tokens"] == exact_count == len(token_ids) - 1

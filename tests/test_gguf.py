@@ -177,22 +177,14 @@ def test_truncated_gguf_is_one_line_error(tmp_path, tiny_bpe):
 # SmolLM2-135M-Instruct (Q4_1 / Q8_0 / F32 tensors)
 
 
-@pytest.fixture(scope="module")
-def smollm2_converted(smollm2_gguf):
-    return convert.load_source(smollm2_gguf)
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_converted):
-    """What `pretrained.load(gguf)` returns, built from the one import the module shares."""
-    model, model_cfg, config = convert.build_model(smollm2_converted)
-    return pretrained.LoadedModel(model, model_cfg, smollm2_converted.tokenizer, config, None, "smollm2")
+# smollm2_converted, smollm2 (what `pretrained.load(gguf)` returns) and smollm2_reference (transformers' answers)
+# are session fixtures in conftest.py, shared with the evaluation and serving tests.
 
 
 @pytest.mark.slow
-def test_smollm2_matches_transformers_gguf_loading(smollm2, smollm2_gguf):
+def test_smollm2_matches_transformers_gguf_loading(smollm2, smollm2_reference):
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     cfg, tok = smollm2.model_cfg, smollm2.tokenizer
     assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.d_ff, cfg.vocab_size) == \
@@ -204,25 +196,28 @@ def test_smollm2_matches_transformers_gguf_loading(smollm2, smollm2_gguf):
     assert tok.encode(PROMPTS[0]) == [504, 3575, 282, 4649, 314]
     assert tok.encode("<|im_start|>user 12345") == [1, 4093, 216, 33, 34, 35, 36, 37]
 
-    directory, name = os.path.split(smollm2_gguf)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    prompt_ids = [tok.encode(prompt) for prompt in PROMPTS]
+
+    def transformers_answers(reference):
+        answers = {f"logits_{i}": reference(torch.tensor([ids])).logits[0].numpy()
+                   for i, ids in enumerate(prompt_ids)}
+        answers["greedy"] = reference.generate(torch.tensor([prompt_ids[0]]), max_new_tokens=4, do_sample=False)[0]
+        return answers
+
+    # transformers' logits for each prompt and its greedy generate on the first (kept on disk once computed)
+    expected = smollm2_reference.answer("logits, and greedy generate of 4 tokens on the first prompt",
+                                        {"prompt_ids": prompt_ids}, transformers_answers)
     worst = 0.0
-    for prompt in PROMPTS:
-        ids = tok.encode(prompt)
-        with torch.no_grad():
-            expected = reference(torch.tensor([ids])).logits[0].numpy()
+    for i, ids in enumerate(prompt_ids):
         got = np.asarray(smollm2.model(jnp.asarray([ids]))[0][0])
-        worst = max(worst, float(np.abs(got - expected).max()))
+        worst = max(worst, float(np.abs(got - expected[f"logits_{i}"]).max()))
     print(f"SmolLM2 GGUF max |Δlogit| vs transformers: {worst:.3g}")
     assert worst <= 1e-3
 
     # greedy decoding through the KV cache agrees with transformers' greedy generate
-    prompt_ids = tok.encode(PROMPTS[0])
-    out = decode.Decoder(smollm2.model, cfg).generate([prompt_ids], 4, decode.SamplingParams(temperature=0.0),
+    out = decode.Decoder(smollm2.model, cfg).generate([prompt_ids[0]], 4, decode.SamplingParams(temperature=0.0),
                                                       eos_id=tok.eos_id)[0]
-    with torch.no_grad():
-        expected = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=4, do_sample=False)[0]
-    assert out == expected[len(prompt_ids):].tolist()
+    assert out == expected["greedy"][len(prompt_ids[0]):].tolist()
     print(f"SmolLM2 greedy continuation: {tok.decode(out)!r}")
     assert tok.decode(out).startswith(" Paris.")
 

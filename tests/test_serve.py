@@ -268,9 +268,10 @@ def test_serve_mode_shuts_down_gracefully(tiny_workdir):
 
 
 @pytest.mark.slow
-def test_serves_a_gguf_chat_model(smollm2_gguf):
-    """SmolLM2-135M-Instruct from its GGUF file: the chat template comes from the model; greedy answers sensibly."""
-    loaded = pretrained.load(smollm2_gguf)
+def test_serves_a_gguf_chat_model(smollm2):
+    """SmolLM2-135M-Instruct from its GGUF file (what `pretrained.load` gives, shared by the session): the chat
+    template comes from the model; greedy answers sensibly."""
+    loaded = smollm2
     assert isinstance(getattr(loaded.tokenizer, "chat_template", None), str)
     server = serve.Server(loaded, max_batch=1, max_len=256)
     with ServerThread(serve.create_app(server, warmup_prompt_len=0)) as thread:
