@@ -65,8 +65,9 @@ def test_two_processes_train_like_one_with_eight_devices(tmp_path, mesh_losses):
     def run_pair(extra_env=None):
         port = _free_port()
         procs = [subprocess.Popen(
-            [sys.executable, "-m", "gpt_jax.main", *common, f"--config.distributed.coordinator_address=localhost:{port}",
-             f"--config.distributed.process_id={i}"], cwd=ROOT, env={**env, **(extra_env or {})},
+            [sys.executable, "-m", "gpt_jax.main", *common,
+             f"--config.distributed.coordinator_address=localhost:{port}", f"--config.distributed.process_id={i}"],
+            cwd=ROOT, env={**env, **(extra_env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
         return [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
 

@@ -84,8 +84,8 @@ def test_weight_decay_applies_to_matrices_only():
 
 def test_grad_accumulation_matches_one_big_batch():
     from gpt_jax import sharding
-    from gpt_jax.model import ModelConfig
     from gpt_jax import train as train_lib
+    from gpt_jax.model import ModelConfig
     from gpt_jax.train import init_params, make_train_step, param_shardings
 
     config = config_lib.base_config()
@@ -105,7 +105,7 @@ def test_grad_accumulation_matches_one_big_batch():
         new_state, metrics = jax.jit(make_train_step(graphdef, tx, accum, False))(state, {"tokens": tokens})
         results.append((new_state, metrics))
     assert float(results[0][1]["train_loss"]) == pytest.approx(float(results[1][1]["train_loss"]), rel=1e-6)
-    for a, b in zip(jax.tree.leaves(results[0][0]["params"]), jax.tree.leaves(results[1][0]["params"])):
+    for a, b in zip(jax.tree.leaves(results[0][0]["params"]), jax.tree.leaves(results[1][0]["params"]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
