@@ -1,6 +1,7 @@
 """The command line: bad input exits 2 with one `error:` line naming the culprit; sample mode prints only the
 continuation."""
 
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -71,12 +72,14 @@ def test_train_then_sample_and_eval(tmp_path):
                  "--config.sample.max_new_tokens=20", "--config.sample.prompt=the")
     assert r.returncode == 0, r.stderr
     assert "--- sample\nthe" in r.stdout
-    r = run_main("--mode=sample", *common, "--prompt=the quick", "--max_new_tokens=9", "--temperature=0")
+    # the two samples and the evaluation only read the workdir: they run as three processes at once
+    sample = ["--mode=sample", *common, "--prompt=the quick", "--max_new_tokens=9", "--temperature=0"]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        r, r2, r_eval = pool.map(lambda args: run_main(*args), [sample, sample, ["--mode=eval", *common]])
     assert r.returncode == 0, r.stderr
     assert len(r.stdout) == 9 and not r.stdout.startswith("the quick")
-    r2 = run_main("--mode=sample", *common, "--prompt=the quick", "--max_new_tokens=9", "--temperature=0")
     assert r2.stdout == r.stdout  # greedy is deterministic
-    r = run_main("--mode=eval", *common)
+    r = r_eval
     assert r.returncode == 0, r.stderr
     import json
 
