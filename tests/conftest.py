@@ -22,13 +22,16 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# One XLA compilation cache for the session, in a temporary folder, shared by this process and by the processes the
-# tests start (they inherit the environment): a program compiled again (by a resumed run, the second process of a
-# pair, another test's identical model) is read back instead of compiled. The key is the whole program with its
-# compile options and devices, so a cached executable is the one a fresh compile gives and no result changes. The
-# size limit turns on JAX's file lock, so no process reads an entry another is still writing. Set before JAX loads.
+# One XLA compilation cache for the processes the tests start (they inherit the environment), in a temporary folder:
+# a program compiled again (by a resumed run, the other sample of a pair, the same model in another test's process) is
+# read back instead of compiled. The key is the whole program with its compile options and devices, so a cached
+# executable is the one a fresh compile gives and no result changes. The size limit turns on JAX's file lock, so no
+# process reads an entry another is still writing. This process keeps JAX's in-memory caches only (a test here
+# counts what compiles): JAX reads these variables when it is imported, so it is imported first.
 _COMPILATION_CACHE = None
-if "jax" not in sys.modules and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import jax  # noqa: F401
+
     _COMPILATION_CACHE = tempfile.mkdtemp(prefix="gpt_jax_tests_xla_cache_")
     os.environ.update(JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
