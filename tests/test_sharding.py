@@ -1,6 +1,7 @@
 """Sharding over 8 CPU devices: every mesh gives the losses of one device; checkpoints restore across meshes;
 two processes train like one; the logical-axis rules."""
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -16,14 +17,78 @@ def close(a, b, rel=1e-5):
     return abs(a - b) <= rel * abs(b)
 
 
-@pytest.fixture(scope="module")
-def mesh_losses(tmp_path_factory):
-    base = tmp_path_factory.mktemp("meshes")
+# The mesh runner (one process of 8 CPU devices) and the two-process run (two processes of 4 devices, killed after
+# step 10 and resumed) start together when the module's first test asks for either: each process compiles and runs
+# mostly on one core, and the two-process run often waits on the other process, so on a machine of two or more cores
+# they overlap instead of adding up.
+
+TWO_PROCESS_TEST = "test_two_processes_train_like_one_with_eight_devices"
+TWO_PROCESS_FLAGS = [
+    "--config=configs/tiny.py", "--config.batch_size=8", "--config.seq_len=32", "--config.warmup_steps=5",
+    "--config.learning_rate=3e-3", "--config.eval_every=0", "--config.final_eval_full=false",
+    "--config.eval_steps=1", "--config.log_every=1", "--config.checkpoint_every=10", "--config.model.n_layer=1",
+    "--config.model.n_head=4", "--config.model.d_model=32", "--config.sample.max_new_tokens=0",
+    "--config.train_steps=20", "--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.distributed.num_processes=2"]
+
+
+def _run_mesh_runner(base) -> dict:
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_runner.py"), str(base)], cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     assert r.returncode == 0 and lines, r.stderr[-3000:]
     return {name: {int(k): v for k, v in losses.items()} for name, losses in json.loads(lines[0][7:]).items()}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_pair(workdir, extra_env=None) -> list[tuple[int, str]]:
+    """`gpt_jax.main` as processes 0 and 1 of a jax.distributed run on localhost; (exit code, stderr) of each."""
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", **(extra_env or {})}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "gpt_jax.main", *TWO_PROCESS_FLAGS, f"--workdir={workdir}",
+         f"--config.distributed.coordinator_address=localhost:{port}", f"--config.distributed.process_id={i}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:  # both pipes are read at once, so that neither process blocks on a full pipe while the other is waited for
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            outputs = list(pool.map(lambda p: p.communicate(timeout=600), procs))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outputs, strict=True)]
+
+
+def _run_two_processes(workdir) -> tuple[list, list | None]:
+    """Both processes die right after the step-10 checkpoint (as a preempted job would); then, if they did, a second
+    pair resumes to step 20. Returns the two pairs' (exit code, stderr) lists (None for a second pair not run)."""
+    killed = _run_pair(workdir, {"GPT_JAX_SIGKILL_AFTER_STEP": "10"})
+    if any(code == 0 for code, _ in killed):
+        return killed, None
+    return killed, _run_pair(workdir)
+
+
+@pytest.fixture(scope="module")
+def background_runs(request, tmp_path_factory):
+    """Futures of the mesh runner's losses and of the two-process run (the latter only when its test is selected)."""
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    runs = {"meshes": pool.submit(_run_mesh_runner, tmp_path_factory.mktemp("meshes"))}
+    if any(getattr(item, "originalname", None) == TWO_PROCESS_TEST for item in request.session.items):
+        workdir = tmp_path_factory.mktemp("two_processes") / "mp"
+        runs["two_processes"] = pool.submit(_run_two_processes, workdir)
+        runs["two_processes_workdir"] = workdir
+    yield runs
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def mesh_losses(background_runs):
+    return background_runs["meshes"].result()
 
 
 @pytest.mark.slow
@@ -44,36 +109,12 @@ def test_checkpoint_restores_under_another_mesh(mesh_losses, run):
         assert close(resumed[step], single[step]), (step, resumed[step], single[step])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_train_like_one_with_eight_devices(tmp_path, mesh_losses):
+def test_two_processes_train_like_one_with_eight_devices(background_runs, mesh_losses):
     """jax.distributed on localhost, 4 CPU devices per process: 10 steps, then a resumed run to step 20."""
-    workdir = tmp_path / "mp"
-    common = ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.batch_size=8", "--config.seq_len=32",
-              "--config.warmup_steps=5", "--config.learning_rate=3e-3", "--config.eval_every=0",
-              "--config.final_eval_full=false", "--config.eval_steps=1", "--config.log_every=1",
-              "--config.checkpoint_every=10", "--config.model.n_layer=1", "--config.model.n_head=4",
-              "--config.model.d_model=32", "--config.sample.max_new_tokens=0", "--config.train_steps=20",
-              "--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.distributed.num_processes=2"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-
-    def run_pair(extra_env=None):
-        port = _free_port()
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "gpt_jax.main", *common,
-             f"--config.distributed.coordinator_address=localhost:{port}", f"--config.distributed.process_id={i}"],
-            cwd=ROOT, env={**env, **(extra_env or {})},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-        return [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
-
-    results = run_pair({"GPT_JAX_SIGKILL_AFTER_STEP": "10"})
-    assert all(code != 0 for code, _ in results)  # both died right after the step-10 checkpoint
-    results = run_pair()
+    killed, results = background_runs["two_processes"].result()
+    workdir = background_runs["two_processes_workdir"]
+    assert all(code != 0 for code, _ in killed)  # both died right after the step-10 checkpoint
     assert all(code == 0 for code, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
     assert "resumed from" in results[0][1] and "at step 10" in results[0][1]
     with open(workdir / "metrics.jsonl") as f:
