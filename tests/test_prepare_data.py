@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import os
 
 import numpy as np
@@ -172,7 +173,18 @@ def test_tfds_dataset_prepared_locally(tmp_path):
             corpus.prepare(opts, overwrite=True)
 
 
-def test_command_line_errors(tmp_path, capsys):
+@pytest.fixture
+def log_levels_restored():
+    """tools/prepare_data.py's main() quiets the root and Beam loggers for the whole process; a test that calls it
+    in this process puts them back, so later tests still see log records (test_recompile.py counts JAX's)."""
+    loggers = [logging.getLogger(), logging.getLogger("apache_beam")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
+
+
+def test_command_line_errors(tmp_path, capsys, log_levels_restored):
     tool = _tool()
     cases = [
         (["--input=" + str(tmp_path / "none*.txt")], "--input: no file matches"),
