@@ -52,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.use_bias = True
     c.model.dropout = 0.0
     c.model.tie_embeddings = True
-    c.model.dtype = "float32"  # activations / matmul inputs
+    c.model.dtype = "float32"  # matmul inputs
+    c.model.activation_dtype = "float32"  # residual stream and the tensors between matmuls
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # none | full | dots
     c.model.scan_layers = False
@@ -102,6 +103,7 @@ _CHOICES = {
     "model.mlp": ("gelu", "swiglu"),
     "model.remat": ("none", "full", "dots"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.activation_dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.tokenizer": ("char", "sentencepiece"),
 }

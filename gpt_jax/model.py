@@ -6,7 +6,9 @@ Llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention (n_kv_head < n_head), 
 Parameters carry logical axis names in their `sharding_axes` metadata; `sharding.py` maps them to mesh axes.
 Dense layers multiply 2-D `[tokens, features]` inputs (XLA:CPU runs their weight-gradient matmuls much faster
 than 3-D einsums); with dtype=bfloat16 the matmuls, forward and backward, take bf16 inputs and accumulate in
-float32, while norms, softmax and the residual stream stay float32.
+float32, while norms, softmax and the residual stream stay float32. activation_dtype=bfloat16 also stores what
+flows between the matmuls (the residual stream, norm outputs, attention and MLP activations) in bf16, halving the
+memory traffic of the elementwise work; norms and the loss still compute in float32.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class ModelConfig:
     use_bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
-    dtype: str = "float32"  # matmul inputs (accumulation, activations and the residual stream stay float32)
+    dtype: str = "float32"  # matmul inputs (accumulation stays float32)
+    activation_dtype: str = "float32"  # the residual stream and the tensors between matmuls
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots
     scan_layers: bool = False
@@ -72,6 +75,7 @@ class ModelConfig:
             dropout=m.dropout,
             tie_embeddings=m.tie_embeddings,
             dtype=m.dtype,
+            activation_dtype=m.activation_dtype,
             param_dtype=m.param_dtype,
             remat=m.remat,
             scan_layers=m.scan_layers,
@@ -112,7 +116,8 @@ def matmul(x, w, dtype):
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias), with x flattened to [tokens, in_features] for the matmul; float32 out."""
+    """y = x @ kernel (+ bias), with x flattened to [tokens, in_features] for the matmul; out in the
+    activation dtype."""
 
     def __init__(self, in_features, out_features, axes, *, cfg: ModelConfig, rngs: nnx.Rngs, std=0.02):
         self.kernel = _param(rngs, nnx.initializers.normal(std), (in_features, out_features),
@@ -120,21 +125,23 @@ class Dense(nnx.Module):
         self.bias = (_param(rngs, nnx.initializers.zeros, (out_features,), cfg.param_dtype, axes[1:])
                      if cfg.use_bias else None)
         self.dtype = _DTYPES[cfg.dtype]
+        self.out_dtype = _DTYPES[cfg.activation_dtype]
 
     def __call__(self, x):
         lead = x.shape[:-1]
         y = matmul(x.reshape(-1, x.shape[-1]), self.kernel[...], self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
-        return y.reshape(*lead, -1)
+        return y.astype(self.out_dtype).reshape(*lead, -1)
 
 
 class Norm(nnx.Module):
-    """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32."""
+    """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32; out in the activation dtype."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.kind = cfg.norm
         self.eps = cfg.norm_eps
+        self.out_dtype = _DTYPES[cfg.activation_dtype]
         self.scale = _param(rngs, nnx.initializers.ones, (cfg.d_model,), cfg.param_dtype, ("norm",))
         self.bias = (_param(rngs, nnx.initializers.zeros, (cfg.d_model,), cfg.param_dtype, ("norm",))
                      if cfg.norm == "layernorm" else None)
@@ -147,7 +154,7 @@ class Norm(nnx.Module):
         x = x * self.scale[...].astype(jnp.float32)
         if self.bias is not None:
             x = x + self.bias[...].astype(jnp.float32)
-        return x
+        return x.astype(self.out_dtype)
 
 
 def rope(x, positions, theta: float):
@@ -163,7 +170,7 @@ def rope(x, positions, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(q, k, v, dtype: str, *, is_causal=False, mask=None):
+def attention(q, k, v, dtype: str, *, is_causal=False, mask=None, out_dtype=jnp.float32):
     """Softmax attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs in bf16/f16):
     q [batch, seq, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim] (GQA when kv_heads < heads)."""
     compute = _DTYPES[dtype]
@@ -173,7 +180,7 @@ def attention(q, k, v, dtype: str, *, is_causal=False, mask=None):
     implementation = "cudnn" if backend == "gpu" and compute != jnp.float32 and mask is None else None
     y = jax.nn.dot_product_attention(q.astype(compute), k.astype(compute), v.astype(compute), is_causal=is_causal,
                                      mask=mask, implementation=implementation)
-    return y.astype(jnp.float32)
+    return y.astype(out_dtype)
 
 
 class Attention(nnx.Module):
@@ -206,7 +213,7 @@ class Attention(nnx.Module):
         batch, seq, _ = x.shape
         q, k, v = self.project(x, positions)
         if cache is None:
-            y = attention(q, k, v, cfg.dtype, is_causal=True)
+            y = attention(q, k, v, cfg.dtype, is_causal=True, out_dtype=_DTYPES[cfg.activation_dtype])
             new_cache = None
         else:
             k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
@@ -214,7 +221,7 @@ class Attention(nnx.Module):
             slots = jnp.arange(k_all.shape[1])
             causal = slots[None, :] <= cache_index + jnp.arange(seq)[:, None]  # [seq, max_len]
             mask = causal[None, None] & key_valid[:, None, None, :]  # [batch, 1, seq, max_len]
-            y = attention(q, k_all, v_all, cfg.dtype, mask=mask)
+            y = attention(q, k_all, v_all, cfg.dtype, mask=mask, out_dtype=_DTYPES[cfg.activation_dtype])
             new_cache = {"k": k_all, "v": v_all}
         return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), new_cache
 
@@ -289,9 +296,10 @@ class Transformer(nnx.Module):
         batch, seq = token_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-        x = jnp.take(self.embed[...], token_ids, axis=0).astype(jnp.float32)  # [batch, seq, d_model]
+        act = _DTYPES[cfg.activation_dtype]
+        x = jnp.take(self.embed[...], token_ids, axis=0).astype(act)  # [batch, seq, d_model]
         if cfg.pos_embedding == "learned":
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(jnp.float32)
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(act)
         if self.dropout is not None:
             x = self.dropout(x, deterministic=deterministic, rngs=rngs)
         if cache is None and (cfg.scan_layers or cfg.remat != "none"):

@@ -270,12 +270,16 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. too many non-finite steps); the message is the diagnostic."""
 
 
+# config.model keys that are training choices, not architecture: a pretrained source or a resumed run's saved
+# config does not override them.
+_TRAINING_CHOICES = ("dropout", "dtype", "activation_dtype", "param_dtype", "remat", "scan_layers")
+
+
 def _apply_source_model(config, source_cfg: ModelConfig) -> None:
     """Takes the architecture from a pretrained source; training choices (dropout, dtypes, remat, scan) stay."""
-    keep = {"dropout", "dtype", "param_dtype", "remat", "scan_layers"}
     with config.ignore_type():
         for field in dataclasses.fields(source_cfg):
-            if field.name not in keep:
+            if field.name not in _TRAINING_CHOICES:
                 config.model[field.name] = getattr(source_cfg, field.name)
     if config.seq_len > source_cfg.max_seq_len:
         raise ConfigError(f"seq_len={config.seq_len} is longer than init_from's context of {source_cfg.max_seq_len}")
@@ -293,7 +297,7 @@ def prepare_run(config, workdir: str):
             saved = config_lib.from_json_file(saved_path)  # resuming: the architecture is the run's own
             with config.ignore_type():
                 for key, value in saved.model.items():
-                    if key not in ("dropout", "dtype", "param_dtype", "remat", "scan_layers"):
+                    if key not in _TRAINING_CHOICES:
                         config.model[key] = value
                 for key, value in saved.lora.items():  # the checkpoint's adapters have the run's own shape
                     config.lora[key] = value

@@ -2,7 +2,8 @@
 
     python tools/bench.py data [--mb=8] [--train_steps=3] [--workdir=DIR]
     python tools/bench.py train [--rounds=5] [--steps=20] [--shapes=shakespeare_char,cpu_medium]
-    python tools/bench.py --gpu [--gpu_batch=16] [--gpu_steps=10] [--gpu_remat=none,dots]   (on a GPU machine)
+    python tools/bench.py --gpu [--gpu_batch=16,32] [--gpu_steps=10] [--gpu_remat=none,dots]
+        [--gpu_activation_dtype=float32,bfloat16]   (on a GPU machine)
 
 Sections:
 - `data`: delivered tokens/s of the data pipeline (tools/prepare_data.py's Beam pipeline on a synthetic corpus,
@@ -169,7 +170,8 @@ TRAIN_SHAPES = {
 }
 
 
-def _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype, train_steps=2000, remat="none"):
+def _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype, train_steps=2000, remat="none",
+                     activation_dtype="float32"):
     """(mesh, model config, state, jitted train step, parameter count) on one device, with
     configs/shakespeare_char.py's optimizer settings."""
     import jax
@@ -182,7 +184,7 @@ def _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype, tra
     c.train_steps, c.batch_size, c.seq_len = train_steps, batch, seq_len
     c.learning_rate, c.min_learning_rate, c.warmup_steps, c.adam_b2 = 1e-3, 1e-4, 100, 0.99
     c.model.n_layer, c.model.n_head, c.model.d_model, c.model.vocab_size = n_layer, n_head, d_model, vocab
-    c.model.dtype, c.model.remat = dtype, remat
+    c.model.dtype, c.model.remat, c.model.activation_dtype = dtype, remat, activation_dtype
     c.mesh.data = 1
     model_cfg = ModelConfig.from_config(c)
     mesh = sharding.make_mesh(c.mesh)
@@ -311,8 +313,29 @@ def bench_train(args) -> list[str]:
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA's datasheet figure without sparsity)
 
 
+def _gpu_matmul_flops(n: int = 8192, repeats: int = 10) -> float:
+    """bf16 FLOP/s of one n×n×n matrix product on the GPU (median of `repeats`), the ceiling measured in the run."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
 def bench_gpu(args) -> list[str]:
-    """GPT-2 124M (configs/small.py's shape) training MFU in bf16 on one GPU, with cuDNN flash attention."""
+    """GPT-2 124M (configs/small.py's shape) training MFU on one GPU: bf16 matmuls with cuDNN flash attention, over
+    the given batch sizes, activation dtypes and remat policies. Rows print as they finish; a variant that fails
+    (out of memory, say) gets a row saying so."""
+    import itertools
+
     import jax
     import numpy as np
 
@@ -321,39 +344,54 @@ def bench_gpu(args) -> list[str]:
     device = jax.devices()[0]
     peak = args.peak_flops or (H100_BF16_PEAK if "H100" in device.device_kind or "H200" in device.device_kind
                                else 0.0)
+    ceiling = _gpu_matmul_flops()
     lines = [f"## gpu: GPT-2 124M training, bf16 matmuls + cuDNN attention, on {device.device_kind} "
              f"(jax {jax.__version__})",
-             f"command: python tools/bench.py gpu --gpu_batch={args.gpu_batch} --gpu_steps={args.gpu_steps}"]
+             f"command: python tools/bench.py gpu --gpu_batch={args.gpu_batch} --gpu_steps={args.gpu_steps} "
+             f"--gpu_remat={args.gpu_remat} --gpu_activation_dtype={args.gpu_activation_dtype}",
+             f"measured bf16 matmul ceiling (8192^3): {ceiling / 1e12:.0f} TFLOP/s"]
+    print("\n".join(lines), flush=True)
+    header = ["batch", "activations", "remat", "ms/step", "tokens/s", "TFLOP/s", "MFU", "of ceiling", "compile s",
+              "loss"]
     rows = []
-    for remat in args.gpu_remat.split(","):
-        mesh, model_cfg, state, step, n_params = _jax_train_setup(12, 12, 768, 1024, args.gpu_batch, 50304,
-                                                                  "bfloat16", train_steps=1000, remat=remat)
-        rng = np.random.default_rng(0)
-        with jax.set_mesh(mesh):
-            batch = {"tokens": jax.device_put(rng.integers(0, 50257, (args.gpu_batch, 1025), dtype=np.int32))}
-            t = time.perf_counter()
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics["train_loss"])
-            compile_s = time.perf_counter() - t
-            for _ in range(3):
-                state, metrics = step(state, batch)
-            jax.block_until_ready(metrics["train_loss"])
-            times = []
-            for _ in range(args.gpu_steps):
+    n_params = 0
+    variants = itertools.product([int(b) for b in args.gpu_batch.split(",")], args.gpu_activation_dtype.split(","),
+                                 args.gpu_remat.split(","))
+    for batch_size, act, remat in variants:
+        try:
+            mesh, model_cfg, state, step, n_params = _jax_train_setup(
+                12, 12, 768, 1024, batch_size, 50304, "bfloat16", train_steps=1000, remat=remat, activation_dtype=act)
+            rng = np.random.default_rng(0)
+            with jax.set_mesh(mesh):
+                batch = {"tokens": jax.device_put(rng.integers(0, 50257, (batch_size, 1025), dtype=np.int32))}
                 t = time.perf_counter()
                 state, metrics = step(state, batch)
                 jax.block_until_ready(metrics["train_loss"])
-                times.append(time.perf_counter() - t)
-        step_s = statistics.median(times)
-        tokens_per_s = args.gpu_batch * 1024 / step_s
-        fpt = flops_per_token(model_cfg, n_params, 1024)
-        rows.append([f"remat={remat}", f"{step_s * 1e3:.1f}", tokens_per_s, f"{fpt * tokens_per_s / 1e12:.0f}",
-                     f"{fpt * tokens_per_s / peak:.1%}" if peak else "n/a", f"{compile_s:.0f}",
-                     f"{float(metrics['train_loss']):.3f}"])
-        del state
-    lines += table(["variant", "ms/step", "tokens/s", "TFLOP/s", "MFU", "compile s", "loss"], rows)
-    lines.append(f"(batch {args.gpu_batch} x 1024 tokens, {n_params:,} parameters with vocab 50304; FLOPs = 6N + "
-                 f"attention per token; peak {peak / 1e12:.0f} TFLOP/s; median of {args.gpu_steps} steps)")
+                compile_s = time.perf_counter() - t
+                for _ in range(3):
+                    state, metrics = step(state, batch)
+                jax.block_until_ready(metrics["train_loss"])
+                times = []
+                for _ in range(args.gpu_steps):
+                    t = time.perf_counter()
+                    state, metrics = step(state, batch)
+                    jax.block_until_ready(metrics["train_loss"])
+                    times.append(time.perf_counter() - t)
+            step_s = statistics.median(times)
+            tokens_per_s = batch_size * 1024 / step_s
+            achieved = flops_per_token(model_cfg, n_params, 1024) * tokens_per_s
+            row = [batch_size, act, remat, f"{step_s * 1e3:.1f}", tokens_per_s, f"{achieved / 1e12:.0f}",
+                   f"{achieved / peak:.1%}" if peak else "n/a", f"{achieved / ceiling:.1%}", f"{compile_s:.0f}",
+                   f"{float(metrics['train_loss']):.3f}"]
+            del state, metrics
+        except Exception as e:  # noqa: BLE001 - one failed variant (e.g. out of memory) must not lose the others
+            row = [batch_size, act, remat, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"] + [""] * 6
+        rows.append(row)
+        print(" | ".join(str(x) for x in row), flush=True)
+    lines += table(header, rows)
+    lines.append(f"(x 1024 tokens per sequence, {n_params:,} parameters with vocab 50304; FLOPs = 6N + attention per "
+                 f"token; MFU against {peak / 1e12:.0f} TFLOP/s, the datasheet's dense bf16 peak; median of "
+                 f"{args.gpu_steps} steps)")
     return lines
 
 
@@ -374,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(TRAIN_SHAPES), help=f"train: of {', '.join(TRAIN_SHAPES)}")
     parser.add_argument("--dtype", default="float32", help="train: gpt_jax model.dtype")
     parser.add_argument("--gpu", action="store_true", help="run the gpu section (same as naming it)")
-    parser.add_argument("--gpu_batch", type=int, default=16, help="gpu: sequences of 1024 tokens per step")
+    parser.add_argument("--gpu_batch", default="16", help="gpu: comma-separated sequences of 1024 tokens per step")
     parser.add_argument("--gpu_steps", type=int, default=10, help="gpu: timed steps")
     parser.add_argument("--gpu_remat", default="none", help="gpu: comma-separated model.remat variants")
+    parser.add_argument("--gpu_activation_dtype", default="bfloat16",
+                        help="gpu: comma-separated model.activation_dtype variants")
     parser.add_argument("--peak_flops", type=float, default=0.0, help="gpu: peak FLOP/s (default: H100/H200 bf16)")
     args = parser.parse_args(argv)
     if args.gpu:
