@@ -35,15 +35,15 @@ def test_kv_cache_decoding_equals_full_forward(kw):
     cfg = model.cfg
     batch, seq = 2, 12
     tokens = jax.random.randint(jax.random.key(2), (batch, seq), 0, kw["vocab_size"])
-    full, _ = model(tokens)
+    full, _ = nnx.jit(lambda m, t: m(t))(model, tokens)
     cache = init_cache(cfg, batch, 16)
     key_valid = jnp.ones((batch, 16), bool)
+    call = nnx.jit(lambda m, t, p, c, i: m(t, p, cache=c, cache_index=i, key_valid=key_valid))  # i is traced
     # prefill 5 tokens at once, then one token at a time
-    logits, cache = model(tokens[:, :5], cache=cache, cache_index=0, key_valid=key_valid)
+    logits, cache = call(model, tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (batch, 5)), cache, 0)
     steps = [logits]
     for i in range(5, seq):
-        positions = jnp.full((batch, 1), i)
-        logits, cache = model(tokens[:, i:i + 1], positions, cache=cache, cache_index=i, key_valid=key_valid)
+        logits, cache = call(model, tokens[:, i:i + 1], jnp.full((batch, 1), i), cache, i)
         steps.append(logits)
     cached = jnp.concatenate(steps, axis=1)
     np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=1e-5, rtol=1e-5)
