@@ -9,17 +9,26 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        # read-only (eval, sample, serve, export): nothing is saved or deleted. The options say so in full, and
+        # Orbax's one remaining notice ("Given directory is read only") is kept off the user's terminal.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep or None, create=not read_only, read_only=read_only,
-            enable_async_checkpointing=True)
+            max_to_keep=None if read_only else keep or None, save_interval_steps=0 if read_only else 1,
+            create=not read_only, read_only=read_only, enable_async_checkpointing=True)
         self._options = options
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("params", "opt_state", "meta"))
+        verbosity = absl_logging.get_verbosity()
+        if read_only:
+            absl_logging.set_verbosity(absl_logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=("params", "opt_state", "meta"))
+        finally:
+            absl_logging.set_verbosity(verbosity)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
