@@ -42,7 +42,7 @@ def test_sigkilled_run_resumes_bit_for_bit(tmp_path):
     steps = ["--config.train_steps=200", "--config.checkpoint_every=100", "--config.log_every=1"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     # the uninterrupted run and the run that dies share nothing: they run as two processes at once
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
         r_full = pool.submit(run_train, full, *steps)
         r = run_train(killed, *steps, env={"GPT_JAX_SIGKILL_AFTER_STEP": "100"})
         assert r_full.result().returncode == 0, r_full.result().stderr
