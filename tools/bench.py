@@ -351,16 +351,19 @@ def bench_gpu(args) -> list[str]:
              f"--gpu_remat={args.gpu_remat} --gpu_activation_dtype={args.gpu_activation_dtype}",
              f"measured bf16 matmul ceiling (8192^3): {ceiling / 1e12:.0f} TFLOP/s"]
     print("\n".join(lines), flush=True)
-    header = ["batch", "activations", "remat", "ms/step", "tokens/s", "TFLOP/s", "MFU", "of ceiling", "compile s",
-              "loss"]
+    header = ["batch", "activations", "remat", "ms/step", "tokens/s", "TFLOP/s", "MFU", "of ceiling", "setup s",
+              "compile s", "loss"]
     rows = []
     n_params = 0
     variants = itertools.product([int(b) for b in args.gpu_batch.split(",")], args.gpu_activation_dtype.split(","),
                                  args.gpu_remat.split(","))
     for batch_size, act, remat in variants:
+        print(f"{time.strftime('%H:%M:%S')} starting batch={batch_size} activations={act} remat={remat}", flush=True)
         try:
+            t = time.perf_counter()
             mesh, model_cfg, state, step, n_params = _jax_train_setup(
                 12, 12, 768, 1024, batch_size, 50304, "bfloat16", train_steps=1000, remat=remat, activation_dtype=act)
+            setup_s = time.perf_counter() - t  # parameter and optimizer initialisation (their compiles included)
             rng = np.random.default_rng(0)
             with jax.set_mesh(mesh):
                 batch = {"tokens": jax.device_put(rng.integers(0, 50257, (batch_size, 1025), dtype=np.int32))}
@@ -381,11 +384,11 @@ def bench_gpu(args) -> list[str]:
             tokens_per_s = batch_size * 1024 / step_s
             achieved = flops_per_token(model_cfg, n_params, 1024) * tokens_per_s
             row = [batch_size, act, remat, f"{step_s * 1e3:.1f}", tokens_per_s, f"{achieved / 1e12:.0f}",
-                   f"{achieved / peak:.1%}" if peak else "n/a", f"{achieved / ceiling:.1%}", f"{compile_s:.0f}",
-                   f"{float(metrics['train_loss']):.3f}"]
+                   f"{achieved / peak:.1%}" if peak else "n/a", f"{achieved / ceiling:.1%}", f"{setup_s:.0f}",
+                   f"{compile_s:.0f}", f"{float(metrics['train_loss']):.3f}"]
             del state, metrics
         except Exception as e:  # noqa: BLE001 - one failed variant (e.g. out of memory) must not lose the others
-            row = [batch_size, act, remat, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"] + [""] * 6
+            row = [batch_size, act, remat, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"] + [""] * 7
         rows.append(row)
         print(" | ".join(str(x) for x in row), flush=True)
     lines += table(header, rows)
