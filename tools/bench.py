@@ -243,18 +243,19 @@ def _torch_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab):
     return run
 
 
-def matmul_ceiling_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Float32 matmul FLOP/s of this CPU through JAX (best of `repeats`)."""
+def matmul_ceiling_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of one n×n×n matrix product on JAX's default device (best of `repeats`), the ceiling a run measures
+    beside its model: float32 on CPU, bf16 8192³ on a GPU. Random inputs (a GPU draws less power on constants)."""
     import jax
-    import jax.numpy as jnp
 
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        f(a).block_until_ready()
+        f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -313,27 +314,11 @@ def bench_train(args) -> list[str]:
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA's datasheet figure without sparsity)
 
 
-def _gpu_matmul_flops(n: int = 8192, repeats: int = 10) -> float:
-    """bf16 FLOP/s of one n×n×n matrix product on the GPU (median of `repeats`), the ceiling measured in the run."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times)
-
-
 def bench_gpu(args) -> list[str]:
     """GPT-2 124M (configs/small.py's shape) training MFU on one GPU: bf16 matmuls with cuDNN flash attention, over
-    the given batch sizes, activation dtypes and remat policies. Rows print as they finish; a variant that fails
-    (out of memory, say) gets a row saying so."""
+    the given batch sizes, activation dtypes and remat policies. Each variant prints a line as it starts and its row
+    as it finishes (progress; the table comes at the end); a variant that fails (out of memory, say) gets a row
+    saying so."""
     import itertools
 
     import jax
@@ -344,13 +329,12 @@ def bench_gpu(args) -> list[str]:
     device = jax.devices()[0]
     peak = args.peak_flops or (H100_BF16_PEAK if "H100" in device.device_kind or "H200" in device.device_kind
                                else 0.0)
-    ceiling = _gpu_matmul_flops()
+    ceiling = matmul_ceiling_flops(8192, 10, "bfloat16")
     lines = [f"## gpu: GPT-2 124M training, bf16 matmuls + cuDNN attention, on {device.device_kind} "
              f"(jax {jax.__version__})",
              f"command: python tools/bench.py gpu --gpu_batch={args.gpu_batch} --gpu_steps={args.gpu_steps} "
              f"--gpu_remat={args.gpu_remat} --gpu_activation_dtype={args.gpu_activation_dtype}",
-             f"measured bf16 matmul ceiling (8192^3): {ceiling / 1e12:.0f} TFLOP/s"]
-    print("\n".join(lines), flush=True)
+             f"measured bf16 matmul ceiling (8192^3, best of 10): {ceiling / 1e12:.0f} TFLOP/s"]
     header = ["batch", "activations", "remat", "ms/step", "tokens/s", "TFLOP/s", "MFU", "of ceiling", "setup s",
               "compile s", "loss"]
     rows = []
