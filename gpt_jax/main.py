@@ -12,6 +12,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from gpt_jax import hostmem  # noqa: E402
+
+hostmem.keep_freed_memory()  # before JAX or TensorFlow start threads (see hostmem.py)
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

@@ -32,6 +32,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from gpt_jax import hostmem  # noqa: E402
+
+# As `python -m gpt_jax.main` does, before JAX starts threads; the torch peers run in this process too, so both
+# sides get the same malloc (GPT_JAX_MALLOC=system measures glibc's defaults instead).
+HOST_MALLOC = "kept (gpt_jax.hostmem)" if hostmem.keep_freed_memory() else "system default"
+
 
 def table(header: list[str], rows: list[list]) -> list[str]:
     """A plain-text table, numbers right-aligned."""
@@ -269,7 +275,8 @@ def bench_train(args) -> list[str]:
     from gpt_jax.model import flops_per_token
 
     lines = [f"## train: gpt_jax vs transformers GPT2LMHeadModel + torch.optim.AdamW (CPU, torch threads "
-             f"{torch.get_num_threads()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+             f"{torch.get_num_threads()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+             f"freed host memory {HOST_MALLOC})",
              f"command: python tools/bench.py train --rounds={args.rounds} --steps={args.steps} "
              f"--dtype={args.dtype}"]
     rows = []

@@ -1,0 +1,47 @@
+"""Host memory: keep freed memory for reuse instead of handing it back to the kernel every step.
+
+XLA:CPU allocates each execution's temporary buffer afresh (750 MB per step for a 6-layer d384 model at batch
+8 x 256) and glibc serves blocks that large with `mmap`, so every step maps new pages, faults each one in
+(the kernel zeroes it) and unmaps it again: ~187,000 page faults per step there, ~12,000 for the 4-layer
+shakespeare_char model. `keep_freed_memory()` sets glibc's malloc to one arena, no `mmap` for large blocks and
+no trimming, so a step reuses the pages the step before it freed. Resident memory then stays at its peak
+instead of falling between steps, which is what a training or serving process wants.
+
+It must run before other threads start allocating (a thread keeps the arena it first used): call it first thing
+in a process, before importing JAX or TensorFlow. Elsewhere than Linux with glibc it does nothing. Set
+GPT_JAX_MALLOC=system to leave malloc as it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+# mallopt parameters from glibc's malloc.h
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Configures glibc malloc as described above; True when it took effect (once per process)."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if os.environ.get("GPT_JAX_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    # mallopt returns 1 on success; a trim threshold of -1 turns trimming off (mallopt(3))
+    _applied = bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1))
+    return _applied

@@ -1,0 +1,60 @@
+"""gpt_jax.hostmem: with it, a process that allocates and frees the same large block every step stops faulting
+fresh pages in; without it (GPT_JAX_MALLOC=system) glibc maps and unmaps the block each time."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_SNIPPET = r"""
+import ctypes, json, resource, threading
+from gpt_jax import hostmem
+applied = hostmem.keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB)
+
+def step():  # what XLA does with an execution's temporary buffer: allocate, write all of it, free
+    p = libc.malloc(SIZE)
+    ctypes.memset(p, 1, SIZE)
+    libc.free(p)
+
+faults = []
+def worker():  # allocate from a second thread too: XLA's executions run on its own threads
+    for _ in range(2):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        step()
+    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+
+t = threading.Thread(target=worker); t.start(); t.join()
+print(json.dumps({"applied": applied, "faults_per_step": faults[0]}))
+"""
+
+
+def _run(malloc_env: str | None) -> dict:
+    env = dict(os.environ)
+    env.pop("GPT_JAX_MALLOC", None)
+    if malloc_env:
+        env["GPT_JAX_MALLOC"] = malloc_env
+    out = subprocess.run([sys.executable, "-c", _SNIPPET], env=env, capture_output=True, text=True, timeout=120,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux-only")
+def test_keep_freed_memory_stops_per_step_page_faults():
+    kept = _run(None)
+    system = _run("system")
+    if not kept["applied"]:
+        pytest.skip("this libc has no mallopt (not glibc)")
+    assert system["applied"] is False
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    # glibc's default: the 64 MiB block is mmap'd afresh each step, so every page faults (every 2 MiB page where
+    # transparent huge pages are always on); kept: the freed block is reused, so (almost) nothing faults
+    assert system["faults_per_step"] >= min(0.9 * pages, 16), system
+    assert kept["faults_per_step"] < min(0.02 * pages, system["faults_per_step"] / 10), (kept, system)
