@@ -183,3 +183,31 @@ def test_bf16_activations_carry_bf16_between_matmuls_and_stay_close_to_float32(k
     for x, y in zip(jax.tree.leaves(g32), jax.tree.leaves(g16), strict=True):
         assert x.dtype == y.dtype == jnp.float32  # parameter gradients keep the parameters' dtype
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=0.05 * float(jnp.abs(x).max()) + 1e-6)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_cpu_attention_by_query_blocks_equals_full_causal_attention(heads, kv_heads):
+    """Past CPU_QUERY_BLOCK positions the CPU path attends by query blocks; values and gradients must equal full
+    causal attention (a sequence that is not a multiple of the block, and grouped-query attention)."""
+    from gpt_jax import model
+
+    assert jax.default_backend() == "cpu"
+    seq = 2 * model.CPU_QUERY_BLOCK + 5
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (2, seq, heads, 8))
+    k = jax.random.normal(keys[1], (2, seq, kv_heads, 8))
+    v = jax.random.normal(keys[2], (2, seq, kv_heads, 8))
+    weights = jax.random.normal(keys[3], (2, seq, heads, 8))
+
+    def ours(q, k, v):
+        return jnp.sum(model.attention(q, k, v, "float32", is_causal=True) * weights)
+
+    def full(q, k, v):
+        return jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True) * weights)
+
+    np.testing.assert_allclose(model.attention(q, k, v, "float32", is_causal=True),
+                               jax.nn.dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+    got = jax.grad(ours, argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(full, argnums=(0, 1, 2))(q, k, v)
+    for g, w, name in zip(got, want, "qkv", strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
