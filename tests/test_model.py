@@ -192,7 +192,7 @@ def test_cpu_attention_by_query_blocks_equals_full_causal_attention(heads, kv_he
     from gpt_jax import model
 
     assert jax.default_backend() == "cpu"
-    seq = 2 * model.CPU_QUERY_BLOCK + 5
+    seq = model.CPU_QUERY_BLOCK + 5  # two blocks, the second ragged
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (2, seq, heads, 8))
     k = jax.random.normal(keys[1], (2, seq, kv_heads, 8))
@@ -200,14 +200,15 @@ def test_cpu_attention_by_query_blocks_equals_full_causal_attention(heads, kv_he
     weights = jax.random.normal(keys[3], (2, seq, heads, 8))
 
     def ours(q, k, v):
-        return jnp.sum(model.attention(q, k, v, "float32", is_causal=True) * weights)
+        out = model.attention(q, k, v, "float32", is_causal=True)
+        return jnp.sum(out * weights), out
 
     def full(q, k, v):
-        return jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True) * weights)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return jnp.sum(out * weights), out
 
-    np.testing.assert_allclose(model.attention(q, k, v, "float32", is_causal=True),
-                               jax.nn.dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
-    got = jax.grad(ours, argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(full, argnums=(0, 1, 2))(q, k, v)
+    (_, got_out), got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, want_out), want = jax.jit(jax.value_and_grad(full, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-5)
     for g, w, name in zip(got, want, "qkv", strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")

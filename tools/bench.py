@@ -2,6 +2,7 @@
 
     python tools/bench.py data [--mb=8] [--train_steps=3] [--workdir=DIR]
     python tools/bench.py train [--rounds=5] [--steps=20] [--shapes=shakespeare_char,cpu_medium]
+    python tools/bench.py kernels [--rounds=5]
     python tools/bench.py --gpu [--gpu_batch=16,32] [--gpu_steps=10] [--gpu_remat=none,dots]
         [--gpu_activation_dtype=float32,bfloat16]   (on a GPU machine)
 
@@ -13,6 +14,7 @@ Sections:
 - `train`: training tokens/s of our jitted train step against transformers' GPT2LMHeadModel trained with
   torch.optim.AdamW on the same shapes and batch (interleaved rounds, median ratio), and CPU MFU against a float32
   matmul rate measured in the same rounds.
+- `kernels`: the float32 matmuls of those two models one at a time, XLA:CPU against torch, GFLOP/s each.
 
 Add a section by writing `def bench_NAME(args) -> list[str]` (the lines to print) and listing it in SECTIONS.
 """
@@ -315,6 +317,56 @@ def bench_train(args) -> list[str]:
     return lines
 
 
+def bench_kernels(args) -> list[str]:
+    """The matmuls of the train section's models, one at a time: XLA:CPU (what our step runs) against torch's
+    CPU kernels (what the peer runs), interleaved, median time each. Says how much of the train-section gap is
+    the matmul kernels themselves."""
+    import jax
+    import numpy as np
+    import torch
+
+    # name: (batch, m, k, n, lhs transposed, rhs transposed) at the shapes of TRAIN_SHAPES' models
+    cases = {
+        "shakespeare_char MLP up, forward": (1, 768, 128, 512, False, False),
+        "shakespeare_char MLP up, input gradient": (1, 768, 512, 128, False, True),
+        "shakespeare_char MLP up, weight gradient": (1, 128, 768, 512, True, False),
+        "shakespeare_char attention scores (48 heads x batch)": (48, 64, 32, 64, False, True),
+        "cpu_medium MLP up, forward": (1, 2048, 384, 1536, False, False),
+        "cpu_medium MLP up, input gradient": (1, 2048, 1536, 384, False, True),
+        "cpu_medium MLP up, weight gradient": (1, 384, 2048, 1536, True, False),
+        "cpu_medium attention scores (48 heads x batch)": (48, 256, 64, 256, False, True),
+    }
+    lines = [f"## kernels: float32 matmuls, XLA:CPU vs torch (torch threads {torch.get_num_threads()}, "
+             f"{os.cpu_count()} cores)", f"command: python tools/bench.py kernels --rounds={args.rounds}"]
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, (b, m, k, n, ta, tb) in cases.items():
+        a = rng.standard_normal((b, k, m) if ta else (b, m, k), dtype=np.float32)
+        w = rng.standard_normal((b, n, k) if tb else (b, k, n), dtype=np.float32)
+        spec = f"b{'km' if ta else 'mk'},b{'nk' if tb else 'kn'}->bmn"
+        f = jax.jit(lambda x, y, spec=spec: jax.numpy.einsum(spec, x, y))
+        ja, jw = jax.device_put(a), jax.device_put(w)
+        ta_, tw_ = torch.from_numpy(a), torch.from_numpy(w)
+        runs = {"jax": lambda: f(ja, jw).block_until_ready(), "torch": lambda: torch.einsum(spec, ta_, tw_)}
+        times = {key: [] for key in runs}
+        for _ in range(2):
+            for run in runs.values():
+                run()
+        reps = max(1, int(2e8 / (2 * b * m * k * n)))  # ~0.2 GFLOP per timing
+        for _ in range(args.rounds * 3):
+            for key, run in runs.items():
+                t = time.perf_counter()
+                for _ in range(reps):
+                    run()
+                times[key].append((time.perf_counter() - t) / reps)
+        flops = 2 * b * m * k * n
+        j, p = statistics.median(times["jax"]), statistics.median(times["torch"])
+        rows.append([name, f"{b}x{m}x{k}x{n}", f"{flops / j / 1e9:.0f}", f"{flops / p / 1e9:.0f}", f"{p / j:.2f}x"])
+    lines += table(["matmul", "b x m x k x n", "XLA:CPU GFLOP/s", "torch GFLOP/s",
+                    "XLA:CPU speed (torch time / XLA time)"], rows)
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # gpu
 
@@ -389,7 +441,7 @@ def bench_gpu(args) -> list[str]:
     return lines
 
 
-SECTIONS = {"data": bench_data, "train": bench_train, "gpu": bench_gpu}
+SECTIONS = {"data": bench_data, "train": bench_train, "kernels": bench_kernels, "gpu": bench_gpu}
 
 
 def main(argv: list[str] | None = None) -> int:
