@@ -2,6 +2,7 @@
 
     python tools/bench.py data [--mb=8] [--train_steps=3] [--workdir=DIR]
     python tools/bench.py train [--rounds=5] [--steps=20] [--shapes=shakespeare_char,cpu_medium]
+        [--ablate_query_blocks]
     python tools/bench.py kernels [--rounds=5]
     python tools/bench.py --gpu [--gpu_batch=16,32] [--gpu_steps=10] [--gpu_remat=none,dots]
         [--gpu_activation_dtype=float32,bfloat16]   (on a GPU machine)
@@ -280,8 +281,10 @@ def bench_train(args) -> list[str]:
              f"{torch.get_num_threads()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
              f"freed host memory {HOST_MALLOC})",
              f"command: python tools/bench.py train --rounds={args.rounds} --steps={args.steps} "
-             f"--dtype={args.dtype}"]
-    rows = []
+             f"--dtype={args.dtype}" + (" --ablate_query_blocks" if args.ablate_query_blocks else "")]
+    from gpt_jax import model as model_lib
+
+    rows, ablations = [], []
     for name in args.shapes.split(","):
         n_layer, n_head, d_model, seq_len, batch = TRAIN_SHAPES[name]
         vocab = 65
@@ -290,13 +293,26 @@ def bench_train(args) -> list[str]:
         torch_run = _torch_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab)
         jax_run(3)  # compile and warm up
         torch_run(3)
+        full_run = None
+        if args.ablate_query_blocks and seq_len > model_lib.CPU_QUERY_BLOCK:
+            # the same step with CPU attention over the full causal square (the constant is read at trace time)
+            full_run = _jax_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab, args.dtype)[0]
+            block, model_lib.CPU_QUERY_BLOCK = model_lib.CPU_QUERY_BLOCK, seq_len
+            try:
+                full_run(3)
+            finally:
+                model_lib.CPU_QUERY_BLOCK = block
         tokens = args.steps * batch * seq_len
-        jax_tps, torch_tps, ratios, ceilings = [], [], [], []
+        jax_tps, torch_tps, ratios, ceilings, full_gain = [], [], [], [], []
         for _ in range(args.rounds):
             ceilings.append(matmul_ceiling_flops())
             t = time.perf_counter()
             jax_run(args.steps)
             j = tokens / (time.perf_counter() - t)
+            if full_run is not None:
+                t = time.perf_counter()
+                full_run(args.steps)
+                full_gain.append(j / (tokens / (time.perf_counter() - t)))
             t = time.perf_counter()
             torch_run(args.steps)
             p = tokens / (time.perf_counter() - t)
@@ -310,8 +326,13 @@ def bench_train(args) -> list[str]:
                      statistics.median(torch_tps), f"{statistics.median(ratios):.2f}x",
                      f"{min(ratios):.2f}-{max(ratios):.2f}", f"{fpt * j_med / ceiling:.1%}",
                      f"{ceiling / 1e9:.0f}"])
+        if full_gain:
+            ablations.append(f"{name}: query-block attention {statistics.median(full_gain):.2f}x the full-square "
+                             f"step's tokens/s (median of {len(full_gain)} interleaved rounds, range "
+                             f"{min(full_gain):.2f}-{max(full_gain):.2f})")
     lines += table(["shape", "gpt_jax tok/s", "torch tok/s", "ratio (median)", "ratio range", "gpt_jax MFU",
                     "f32 matmul GFLOP/s"], rows)
+    lines += ablations
     lines.append(f"(medians of {args.rounds} interleaved rounds of {args.steps} steps each; MFU = "
                  "(6N + attention) FLOPs/token x tokens/s / the float32 matmul rate measured in the same rounds)")
     return lines
@@ -457,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="train: steps per round and framework")
     parser.add_argument("--shapes", default=",".join(TRAIN_SHAPES), help=f"train: of {', '.join(TRAIN_SHAPES)}")
     parser.add_argument("--dtype", default="float32", help="train: gpt_jax model.dtype")
+    parser.add_argument("--ablate_query_blocks", action="store_true",
+                        help="train: also time our step with CPU attention over the full causal square")
     parser.add_argument("--gpu", action="store_true", help="run the gpu section (same as naming it)")
     parser.add_argument("--gpu_batch", default="16", help="gpu: comma-separated sequences of 1024 tokens per step")
     parser.add_argument("--gpu_steps", type=int, default=10, help="gpu: timed steps")
