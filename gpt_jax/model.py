@@ -191,16 +191,16 @@ def attention(q, k, v, dtype: str, *, is_causal=False, mask=None, out_dtype=jnp.
     """Softmax attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs in bf16/f16):
     q [batch, seq, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim] (GQA when kv_heads < heads).
 
-    On CPU, causal self-attention over more than CPU_QUERY_BLOCK positions (training, evaluation, prefill) goes
-    by query blocks (`_causal_attention_by_query_blocks`): 1.14x the train step of a 6-layer d384 model at
-    seq 256 (BENCHMARKS.md)."""
+    On CPU, causal self-attention without a cache over more than CPU_QUERY_BLOCK positions (training and
+    evaluation) goes by query blocks (`_causal_attention_by_query_blocks`): 1.11x the tokens/s of a 6-layer d384
+    model's train step at seq 256 (`tools/bench.py train --ablate_query_blocks`, BENCHMARKS.md)."""
     compute = _DTYPES[dtype]
     backend = jax.default_backend()
     if backend == "cpu":
         compute = jnp.float32  # XLA:CPU runs bf16 attention slower than float32 (measured)
         if is_causal and mask is None and q.shape[1] == k.shape[1] and q.shape[1] > CPU_QUERY_BLOCK:
-            f32 = lambda x: x.astype(compute)  # noqa: E731
-            return _causal_attention_by_query_blocks(f32(q), f32(k), f32(v), CPU_QUERY_BLOCK).astype(out_dtype)
+            q, k, v = (x.astype(compute) for x in (q, k, v))
+            return _causal_attention_by_query_blocks(q, k, v, CPU_QUERY_BLOCK).astype(out_dtype)
     implementation = "cudnn" if backend == "gpu" and compute != jnp.float32 and mask is None else None
     y = jax.nn.dot_product_attention(q.astype(compute), k.astype(compute), v.astype(compute), is_causal=is_causal,
                                      mask=mask, implementation=implementation)

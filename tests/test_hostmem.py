@@ -12,7 +12,7 @@ _SNIPPET = r"""
 import ctypes, json, resource, threading
 from gpt_jax import hostmem
 applied = hostmem.keep_freed_memory()
-libc = ctypes.CDLL("libc.so.6")
+libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 SIZE = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB)
