@@ -346,17 +346,15 @@ def bench_kernels(args) -> list[str]:
     import numpy as np
     import torch
 
-    # name: (batch, m, k, n, lhs transposed, rhs transposed) at the shapes of TRAIN_SHAPES' models
-    cases = {
-        "shakespeare_char MLP up, forward": (1, 768, 128, 512, False, False),
-        "shakespeare_char MLP up, input gradient": (1, 768, 512, 128, False, True),
-        "shakespeare_char MLP up, weight gradient": (1, 128, 768, 512, True, False),
-        "shakespeare_char attention scores (48 heads x batch)": (48, 64, 32, 64, False, True),
-        "cpu_medium MLP up, forward": (1, 2048, 384, 1536, False, False),
-        "cpu_medium MLP up, input gradient": (1, 2048, 1536, 384, False, True),
-        "cpu_medium MLP up, weight gradient": (1, 384, 2048, 1536, True, False),
-        "cpu_medium attention scores (48 heads x batch)": (48, 256, 64, 256, False, True),
-    }
+    # name: (batch, m, k, n, lhs transposed, rhs transposed), from TRAIN_SHAPES' models (MLP width 4 x d_model)
+    cases = {}
+    for shape, (_, n_head, d_model, seq_len, batch) in TRAIN_SHAPES.items():
+        tokens, d_ff = batch * seq_len, 4 * d_model
+        cases[f"{shape} MLP up, forward"] = (1, tokens, d_model, d_ff, False, False)
+        cases[f"{shape} MLP up, input gradient"] = (1, tokens, d_ff, d_model, False, True)
+        cases[f"{shape} MLP up, weight gradient"] = (1, d_model, tokens, d_ff, True, False)
+        cases[f"{shape} attention scores ({batch * n_head} heads x batch)"] = (
+            batch * n_head, seq_len, d_model // n_head, seq_len, False, True)
     lines = [f"## kernels: float32 matmuls, XLA:CPU vs torch (torch threads {torch.get_num_threads()}, "
              f"{os.cpu_count()} cores)", f"command: python tools/bench.py kernels --rounds={args.rounds}"]
     rng = np.random.default_rng(0)
