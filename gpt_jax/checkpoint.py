@@ -8,8 +8,13 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+
+# A workdir that holds a model without training state (an import, a LoRA merge) saves this as its optimizer state:
+# Orbax refuses an empty tree. Its meta record says {"opt_state": "placeholder"}.
+PLACEHOLDER_OPT_STATE = {"none": np.zeros((), np.int32)}
 
 
 class Checkpointer:
@@ -53,7 +58,7 @@ class Checkpointer:
         return restored["params"], restored.get("opt_state"), restored["meta"]
 
     def _is_converted(self, step: int) -> bool:
-        """A workdir written by tools/convert.py holds parameters only (a placeholder optimizer state)."""
+        """A workdir written by tools/convert.py holds parameters only (PLACEHOLDER_OPT_STATE)."""
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         return meta.get("opt_state") == "placeholder"
 
@@ -102,22 +107,20 @@ def _abstract(tree):
     return jax.tree.map(one, tree)
 
 
-def has_checkpoint(workdir: str) -> bool:
-    path = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+def has_checkpoint(directory: str) -> bool:
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
-
-def restore_model(workdir: str, abstract_model, step: int | None = None):
-    """(model, step): the parameters of `workdir`'s checkpoint at `step` (default: the latest) merged into
+def restore_model(directory: str, abstract_model, step: int | None = None):
+    """(model, step): the parameters of the checkpoint in `directory` at `step` (default: the latest) merged into
     `abstract_model` (an `nnx.eval_shape` of the module), on the first device, for inference and export."""
     from flax import nnx
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    ckpt = Checkpointer(directory, read_only=True)
     try:
         step = ckpt.latest_step() if step is None else step
         graphdef, state = nnx.split(abstract_model, nnx.Param)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                               nnx.to_pure_dict(state))
         params, _, _ = ckpt.restore(step, target)

@@ -230,7 +230,7 @@ class Engine:
         if self.max_len < 2:
             raise ValueError(f"max_len={self.max_len} leaves no room to decode")
         # committed to one device, so every call sees the same placement (else the first call compiles twice)
-        self._device = jax.devices()[0]
+        self._device = jax.local_devices()[0]
         graphdef, params = nnx.split(model, nnx.Param)
         self.params = jax.device_put(params, self._device)
         self._prefill, self._step, self._sample, self._grow = _compiled(graphdef, cfg)
@@ -525,8 +525,9 @@ class Decoder:
 
 def sample_workdir(source: str, prompts: Sequence[str], max_new_tokens: int, temperature: float, top_k: int,
                    top_p: float, num_samples: int = 1, seed: int = 0) -> list[list[str]]:
-    """Loads the model at `source` and returns, per prompt, `num_samples` generated continuations (text)."""
-    from gpt_jax import pretrained
+    """Loads the model at `source` and returns, per prompt, `num_samples` generated continuations (text); an
+    encoder-decoder's are translations of the prompts."""
+    from gpt_jax import workdir
     from gpt_jax.errors import UserError
 
     if max_new_tokens < 0:
@@ -539,19 +540,26 @@ def sample_workdir(source: str, prompts: Sequence[str], max_new_tokens: int, tem
         raise UserError(f"--top_k={top_k} must not be negative")
     if num_samples < 1:
         raise UserError(f"--num_samples={num_samples} must be at least 1")
-    loaded = pretrained.load(source)
+    loaded = workdir.load(source)
     tok = loaded.tokenizer
-    encoded = []
-    for p in prompts:
-        ids = list(tok.encode(p))
-        if getattr(tok, "add_bos", False) and tok.bos_id is not None:
-            ids.insert(0, tok.bos_id)
-        if not ids:
-            ids = [tok.bos_id if tok.bos_id is not None else (tok.eos_id if tok.eos_id is not None else 0)]
-        encoded.append(ids)
-    decoder = Decoder(loaded.model, loaded.model_cfg)
-    sampling = SamplingParams(temperature, min(top_k, loaded.model_cfg.vocab_size), top_p)
-    rows = [ids for ids in encoded for _ in range(num_samples)]
-    out = decoder.generate(rows, max_new_tokens, sampling, seed=seed, eos_id=tok.eos_id)
-    texts = [tok.decode(ids) for ids in out]
+    if loaded.config.model.kind == "encoder_decoder":
+        from gpt_jax import encdec_decode
+
+        texts = [text for p in prompts for text in encdec_decode.translate_texts(
+            loaded, [p] * num_samples, max_new_tokens=max(max_new_tokens, 1), temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed)]
+    else:
+        encoded = []
+        for p in prompts:
+            ids = list(tok.encode(p))
+            if getattr(tok, "add_bos", False) and tok.bos_id is not None:
+                ids.insert(0, tok.bos_id)
+            if not ids:
+                ids = [tok.bos_id if tok.bos_id is not None else (tok.eos_id if tok.eos_id is not None else 0)]
+            encoded.append(ids)
+        decoder = Decoder(loaded.model, loaded.model_cfg)
+        sampling = SamplingParams(temperature, min(top_k, loaded.model_cfg.vocab_size), top_p)
+        rows = [ids for ids in encoded for _ in range(num_samples)]
+        out = decoder.generate(rows, max_new_tokens, sampling, seed=seed, eos_id=tok.eos_id)
+        texts = [tok.decode(ids) for ids in out]
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

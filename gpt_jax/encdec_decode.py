@@ -1,14 +1,14 @@
 """Decoding from an encoder-decoder: the source is encoded and its cross-attention keys/values computed once, then
 the decoder runs one token at a time over the decoder-only model's KV cache (greedy, or sampled with temperature,
 top-k and top-p through `gpt_jax.decode.sample_tokens`), inside one jitted `lax.while_loop` that stops when every
-row has produced its end token.
-
-`generate_uncached` recomputes the whole model for every new token; it exists to check the cached path.
+row has produced its end token. `translate_texts` goes from source texts to translations with a loaded model.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+from collections import deque
 from collections.abc import Sequence
 
 import jax
@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gpt_jax import decode
+from gpt_jax.data import pairs
 from gpt_jax.decode import sample_tokens
-from gpt_jax.encdec import EncDecConfig, EncoderDecoder
-from gpt_jax.model import init_cache
+from gpt_jax.model import EncDecConfig, EncoderDecoder, init_cache
 
 SOURCE_BUCKET = 16  # sources are padded to a multiple of this, so few shapes compile
 
@@ -55,8 +56,8 @@ def _compiled_generate(graphdef: nnx.GraphDef, cfg: EncDecConfig, max_new_tokens
             i, token, cache, out, done = carry
             decoder = nnx.merge(graphdef, params).decoder
             positions = jnp.full((batch, 1), i)
-            logits, cache = decoder(token[:, None], cross, source_valid, positions, cache=cache, cache_index=i,
-                                    key_valid=key_valid)
+            logits, cache = decoder(token[:, None], positions, cross_kv=cross, memory_valid=source_valid,
+                                    cache=cache, cache_index=i, key_valid=key_valid)
             nxt = sample_tokens(logits[:, 0], _row_keys(seed, batch, i), temperature, top_k, top_p)
             nxt = jnp.where(done, cfg.pad_id, nxt)
             out = out.at[:, i].set(nxt)
@@ -79,42 +80,6 @@ def generate(model: EncoderDecoder, source_ids, source_valid, max_new_tokens: in
     out = run(params, jnp.asarray(source_ids), jnp.asarray(source_valid, bool),
               *_sampling_arrays(batch, temperature, top_k, top_p), jnp.uint32(seed))
     return np.asarray(out)
-
-
-@jax.jit
-def _sample_step(logits, seed, step, temperature, top_k, top_p):
-    return sample_tokens(logits, _row_keys(seed, logits.shape[0], step), temperature, top_k, top_p)
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_forward(graphdef: nnx.GraphDef):
-    return jax.jit(lambda params, source_ids, source_valid, inputs: nnx.merge(graphdef, params)(
-        source_ids, inputs, source_valid))
-
-
-def generate_uncached(model: EncoderDecoder, source_ids, source_valid, max_new_tokens: int, *,
-                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Like `generate`, recomputing encoder and decoder over the whole prefix for every token (no caches)."""
-    cfg = model.cfg
-    source_ids, source_valid = jnp.asarray(source_ids), jnp.asarray(source_valid, bool)
-    batch = source_ids.shape[0]
-    sampling = _sampling_arrays(batch, temperature, top_k, top_p)
-    graphdef, params = nnx.split(model, nnx.Param)
-    forward = functools.partial(_compiled_forward(graphdef), params, source_ids, source_valid)
-    inputs = jnp.full((batch, max_new_tokens), cfg.pad_id, jnp.int32).at[:, 0].set(cfg.decoder_start_id)
-    out = np.full((batch, max_new_tokens), cfg.pad_id, np.int32)
-    done = np.zeros(batch, bool)
-    for i in range(max_new_tokens):
-        logits = forward(inputs)[:, i]  # causal: later (padding) inputs do not reach position i
-        nxt = np.asarray(_sample_step(logits, jnp.uint32(seed), i, *sampling))
-        nxt = np.where(done, cfg.pad_id, nxt)
-        out[:, i] = nxt
-        done |= nxt == cfg.eos_id
-        if done.all():
-            break
-        if i + 1 < max_new_tokens:
-            inputs = inputs.at[:, i + 1].set(nxt)
-    return out
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = SOURCE_BUCKET,
@@ -159,3 +124,85 @@ def translate(model: EncoderDecoder, source_rows: Sequence[Sequence[int]], *, ma
         for row, i in enumerate(chunk):
             results[i] = strip_output(out[row], cfg.eos_id, (cfg.pad_id, cfg.decoder_start_id))
     return results
+
+
+def translate_texts(loaded, sources: Sequence[str], *, max_new_tokens: int = 96, batch_size: int = 128,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Translations of source texts by a loaded encoder-decoder (`workdir.LoadedModel`: its model, source and
+    target tokenizers, and the run config's special tokens and source length), greedy at temperature 0."""
+    m, config = loaded.config.model, loaded.config
+    rows = pairs.encode_sources(loaded.source_tokenizer, sources, config.data.max_source_len or config.seq_len,
+                                m.source_bos_id, m.source_eos_id)
+    out = translate(loaded.model, rows, max_new_tokens=max_new_tokens, batch_size=min(batch_size, max(len(rows), 1)),
+                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return pairs.decode_targets(loaded.tokenizer, out)
+
+
+class TranslationEngine:
+    """What serving an encoder-decoder runs on, with `decode.Engine`'s interface: a request's prompt is the source
+    (token ids of the source tokenizer, without its wrapping tokens); the waiting requests are translated together
+    at the next step, each finishing with one update that holds its whole translation."""
+
+    def __init__(self, loaded, max_batch: int = 8):
+        self.loaded, self.max_batch = loaded, max_batch
+        self.cfg = loaded.model_cfg.decoder
+        self.max_len = self.cfg.max_seq_len
+        self._pending: deque[decode.RequestState] = deque()
+        self._lock = threading.Lock()
+
+    def submit(self, request: decode.Request) -> decode.RequestState:
+        state = decode.RequestState(request)
+        with self._lock:
+            self._pending.append(state)
+        return state
+
+    def cancel(self, state: decode.RequestState) -> None:
+        state.cancelled = True
+
+    def has_work(self) -> bool:
+        return bool(self._pending)
+
+    def load(self) -> tuple[int, int]:
+        return 0, len(self._pending)
+
+    def warmup(self, prompt_len: int = 16) -> None:
+        self.submit(decode.Request([0] * min(prompt_len, 8), max_tokens=2))
+        self.step()
+
+    def fail_all(self, reason: str = "error") -> None:
+        with self._lock:
+            pending, self._pending = list(self._pending), deque()
+        for state in pending:
+            self._finish(state, [], reason)
+
+    def step(self) -> None:
+        with self._lock:
+            batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+        groups: dict[tuple, list[decode.RequestState]] = {}
+        for state in batch:
+            if state.cancelled:
+                self._finish(state, [], "cancelled")
+                continue
+            r = state.request
+            groups.setdefault((r.sampling, r.seed, r.stream_id), []).append(state)
+        m, config = self.loaded.config.model, self.loaded.config
+        room = (config.data.max_source_len or config.seq_len) - (m.source_bos_id >= 0) - (m.source_eos_id >= 0)
+        for (sampling, seed, _), states in groups.items():
+            rows = [([m.source_bos_id] if m.source_bos_id >= 0 else []) + list(s.request.prompt)[:room]
+                    + ([m.source_eos_id] if m.source_eos_id >= 0 else []) for s in states]
+            out = translate(self.loaded.model, rows, max_new_tokens=max(s.request.max_tokens for s in states),
+                            batch_size=len(rows), temperature=sampling.temperature, top_k=sampling.top_k,
+                            top_p=sampling.top_p, seed=(seed + states[0].request.stream_id) & 0x7FFFFFFF)
+            for state, tokens in zip(states, out, strict=True):
+                tokens = tokens[:state.request.max_tokens]
+                self._finish(state, tokens, "stop" if len(tokens) < state.request.max_tokens else "length")
+
+    def _finish(self, state: decode.RequestState, tokens: list[int], reason: str) -> None:
+        text = self.loaded.tokenizer.decode(tokens).strip() if tokens else ""
+        stops = [text.find(s) for s in state.request.stop if s in text]
+        if stops:
+            text, reason = text[:min(stops)], "stop"
+        state.token_ids, state.text, state.finish_reason = list(tokens), text, reason
+        if state.request.on_update is not None:
+            state.request.on_update(decode.Update(list(tokens), text, reason))
+        state.done.set()

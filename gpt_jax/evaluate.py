@@ -1,6 +1,8 @@
-"""Evaluation: perplexity with a sliding window (token perplexity, bits per byte, word-level perplexity, so models
-with different tokenizers compare), BLEU / chrF for translation and exact match for GSM8K-style answers through
-batched decoding, the `--mode=eval` report (WORKDIR/eval.json and eval.md), and markdown tables of results."""
+"""Evaluation: validation loss, perplexity and bits per byte over a run's validation batches (during training and
+for `--mode=eval`, which writes WORKDIR/eval.json and eval.md; an encoder-decoder adds BLEU and chrF of its
+translations), perplexity of a text with a sliding window (token perplexity, bits per byte, word-level
+perplexity, so models with different tokenizers compare), BLEU / chrF for translation and exact match for
+GSM8K-style answers through batched decoding, and markdown tables of results."""
 
 from __future__ import annotations
 
@@ -11,19 +13,88 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
-from gpt_jax import pretrained, train
+from gpt_jax import steps
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax import workdir as workdir_lib
 from gpt_jax.data import text as text_lib
 from gpt_jax.errors import UserError
+from gpt_jax.workdir import LoadedModel
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation loss, and translation scores of an encoder-decoder
+
+
+def evaluate_batches(eval_step, params, batches: Sequence[dict], put: Callable = jnp.asarray, frozen=()) -> dict:
+    """Mean loss, perplexity and bits per byte over `batches` (their loss masks say which targets count)."""
+    totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for batch in batches:
+        sums = eval_step(params, put(batch), *frozen)
+        for k in totals:
+            totals[k] += float(sums[k])
+    loss = totals["nll"] / max(totals["tokens"], 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
+            "val_bpb": totals["nll"] / math.log(2) / max(totals["bytes"], 1.0), "val_tokens": int(totals["tokens"])}
+
+
+def translation_scores(loaded: LoadedModel, sources: Sequence[str], references: Sequence[str],
+                       hypotheses_path: str | None = None) -> dict:
+    """Greedy translations of `sources` by an encoder-decoder scored against `references`: BLEU and chrF
+    (sacrebleu defaults) and the seconds decoding took; the translations go to `hypotheses_path`, one a line."""
+    from gpt_jax import encdec_decode
+
+    e = loaded.config.eval
+    start = time.perf_counter()
+    hyps = encdec_decode.translate_texts(loaded, sources, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    seconds = time.perf_counter() - start
+    if hypotheses_path and jax.process_index() == 0:
+        with open(hypotheses_path, "w", encoding="utf-8") as f:
+            f.writelines(h.replace("\n", " ") + "\n" for h in hyps)
+    scores = bleu(hyps, [list(references)])
+    return {"bleu": scores["bleu"], "chrf": scores["chrf"], "sentences": len(hyps), "decode_seconds": seconds,
+            "bleu_signature": scores["bleu_signature"]}
+
+
+class Evaluator:
+    """Evaluation during training: the loss over a fixed random subset of `eval_steps` validation batches, or over
+    the whole validation split (`full`), where an encoder-decoder adds BLEU and chrF of its greedy translations."""
+
+    def __init__(self, config, data, run: steps.TrainSetup, batch_sharding, workdir: str):
+        self.config, self.data, self.run, self.workdir = config, data, run, workdir
+        self.step = jax.jit(steps.make_eval_step(run.graphdef, data.tokenizer.token_byte_lengths(), run.model_params),
+                            in_shardings=(run.shardings["params"], batch_sharding) + (
+                                (run.param_shardings,) if run.base is not None else ()))
+        self.put = lambda batch: jax.device_put(batch, batch_sharding)
+        self.quick = data.val_batches(config.batch_size, config.seq_len, config.eval_steps * config.batch_size,
+                                      config.seed)
+        self._full = None
+
+    def __call__(self, params, step: int, full: bool) -> dict:
+        if full and self._full is None:
+            self._full = self.data.val_batches(self.config.batch_size, self.config.seq_len)
+        result = evaluate_batches(self.step, params, self._full if full else self.quick, self.put, self.run.frozen)
+        if full and self.config.model.kind == "encoder_decoder":
+            from jax.experimental import multihost_utils
+
+            # every process gathers the parameters and translates (the same sentences), so none waits on another
+            host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else params
+            loaded = LoadedModel(nnx.merge(self.run.graphdef, jax.device_get(host)), None, self.data.tokenizer,
+                                 self.config, step, "", self.data.source_tokenizer)
+            limit = self.config.eval.limit or None
+            scores = translation_scores(loaded, self.data.val_sources[:limit], self.data.val_targets[:limit],
+                                        workdir_lib.path(self.workdir, "val_hypotheses.txt"))
+            result.update(val_bleu=scores["bleu"], val_chrf=scores["chrf"])
+        return result
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Perplexity with a sliding window
@@ -55,7 +126,7 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int
     return spans
 
 
-def token_nll(loaded: pretrained.LoadedModel, token_ids: np.ndarray, window: int, stride: int,
+def token_nll(loaded: LoadedModel, token_ids: np.ndarray, window: int, stride: int,
               batch_size: int = 0) -> np.ndarray:
     """Negative log-likelihood (nats) of each token of `token_ids` under the model, scored with sliding windows
     (see `sliding_windows`); NaN where a token is not scored. `window` may be at most the model's context + 1
@@ -71,7 +142,7 @@ def token_nll(loaded: pretrained.LoadedModel, token_ids: np.ndarray, window: int
     batch_size = min(batch_size, len(spans))
     graphdef, params = nnx.split(loaded.model, nnx.Param)
     params = nnx.to_pure_dict(params)
-    losses_fn = jax.jit(lambda p, tokens: train.token_losses(graphdef, p, tokens))
+    losses_fn = jax.jit(lambda p, tokens: steps.token_losses(graphdef, p, {"tokens": tokens})[0])
     nll = np.full(len(token_ids), np.nan, np.float64)
     for start in range(0, len(spans), batch_size):
         chunk = spans[start:start + batch_size]
@@ -103,13 +174,13 @@ def perplexity_metrics(nll: np.ndarray, token_ids: np.ndarray, byte_lengths: np.
     }
 
 
-def default_window(loaded: pretrained.LoadedModel, window: int | None, stride: int | None) -> tuple[int, int]:
+def default_window(loaded: LoadedModel, window: int | None, stride: int | None) -> tuple[int, int]:
     """The window (default: the model's whole context plus the last target) and stride (default: half of it)."""
     window = window or loaded.model_cfg.max_seq_len + 1
     return window, stride or max(1, (window - 1) // 2)
 
 
-def text_perplexity(loaded: pretrained.LoadedModel, text: str, window: int | None = None,
+def text_perplexity(loaded: LoadedModel, text: str, window: int | None = None,
                     stride: int | None = None, batch_size: int = 0) -> dict:
     """Perplexity metrics of `text` (tokenized as one document, no BOS added) under a loaded model."""
     window, stride = default_window(loaded, window, stride)
@@ -119,7 +190,7 @@ def text_perplexity(loaded: pretrained.LoadedModel, text: str, window: int | Non
     return {**metrics, "window": window, "stride": stride, "model": loaded.name}
 
 
-def split_perplexity(loaded: pretrained.LoadedModel, split: str = "val", data_path: str = "",
+def split_perplexity(loaded: LoadedModel, split: str = "val", data_path: str = "",
                      window: int | None = None, stride: int | None = None, batch_size: int = 0) -> dict:
     """Perplexity metrics of a split (`train` or `val`) of the model's own data, or of the data prepared by
     `tools/prepare_data.py` in `data_path` (its documents joined with EOS; it must use the model's tokenizer)."""
@@ -179,7 +250,7 @@ GSM8K_TEMPLATE = "Question: {question}\nAnswer:"
 GSM8K_STOPS = ("\n\n", "\nQuestion:")
 
 
-def generate(loaded: pretrained.LoadedModel, prompts: Sequence[str], max_new_tokens: int,
+def generate(loaded: LoadedModel, prompts: Sequence[str], max_new_tokens: int,
              stops: Sequence[str] = ("\n",), batch_size: int = 8, temperature: float = 0.0, seed: int = 0) -> list[str]:
     """Continues each prompt (greedy at temperature 0) in batches of similar length; each continuation is cut
     before the first of `stops`."""
@@ -226,7 +297,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict
             "bleu_signature": str(bleu_metric.get_signature()), "chrf_signature": str(chrf_metric.get_signature())}
 
 
-def translate(loaded: pretrained.LoadedModel, sources: Sequence[str], template: str = TRANSLATE_TEMPLATE,
+def translate(loaded: LoadedModel, sources: Sequence[str], template: str = TRANSLATE_TEMPLATE,
               prefix: str = "", max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
     """Greedy translations of `sources`: each prompt is `prefix` (e.g. few-shot examples) + template filled with
     {source}; a translation ends at the first newline."""
@@ -269,7 +340,7 @@ def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> dict:
     return {"exact_match": sum(strict) / n, "exact_match_flexible": sum(flexible) / n, "examples": len(answers)}
 
 
-def gsm8k(loaded: pretrained.LoadedModel, examples: Sequence[dict], template: str = GSM8K_TEMPLATE,
+def gsm8k(loaded: LoadedModel, examples: Sequence[dict], template: str = GSM8K_TEMPLATE,
           prefix: str = "", max_new_tokens: int = 256, batch_size: int = 8) -> tuple[dict, list[str]]:
     """Generates an answer per example ({"question", "answer"}) and scores exact match; returns (metrics,
     generated answers)."""
@@ -301,32 +372,38 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
 
 
 def evaluate_workdir(config, workdir: str) -> dict:
-    """Evaluates the latest checkpoint in `workdir` (or `config.init_from` when it has none) on every
-    non-overlapping window of the config's validation data; writes eval.json and eval.md, returns the results.
-    The data is tokenized with the model's own tokenizer: one from `init_from` is saved to `workdir/tokenizer`
-    when that holds none, and a different tokenizer there is an error."""
-    has_model = os.path.isfile(os.path.join(workdir, "config.json")) and \
-        (checkpoint_lib.has_checkpoint(workdir) or not config.init_from)
-    loaded = pretrained.load(workdir if has_model else (config.init_from or workdir))
-    tokenizer_dir = os.path.join(workdir, "tokenizer")
-    if not os.path.isfile(os.path.join(tokenizer_dir, tokenizer_lib.TOKENIZER_JSON)):
+    """Evaluates the latest checkpoint in `workdir` (or `config.init_from` when it has none) on the whole
+    validation split of the config's data; an encoder-decoder adds BLEU and chrF of its greedy translations of the
+    validation sources (val_hypotheses.txt). Writes eval.json and eval.md, returns the results. Decoder-only data is
+    tokenized with the model's own tokenizer: one from `init_from` is saved to `workdir/tokenizer` when that holds
+    none, and a different tokenizer there is an error."""
+    has_model = os.path.isfile(workdir_lib.path(workdir, workdir_lib.CONFIG)) and \
+        (workdir_lib.has_checkpoint(workdir) or not config.init_from)
+    loaded = workdir_lib.load(workdir if has_model else (config.init_from or workdir))
+    tokenizer_dir = workdir_lib.tokenizer_dir(workdir)
+    encdec = loaded.config.model.kind == "encoder_decoder"
+    if not encdec and not os.path.isfile(os.path.join(tokenizer_dir, tokenizer_lib.TOKENIZER_JSON)):
         loaded.tokenizer.save(tokenizer_dir)  # never a tokenizer trained on the evaluation data
     data = data_lib.load_data(config, tokenizer_dir)
-    seq_len = min(config.seq_len, loaded.model_cfg.max_seq_len)
-    windows = data.val_windows(seq_len)
-    probe = data.tokenizer.decode(windows[0][:256]) if len(windows) else ""
-    if not _same_tokenizer(data.tokenizer, loaded.tokenizer, probe):
-        raise UserError(f"{tokenizer_dir} holds another tokenizer than {loaded.name}'s: evaluate into a new workdir")
-    masks = data.val_loss_masks(seq_len) if hasattr(data, "val_loss_masks") else None  # SFT: the responses only
+    seq_len = config.seq_len if encdec else min(config.seq_len, loaded.model_cfg.max_seq_len)
+    batches = data.val_batches(config.batch_size, seq_len)
+    if not encdec:
+        probe = data.tokenizer.decode(batches[0]["tokens"][0][:256]) if batches else ""
+        if not _same_tokenizer(data.tokenizer, loaded.tokenizer, probe):
+            raise UserError(f"{tokenizer_dir} holds another tokenizer than {loaded.name}'s: evaluate into a new "
+                            "workdir")
     graphdef, params = nnx.split(loaded.model, nnx.Param)
-    params = nnx.to_pure_dict(params)
-    eval_step = jax.jit(train.make_eval_step(graphdef, data.tokenizer.token_byte_lengths()))
-    results = train.evaluate_windows(eval_step, params, windows, config.batch_size, masks=masks)
+    eval_step = jax.jit(steps.make_eval_step(graphdef, data.tokenizer.token_byte_lengths()))
+    results = evaluate_batches(eval_step, nnx.to_pure_dict(params), batches)
     results.update({"step": loaded.step, "seq_len": seq_len, "model": loaded.name})
+    if encdec:
+        limit = config.eval.limit or None
+        results.update(translation_scores(loaded, data.val_sources[:limit], data.val_targets[:limit],
+                                          workdir_lib.path(workdir, "val_hypotheses.txt")))
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
+    with open(workdir_lib.path(workdir, workdir_lib.EVAL_JSON), "w") as f:
         json.dump(results, f, indent=2)
-    with open(os.path.join(workdir, "eval.md"), "w") as f:
-        f.write(markdown_table([results], ["model", "step", "val_loss", "val_ppl", "val_bpb", "val_tokens",
-                                           "seq_len"]))
+    columns = ["model", "step", "val_loss", "val_ppl", "val_bpb", "val_tokens", "seq_len"]
+    with open(workdir_lib.path(workdir, workdir_lib.EVAL_MD), "w") as f:
+        f.write(markdown_table([results], columns + (["bleu", "chrf"] if encdec else [])))
     return results

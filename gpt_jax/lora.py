@@ -7,24 +7,21 @@ mirrors the parameters down to each targeted module (`{"blocks": {0: {"attn": {"
 the base stays a frozen input and the model code knows nothing of LoRA.
 
 A LoRA run's workdir loads as a model wherever a workdir does (`--mode=eval|sample|serve`, tools/evaluate.py,
-`tools/convert.py --to=hf`): `pretrained.load_workdir` merges its adapters into the `init_from` base, which must
-still be there. Merging writes a plain workdir that stands alone, without the base:
-
-    python -m gpt_jax.lora --workdir=LORA_WORKDIR --output=MERGED_DIR [--step=N]
+`tools/convert.py --to=hf`): `workdir.load_workdir` merges its adapters into the `init_from` base, which must
+still be there. `tools/convert.py --input=LORA_WORKDIR --output=DIR` writes the merged model as a workdir that
+stands alone, without the base.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gpt_jax import config as config_lib
-from gpt_jax.errors import ConfigError, UserError
+from gpt_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,102 +113,3 @@ def adapter_shardings(adapters: dict, param_shardings: dict) -> dict:
 
 def count(adapters: dict) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# LoRA workdirs: load merged, write merged
-
-
-def load_merged(workdir: str, step: int | None = None):
-    """The model of a LoRA workdir with its adapters (latest checkpoint or `step`) merged into the `init_from` base,
-    as a `pretrained.LoadedModel` whose config has lora.rank 0."""
-    from flax import nnx
-
-    from gpt_jax import checkpoint as checkpoint_lib
-    from gpt_jax import pretrained
-    from gpt_jax import tokenizer as tokenizer_lib
-    from gpt_jax.model import ModelConfig, Transformer
-
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        raise UserError(f"{workdir} has no config.json: not a gpt_jax workdir")
-    config = config_lib.from_json_file(config_path)
-    spec = LoraSpec.from_config(config)
-    if spec is None:
-        raise UserError(f"{workdir} is not a LoRA run (its lora.rank is 0)")
-    if not checkpoint_lib.has_checkpoint(workdir):
-        raise UserError(f"{workdir} has no checkpoint to load (checkpoints/ is empty or missing)")
-    if not os.path.exists(config.init_from):
-        raise UserError(f"{workdir} holds LoRA adapters of the base model init_from={config.init_from}, which is "
-                        "not there: the base is needed to load them")
-    base = pretrained.load(config.init_from)
-    base_params = nnx.to_pure_dict(nnx.state(base.model, nnx.Param))
-    model_cfg = ModelConfig.from_config(config)
-    graphdef, expected = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
-    if shapes(base_params) != shapes(nnx.to_pure_dict(expected)):
-        raise UserError(f"init_from={config.init_from} is not the model {workdir} was trained from (its "
-                        "parameter shapes differ)")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(lambda: init_adapters(base_params, spec, 0)))
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    adapters, _, _ = ckpt.restore(step, target)
-    ckpt.close()
-    merged = jax.jit(lambda b, a: merge_params(b, a, spec.scale))(base_params, adapters)
-    model = nnx.merge(graphdef, merged)
-    merged_config = config_lib.from_json_file(config_path)
-    merged_config.lora.rank = 0
-    merged_config.init_from = ""  # the merged parameters stand alone
-    tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
-    return pretrained.LoadedModel(model, model_cfg, tokenizer, merged_config, step,
-                                  os.path.basename(os.path.abspath(workdir)))
-
-
-def merge_into_workdir(workdir: str, output_dir: str, step: int | None = None) -> str:
-    """Writes the merged model of LoRA `workdir` as a plain gpt_jax workdir (config.json with lora.rank 0,
-    tokenizer/, one checkpoint at the LoRA run's step) that sampling, serving, evaluation and
-    `tools/convert.py --to=hf` load like any model. Returns `output_dir`."""
-    from flax import nnx
-
-    from gpt_jax import checkpoint as checkpoint_lib
-    from gpt_jax.convert.common import PLACEHOLDER_OPT_STATE
-
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise UserError(f"{output_dir}: output directory exists and is not empty")
-    loaded = load_merged(workdir, step)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(loaded.config))
-    loaded.tokenizer.save(os.path.join(output_dir, "tokenizer"))
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(output_dir, "checkpoints"), keep=1)
-    ckpt.save(loaded.step, params, PLACEHOLDER_OPT_STATE,
-              {"step": loaded.step, "merged_from": os.path.abspath(workdir), "opt_state": "placeholder"})
-    ckpt.close()
-    return output_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m gpt_jax.lora --workdir=DIR --output=DIR [--step=N]`: merge a LoRA run into a plain workdir."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Merge the adapters of a LoRA run into its base model and write "
-                                                 "a plain gpt_jax workdir.")
-    parser.add_argument("--workdir", required=True, help="the LoRA run's workdir")
-    parser.add_argument("--output", required=True, help="directory to create (must be new or empty)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    args = parser.parse_args(argv)
-    try:
-        merge_into_workdir(args.workdir, args.output, args.step)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote merged workdir {args.output}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.exit(main())

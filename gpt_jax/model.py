@@ -1,28 +1,29 @@
-"""The transformer: GPT-2 style or Llama style by config, in Flax NNX.
+"""The transformer in Flax NNX: a decoder-only GPT, GPT-2 or Llama style by config, and the encoder-decoder made
+of the same blocks (`model.kind = encoder_decoder`).
 
-GPT-2: learned positions, pre-LayerNorm, GELU MLP, biases, tied embeddings.
-Llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention (n_kv_head < n_head), no biases.
+- GPT-2: learned positions, pre-LayerNorm, tanh GELU, biases, tied embeddings.
+- Llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention (n_kv_head < n_head), no biases.
+- BERT / RoBERTa stacks (encoder-decoder warm starts): post-LayerNorm blocks `norm(x + f(x))`, token-type
+  embeddings, a norm on the embeddings, exact GELU, RoBERTa's position offset, the masked-LM output head.
 
-Parameters carry logical axis names in their `sharding_axes` metadata; `sharding.py` maps them to mesh axes.
-Dense layers multiply 2-D `[tokens, features]` inputs (XLA:CPU runs their weight-gradient matmuls much faster
-than 3-D einsums); with dtype=bfloat16 the matmuls, forward and backward, take bf16 inputs and accumulate in
-float32, while norms, softmax and the residual stream stay float32. activation_dtype=bfloat16 also stores what
-flows between the matmuls (the residual stream, norm outputs, attention and MLP activations) in bf16, halving the
-memory traffic of the elementwise work; norms and the loss still compute in float32.
+Parameters carry logical axis names (`sharding_axes`) that `gpt_jax.axes` maps to mesh axes. Dense layers multiply
+[tokens, features] matrices; the kernels (matmul, attention per backend) are in `gpt_jax.ops`. With
+dtype=bfloat16 matmuls take bf16 inputs and accumulate in float32; activation_dtype=bfloat16 also stores what flows
+between matmuls in bf16, while norms, softmax and the logits stay float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gpt_jax import sharding
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from gpt_jax import ops
+from gpt_jax.axes import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,80 +40,50 @@ class ModelConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # gelu | swiglu
+    activation: str = "gelu_tanh"  # the gelu MLP's: gelu_tanh (GPT-2) | gelu (exact, BERT) | relu
     use_bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
+    layout: str = "pre"  # pre: x + f(norm(x)) and a final norm (GPT-2) | post: norm(x + f(x)) (BERT)
+    type_vocab_size: int = 0  # token-type embeddings (BERT); type 0 is added to every token
+    position_offset: int = 0  # learned positions start at this row (RoBERTa: pad_token_id + 1)
+    embed_norm: bool = False  # a norm on the embeddings (BERT)
+    head: str = "linear"  # output: linear (tied or lm_head) | mlm (dense, activation, norm, tied output + bias)
     dtype: str = "float32"  # matmul inputs (accumulation stays float32)
     activation_dtype: str = "float32"  # the residual stream and the tensors between matmuls
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots
     scan_layers: bool = False
+    attention_block: int = 64  # CPU: causal attention by query blocks of this many positions (0 = full square)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
     @classmethod
-    def from_config(cls, config) -> ModelConfig:
-        """Builds from a run config (`config.model` plus `seq_len`); zeros take their documented defaults."""
-        m = config.model
-        if not m.vocab_size:
+    def from_dict(cls, values, seq_len: int = 0) -> ModelConfig:
+        """From a config's `model` subtree (or an encoder-decoder's stack): its keys that are fields here, with
+        0 meaning the documented default (n_kv_head = n_head, d_ff = 4 d_model, max_seq_len = seq_len)."""
+        fields = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+        if not fields.get("vocab_size"):
             raise ValueError("model.vocab_size must be resolved from the tokenizer before building the model")
-        return cls(
-            vocab_size=m.vocab_size,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            n_kv_head=m.n_kv_head or m.n_head,
-            d_model=m.d_model,
-            d_ff=m.d_ff or 4 * m.d_model,
-            max_seq_len=m.max_seq_len or config.seq_len,
-            pos_embedding=m.pos_embedding,
-            rope_theta=m.rope_theta,
-            norm=m.norm,
-            norm_eps=m.norm_eps,
-            mlp=m.mlp,
-            use_bias=m.use_bias,
-            dropout=m.dropout,
-            tie_embeddings=m.tie_embeddings,
-            dtype=m.dtype,
-            activation_dtype=m.activation_dtype,
-            param_dtype=m.param_dtype,
-            remat=m.remat,
-            scan_layers=m.scan_layers,
-        )
+        return cls(**{**fields, "n_kv_head": fields.get("n_kv_head") or fields.get("n_head", cls.n_head),
+                      "d_ff": fields.get("d_ff") or 4 * fields.get("d_model", cls.d_model),
+                      "max_seq_len": fields.get("max_seq_len") or seq_len})
+
+    @classmethod
+    def from_config(cls, config) -> ModelConfig:
+        """The decoder-only model of a run config (`config.model`, `config.seq_len`)."""
+        return cls.from_dict(config.model, config.seq_len)
+
+
+_DTYPES = ops.DTYPES
+_ACTIVATIONS = {"gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+                "gelu": functools.partial(jax.nn.gelu, approximate=False), "relu": jax.nn.relu}
 
 
 def _param(rngs: nnx.Rngs, init, shape, dtype, axes) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, _DTYPES[dtype]), sharding_axes=axes)
-
-
-@jax.custom_vjp
-def _matmul_low_precision(x, w):
-    """x [m, k] @ w [k, n] with bf16/f16 inputs and float32 accumulation and output. Its backward dots take
-    low-precision inputs too (plain autodiff would feed them the float32 cotangent, i.e. float32 dots)."""
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
-
-
-def _matmul_fwd(x, w):
-    return _matmul_low_precision(x, w), (x, w)
-
-
-def _matmul_bwd(residuals, g):
-    x, w = residuals
-    g = g.astype(x.dtype)
-    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.dot(g.T, x, preferred_element_type=jnp.float32).T.astype(w.dtype)
-    return dx, dw
-
-
-_matmul_low_precision.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def matmul(x, w, dtype):
-    """x [m, k] @ w [k, n] → float32 [m, n], with inputs cast to the compute dtype."""
-    if dtype == jnp.float32:
-        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
-    return _matmul_low_precision(x.astype(dtype), w.astype(dtype))
 
 
 class Dense(nnx.Module):
@@ -124,12 +95,12 @@ class Dense(nnx.Module):
                              cfg.param_dtype, axes)
         self.bias = (_param(rngs, nnx.initializers.zeros, (out_features,), cfg.param_dtype, axes[1:])
                      if cfg.use_bias else None)
-        self.dtype = _DTYPES[cfg.dtype]
+        self.dtype = cfg.dtype
         self.out_dtype = _DTYPES[cfg.activation_dtype]
 
     def __call__(self, x):
         lead = x.shape[:-1]
-        y = matmul(x.reshape(-1, x.shape[-1]), self.kernel[...], self.dtype)
+        y = ops.matmul(x.reshape(-1, x.shape[-1]), self.kernel[...], self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.out_dtype).reshape(*lead, -1)
@@ -170,43 +141,6 @@ def rope(x, positions, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-CPU_QUERY_BLOCK = 64
-
-
-def _causal_attention_by_query_blocks(q, k, v, block: int):
-    """Causal attention computed one block of `block` queries at a time, each against the keys up to its last
-    query only: the score, softmax and value products skip the upper triangle, 5/8 of the full square's work
-    at 4 blocks (T=256, block 64). Same result as full causal attention."""
-    seq = q.shape[1]
-    outs = []
-    for start in range(0, seq, block):
-        stop = min(start + block, seq)
-        causal = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]  # [queries, keys]
-        outs.append(jax.nn.dot_product_attention(q[:, start:stop], k[:, :stop], v[:, :stop],
-                                                 mask=causal[None, None], implementation="xla"))
-    return jnp.concatenate(outs, axis=1)
-
-
-def attention(q, k, v, dtype: str, *, is_causal=False, mask=None, out_dtype=jnp.float32):
-    """Softmax attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs in bf16/f16):
-    q [batch, seq, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim] (GQA when kv_heads < heads).
-
-    On CPU, causal self-attention without a cache over more than CPU_QUERY_BLOCK positions (training and
-    evaluation) goes by query blocks (`_causal_attention_by_query_blocks`): 1.11x the tokens/s of a 6-layer d384
-    model's train step at seq 256 (`tools/bench.py train --ablate_query_blocks`, BENCHMARKS.md)."""
-    compute = _DTYPES[dtype]
-    backend = jax.default_backend()
-    if backend == "cpu":
-        compute = jnp.float32  # XLA:CPU runs bf16 attention slower than float32 (measured)
-        if is_causal and mask is None and q.shape[1] == k.shape[1] and q.shape[1] > CPU_QUERY_BLOCK:
-            q, k, v = (x.astype(compute) for x in (q, k, v))
-            return _causal_attention_by_query_blocks(q, k, v, CPU_QUERY_BLOCK).astype(out_dtype)
-    implementation = "cudnn" if backend == "gpu" and compute != jnp.float32 and mask is None else None
-    y = jax.nn.dot_product_attention(q.astype(compute), k.astype(compute), v.astype(compute), is_causal=is_causal,
-                                     mask=mask, implementation=implementation)
-    return y.astype(out_dtype)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -217,42 +151,45 @@ class Attention(nnx.Module):
         self.value = Dense(d, cfg.n_kv_head * hd, ("embed", "kv_heads"), cfg=cfg, rngs=rngs)
         self.out = Dense(cfg.n_head * hd, d, ("heads", "embed"), cfg=cfg, rngs=rngs, std=out_std)
 
-    def project(self, x, positions):
-        """x [batch, seq, d_model] → q [batch, seq, n_head, head_dim], k and v [batch, seq, n_kv_head, head_dim],
-        with RoPE applied to q and k when the model uses it."""
+    def memory_kv(self, memory) -> dict:
+        """Keys and values of memory [batch, src, d_model] (no RoPE): [batch, src, n_kv_head, head_dim] each, for
+        cross-attention, computed once per source."""
+        batch, src, _ = memory.shape
+        shape = (batch, src, self.cfg.n_kv_head, self.cfg.head_dim)
+        return {"k": self.key(memory).reshape(shape), "v": self.value(memory).reshape(shape)}
+
+    def __call__(self, x, positions, *, causal=True, key_valid=None, cache=None, cache_index=None, kv=None):
+        """x [batch, seq, d_model] → (out [batch, seq, d_model], new cache or None).
+
+        Self-attention, causal or over the keys where key_valid [batch, seq] is True; with `kv` (see `memory_kv`)
+        cross-attention over the source positions where key_valid [batch, src] is True. With a cache ({"k", "v"}:
+        [batch, max_len, n_kv_head, head_dim]) the new keys and values go to slot `cache_index` and attention covers
+        the causal slots where key_valid [batch, max_len] is True."""
         cfg = self.cfg
         batch, seq, _ = x.shape
         q = self.query(x).reshape(batch, seq, cfg.n_head, cfg.head_dim)
-        k = self.key(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim)
-        v = self.value(x).reshape(batch, seq, cfg.n_kv_head, cfg.head_dim)
-        if cfg.pos_embedding == "rope":
-            q = rope(q, positions, cfg.rope_theta)
-            k = rope(k, positions, cfg.rope_theta)
-        return q, k, v
-
-    def __call__(self, x, positions, cache=None, cache_index=None, key_valid=None):
-        """x [batch, seq, d_model]. With a cache ({"k", "v"}: [batch, max_len, n_kv_head, head_dim]) the new keys
-        and values are written at slot `cache_index` and attention covers the valid, causal cache slots."""
-        cfg = self.cfg
-        batch, seq, _ = x.shape
-        q, k, v = self.project(x, positions)
-        if cache is None:
-            y = attention(q, k, v, cfg.dtype, is_causal=True, out_dtype=_DTYPES[cfg.activation_dtype])
-            new_cache = None
+        causal, new_cache = causal and kv is None, None
+        mask = None if causal or key_valid is None else key_valid[:, None, None, :]  # [batch, 1, 1, keys]
+        if kv is None:
+            k, v = self.memory_kv(x).values()
+            if cfg.pos_embedding == "rope":
+                q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+            if cache is not None:
+                k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+                v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+                new_cache = {"k": k, "v": v}
+                slots = jnp.arange(k.shape[1])[None, :] <= cache_index + jnp.arange(seq)[:, None]  # [seq, max_len]
+                mask, causal = slots[None, None] & key_valid[:, None, None, :], False
         else:
-            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
-            slots = jnp.arange(k_all.shape[1])
-            causal = slots[None, :] <= cache_index + jnp.arange(seq)[:, None]  # [seq, max_len]
-            mask = causal[None, None] & key_valid[:, None, None, :]  # [batch, 1, seq, max_len]
-            y = attention(q, k_all, v_all, cfg.dtype, mask=mask, out_dtype=_DTYPES[cfg.activation_dtype])
-            new_cache = {"k": k_all, "v": v_all}
+            k, v = kv["k"], kv["v"]
+        y = ops.attention(q, k, v, cfg.dtype, causal=causal, mask=mask, out_dtype=_DTYPES[cfg.activation_dtype],
+                          query_block=cfg.attention_block)
         return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), new_cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.kind = cfg.mlp
+        self.activation = "swiglu" if cfg.mlp == "swiglu" else cfg.activation
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         if cfg.mlp == "swiglu":
             self.gate = Dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), cfg=cfg, rngs=rngs)
@@ -260,62 +197,91 @@ class MLP(nnx.Module):
         self.down = Dense(cfg.d_ff, cfg.d_model, ("mlp", "embed"), cfg=cfg, rngs=rngs, std=out_std)
 
     def __call__(self, x):
-        if self.kind == "swiglu":
-            h = jax.nn.silu(self.gate(x)) * self.up(x)
-        else:
-            h = jax.nn.gelu(self.up(x), approximate=True)
-        return self.down(h)
+        if self.activation == "swiglu":
+            return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(_ACTIVATIONS[self.activation](self.up(x)))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """Self-attention, cross-attention (in an encoder-decoder's decoder), MLP: each a residual, normed before the
+    sublayer (`layout=pre`) or after the sum (`post`)."""
+
+    def __init__(self, cfg: ModelConfig, *, cross: bool = False, rngs: nnx.Rngs):
+        self.pre = cfg.layout == "pre"
         self.attn_norm = Norm(cfg, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
+        self.cross_norm = Norm(cfg, rngs=rngs) if cross else None
+        self.cross_attn = Attention(cfg, rngs=rngs) if cross else None
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout) if cfg.dropout > 0 else None
 
-    def _drop(self, x, deterministic, rngs):
-        if self.dropout is None:
-            return x
-        return self.dropout(x, deterministic=deterministic, rngs=rngs)
+    def _residual(self, x, h, norm, deterministic, rngs):
+        if self.dropout is not None:
+            h = self.dropout(h, deterministic=deterministic, rngs=rngs)
+        return x + h if self.pre else norm(x + h)
 
-    def __call__(self, x, positions, cache=None, cache_index=None, key_valid=None, *, deterministic=True,
-                 rngs=None):
-        h, new_cache = self.attn(self.attn_norm(x), positions, cache, cache_index, key_valid)
-        x = x + self._drop(h, deterministic, rngs)
-        x = x + self._drop(self.mlp(self.mlp_norm(x)), deterministic, rngs)
-        x = sharding.constrain(x, ("activation_batch", "activation_seq", "activation_embed"))
+    def __call__(self, x, positions, *, causal=True, key_valid=None, cache=None, cache_index=None, cross_kv=None,
+                 memory_valid=None, deterministic=True, rngs=None):
+        """x [batch, seq, d_model] → (x, new cache or None); `cross_kv` and `memory_valid` feed cross-attention."""
+        h, new_cache = self.attn(self.attn_norm(x) if self.pre else x, positions, causal=causal,
+                                 key_valid=key_valid, cache=cache, cache_index=cache_index)
+        x = self._residual(x, h, self.attn_norm, deterministic, rngs)
+        if self.cross_attn is not None:
+            h, _ = self.cross_attn(self.cross_norm(x) if self.pre else x, positions, kv=cross_kv,
+                                   key_valid=memory_valid)
+            x = self._residual(x, h, self.cross_norm, deterministic, rngs)
+        x = self._residual(x, self.mlp(self.mlp_norm(x) if self.pre else x), self.mlp_norm, deterministic, rngs)
+        x = constrain(x, ("activation_batch", "activation_seq", "activation_embed"))
         return x, new_cache
 
 
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """Embeddings, blocks and output head: the decoder-only model; with causal=False and no output head an
+    encoder, with cross=True the decoder of an encoder-decoder."""
+
+    def __init__(self, cfg: ModelConfig, *, causal: bool = True, cross: bool = False, output_head: bool = True,
+                 rngs: nnx.Rngs):
         self.cfg = cfg
+        self.causal = causal
         self.embed = _param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model), cfg.param_dtype,
                             ("vocab", "embed"))
         if cfg.pos_embedding == "learned":
-            self.pos_embed = _param(rngs, nnx.initializers.normal(0.01), (cfg.max_seq_len, cfg.d_model),
-                                    cfg.param_dtype, ("position", "embed"))
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
-        self.final_norm = Norm(cfg, rngs=rngs)
-        if not cfg.tie_embeddings:
+            self.pos_embed = _param(rngs, nnx.initializers.normal(0.01),
+                                    (cfg.max_seq_len + cfg.position_offset, cfg.d_model), cfg.param_dtype,
+                                    ("position", "embed"))
+        if cfg.type_vocab_size:
+            self.type_embed = _param(rngs, nnx.initializers.normal(0.02), (cfg.type_vocab_size, cfg.d_model),
+                                     cfg.param_dtype, (None, "embed"))
+        self.embed_norm = Norm(cfg, rngs=rngs) if cfg.embed_norm else None
+        self.blocks = nnx.List([Block(cfg, cross=cross, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.final_norm = Norm(cfg, rngs=rngs) if cfg.layout == "pre" else None
+        self.mlm_head = output_head and cfg.head == "mlm"
+        if self.mlm_head:
+            self.head_dense = Dense(cfg.d_model, cfg.d_model, ("embed", "embed"), cfg=cfg, rngs=rngs)
+            self.head_norm = Norm(cfg, rngs=rngs)
+            self.head_bias = _param(rngs, nnx.initializers.zeros, (cfg.vocab_size,), cfg.param_dtype, ("vocab",))
+        if output_head and not cfg.tie_embeddings:
             self.lm_head = _param(rngs, nnx.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
                                   cfg.param_dtype, ("embed", "vocab"))
         self.dropout = nnx.Dropout(cfg.dropout) if cfg.dropout > 0 else None
 
-    def __call__(self, token_ids, positions=None, *, cache=None, cache_index=None, key_valid=None,
-                 deterministic=True, rngs=None, return_hidden=False):
-        """token_ids [batch, seq] → (logits [batch, seq, vocab] in float32, new cache or None).
+    def cross_kv(self, memory) -> list[dict]:
+        """Per layer, the cross-attention keys and values of memory [batch, src, d_model]."""
+        return [block.cross_attn.memory_kv(memory) for block in self.blocks]
+
+    def __call__(self, token_ids, positions=None, *, cache=None, cache_index=None, key_valid=None, memory=None,
+                 memory_valid=None, cross_kv=None, deterministic=True, rngs=None, return_hidden=False):
+        """token_ids [batch, seq] → (logits [batch, seq, vocab] in float32, new cache or None), or with
+        return_hidden the final hidden states [batch, seq, d_model].
 
         positions [batch, seq] default to 0..seq-1. `cache` is a list with one {"k", "v"} per layer (see
-        `init_cache`); `key_valid` [batch, max_len] marks the cache slots that hold real tokens."""
+        `init_cache`), `key_valid` [batch, keys] marks the keys that hold real tokens (cache slots, or the
+        sequence itself when causal=False). A decoder attends to `memory` [batch, src, d_model] (or its `cross_kv`,
+        computed once for decoding) where memory_valid [batch, src] is True."""
         cfg = self.cfg
         batch, seq = token_ids.shape
         if positions is None:
@@ -323,26 +289,39 @@ class Transformer(nnx.Module):
         act = _DTYPES[cfg.activation_dtype]
         x = jnp.take(self.embed[...], token_ids, axis=0).astype(act)  # [batch, seq, d_model]
         if cfg.pos_embedding == "learned":
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(act)
+            x = x + jnp.take(self.pos_embed[...], positions + cfg.position_offset, axis=0).astype(act)
+        if cfg.type_vocab_size:
+            x = x + self.type_embed[0].astype(act)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         if self.dropout is not None:
             x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        if memory is not None and cross_kv is None:
+            cross_kv = self.cross_kv(memory)
+        kwargs = dict(causal=self.causal, key_valid=key_valid, memory_valid=memory_valid)
         if cache is None and (cfg.scan_layers or cfg.remat != "none"):
-            x = self._blocks_functional(x, positions, deterministic, rngs)
-            new_cache = None
+            x, new_cache = self._blocks_functional(x, positions, cross_kv, kwargs, deterministic, rngs), None
         else:
             new_cache = []
             for i, block in enumerate(self.blocks):
-                x, layer_cache = block(x, positions, None if cache is None else cache[i], cache_index, key_valid,
-                                       deterministic=deterministic, rngs=rngs)
+                x, layer_cache = block(x, positions, cache=None if cache is None else cache[i],
+                                       cache_index=cache_index, cross_kv=None if cross_kv is None else cross_kv[i],
+                                       deterministic=deterministic, rngs=rngs, **kwargs)
                 new_cache.append(layer_cache)
-        x = self.final_norm(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         if return_hidden:
             return x
+        x = x.reshape(batch * seq, -1)
+        if self.mlm_head:
+            x = self.head_norm(_ACTIVATIONS[cfg.activation](self.head_dense(x)))
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = matmul(x.reshape(batch * seq, -1), head, _DTYPES[cfg.dtype])
+        logits = ops.matmul(x, head, cfg.dtype)
+        if self.mlm_head:
+            logits = logits + self.head_bias[...].astype(jnp.float32)
         return logits.reshape(batch, seq, -1), (None if cache is None else new_cache)
 
-    def _blocks_functional(self, x, positions, deterministic, rngs):
+    def _blocks_functional(self, x, positions, cross_kv, kwargs, deterministic, rngs):
         """The blocks as a pure function of their parameters, for rematerialization and `lax.scan` over layers.
 
         Parameters keep their per-layer layout (checkpoints and converters see one format); with scan_layers they
@@ -352,21 +331,82 @@ class Transformer(nnx.Module):
         states = [first_state] + [nnx.split(b)[1] for b in self.blocks[1:]]
         use_dropout = rngs is not None and not deterministic and cfg.dropout > 0
         keys = jax.random.split(rngs.dropout(), cfg.n_layer) if use_dropout else jnp.zeros((cfg.n_layer,))
+        layer_kv = cross_kv if cross_kv is not None else [None] * cfg.n_layer
 
-        def body(h, layer_state, key):
+        def body(h, layer_state, key, kv):
             block = nnx.merge(graphdef, layer_state)
             layer_rngs = nnx.Rngs(dropout=key) if use_dropout else None
-            return block(h, positions, deterministic=deterministic, rngs=layer_rngs)[0]
+            return block(h, positions, cross_kv=kv, deterministic=deterministic, rngs=layer_rngs, **kwargs)[0]
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
         if not cfg.scan_layers:
-            for layer_state, key in zip(states, keys, strict=True):
-                x = body(x, layer_state, key)
+            for layer_state, key, kv in zip(states, keys, layer_kv, strict=True):
+                x = body(x, layer_state, key, kv)
             return x
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-        x, _ = jax.lax.scan(lambda h, xs: (body(h, *xs), None), x, (stacked, keys))
+        stacked_kv = None if cross_kv is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *cross_kv)
+        x, _ = jax.lax.scan(lambda h, xs: (body(h, *xs), None), x, (stacked, keys, stacked_kv))
         return x
+
+
+@dataclasses.dataclass(frozen=True)
+class EncDecConfig:
+    """An encoder-decoder: its two stacks and the decoder's special tokens."""
+
+    encoder: ModelConfig
+    decoder: ModelConfig
+    decoder_start_id: int  # the first decoder input (BERT: [CLS], GPT-2: <|endoftext|>, trained BPE: <s>)
+    eos_id: int  # the decoder's end token
+    pad_id: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> EncDecConfig:
+        """The encoder-decoder of a run config: its stacks (`model.encoder`, `model.decoder`) with the run-wide
+        training choices of `model` (dropout, dtypes, remat, ...) and the resolved special tokens."""
+        m = config.model
+        shared = {k: m[k] for k in ("dropout", "dtype", "activation_dtype", "param_dtype", "remat", "scan_layers",
+                                    "attention_block")}
+        encoder = ModelConfig.from_dict({**m.encoder.to_dict(), **shared}, config.data.max_source_len or config.seq_len)
+        decoder = ModelConfig.from_dict({**m.decoder.to_dict(), **shared}, config.seq_len)
+        return cls(encoder, decoder, m.decoder_start_id, m.eos_id, m.pad_id)
+
+
+class EncoderDecoder(nnx.Module):
+    """A bidirectional encoder over the source and a causal decoder that cross-attends to it; a `bridge`
+    projects the encoder output when the widths differ (HF's `enc_to_dec_proj`)."""
+
+    def __init__(self, cfg: EncDecConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.encoder = Transformer(cfg.encoder, causal=False, output_head=False, rngs=rngs)
+        self.decoder = Transformer(cfg.decoder, cross=True, rngs=rngs)
+        d_enc, d_dec = cfg.encoder.d_model, cfg.decoder.d_model
+        self.bridge = Dense(d_enc, d_dec, ("embed", "embed"), cfg=cfg.decoder, rngs=rngs) if d_enc != d_dec else None
+
+    def encode(self, source_ids, source_valid=None, *, deterministic=True, rngs=None):
+        """source_ids [batch, src] (source_valid marks real tokens) → memory [batch, src, decoder d_model]."""
+        memory = self.encoder(source_ids, key_valid=source_valid, deterministic=deterministic, rngs=rngs,
+                              return_hidden=True)
+        return memory if self.bridge is None else self.bridge(memory)
+
+    def __call__(self, source_ids, target_ids, source_valid=None, *, deterministic=True, rngs=None):
+        """Teacher-forced logits [batch, tgt, vocab] (float32) of the decoder inputs target_ids [batch, tgt]."""
+        memory = self.encode(source_ids, source_valid, deterministic=deterministic, rngs=rngs)
+        return self.decoder(target_ids, memory=memory, memory_valid=source_valid, deterministic=deterministic,
+                            rngs=rngs)[0]
+
+
+def model_config(config) -> ModelConfig | EncDecConfig:
+    """The model a run config describes, by `model.kind`."""
+    if config.model.kind == "encoder_decoder":
+        return EncDecConfig.from_config(config)
+    return ModelConfig.from_config(config)
+
+
+def create(cfg: ModelConfig | EncDecConfig, seed: int = 0) -> Transformer | EncoderDecoder:
+    """A freshly initialized model (under `nnx.eval_shape`, its abstract shape)."""
+    kind = EncoderDecoder if isinstance(cfg, EncDecConfig) else Transformer
+    return kind(cfg, rngs=nnx.Rngs(seed))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> list[dict]:
@@ -379,8 +419,3 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> list[d
 def count_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
-
-def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per parameter plus attention's 12 · layers · d_model · seq_len (PaLM's
-    accounting, counting the full causal square)."""
-    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len

@@ -4,24 +4,17 @@ decay on matrices only (biases, norm scales and other vectors are not decayed)."
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
     """Linear warmup to `learning_rate` over `warmup_steps` (step s uses (s+1)/(warmup+1) of it), then cosine decay
     to `min_learning_rate` at `train_steps` (nanoGPT's schedule)."""
-    peak, floor = config.learning_rate, config.min_learning_rate
-    warmup, total = config.warmup_steps, config.train_steps
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = peak * (step + 1) / (warmup + 1)
-        progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
-        cosine = floor + 0.5 * (1.0 + jnp.cos(jnp.pi * progress)) * (peak - floor)
-        return jnp.where(step < warmup, warm, cosine)
-
-    return schedule
+    peak, floor, warmup = config.learning_rate, config.min_learning_rate, config.warmup_steps
+    if not warmup:
+        return optax.cosine_decay_schedule(peak, max(config.train_steps, 1), floor / peak if peak else 0.0)
+    return optax.warmup_cosine_decay_schedule(peak / (warmup + 1), peak, warmup, max(config.train_steps, warmup + 1),
+                                              floor)
 
 
 def decay_mask(params):

@@ -1,7 +1,8 @@
-"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching `decode.Engine`.
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching `decode.Engine`, or for an
+encoder-decoder the `encdec_decode.TranslationEngine` (a completion's prompt is the source, its text the
+translation; chat completions are refused).
 
     python -m gpt_jax.main --mode=serve --workdir=DIR [--host=127.0.0.1] [--port=8000] [--api_key=KEY]
-    python -m gpt_jax.serve SOURCE [--host ...] [--port ...] [--max_batch 8] [--max_len N] [--api_key KEY]
 
 Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both stream server-sent events
 with `"stream": true`), `GET /health` (no key needed). Invalid requests get a 4xx with an OpenAI-style body
@@ -19,7 +20,6 @@ Beyond OpenAI's parameters: `top_k` (0 = off). Accepted and ignored: `user`, `st
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import copy
@@ -27,10 +27,8 @@ import functools
 import hmac
 import json
 import logging
-import os
 import secrets
 import signal
-import sys
 import threading
 import time
 import urllib.parse
@@ -355,9 +353,17 @@ class Server:
     def __init__(self, loaded, max_batch: int = 8, max_len: int | None = None, name: str | None = None):
         self.tokenizer = loaded.tokenizer
         self.name = name or loaded.name
-        self.engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=max_batch, max_len=max_len,
-                                    tokenizer=loaded.tokenizer)
+        self.encdec = loaded.config.model.kind == "encoder_decoder"
+        if self.encdec:
+            from gpt_jax.encdec_decode import TranslationEngine
+
+            self.engine = TranslationEngine(loaded, max_batch=max_batch)
+        else:
+            self.engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=max_batch, max_len=max_len,
+                                        tokenizer=loaded.tokenizer)
+        self.prompt_tokenizer = loaded.source_tokenizer if self.encdec else loaded.tokenizer  # what prompts are in
         self.context = self.engine.max_len
+        self.prompt_vocab = self.prompt_tokenizer.vocab_size if self.encdec else self.engine.cfg.vocab_size
         self.runner = EngineRunner(self.engine)
         self.created = int(time.time())
         self.eos_id = getattr(self.tokenizer, "eos_id", None)
@@ -385,23 +391,26 @@ class Server:
         return stops
 
     def _encode(self, text: str, param: str, add_bos: bool = False) -> list[int]:
+        tokenizer = self.prompt_tokenizer
         try:
-            ids = list(self.tokenizer.encode(text))
+            ids = list(tokenizer.encode(text))
         except UserError as e:
             raise APIError(400, f"{param} cannot be encoded: {e}", param) from None
-        bos = getattr(self.tokenizer, "bos_id", None)
-        if add_bos and getattr(self.tokenizer, "add_bos", False) and bos is not None and ids[:1] != [bos]:
+        if self.encdec:  # the engine wraps a source in its special tokens
+            return ids
+        bos = getattr(tokenizer, "bos_id", None)
+        if add_bos and getattr(tokenizer, "add_bos", False) and bos is not None and ids[:1] != [bos]:
             ids.insert(0, bos)
         if not ids:
             for name in ("bos_id", "eos_id"):
-                if getattr(self.tokenizer, name, None) is not None:
-                    return [getattr(self.tokenizer, name)]
+                if getattr(tokenizer, name, None) is not None:
+                    return [getattr(tokenizer, name)]
             raise APIError(400, f"{param} is empty.", param)
         return ids
 
     def _max_tokens(self, requested: int | None, default: int | None, prompt_len: int, param: str,
                     field: str = "max_tokens") -> int:
-        room = self.context - prompt_len
+        room = self.context - (0 if self.encdec else prompt_len)  # a translation's length does not include its source
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
                                 f"{prompt_len} tokens and leaves no room to generate.", param,
@@ -483,7 +492,7 @@ class Server:
             raise APIError(400, "prompt must not be empty.", "prompt")
         if len(prompts) * n > MAX_CHOICES:
             raise APIError(400, f"At most {MAX_CHOICES} completions (prompts × n) per request.", "n")
-        vocab = self.engine.cfg.vocab_size
+        vocab = self.prompt_vocab
         encoded = []
         for p in prompts:
             if isinstance(p, str):
@@ -493,11 +502,11 @@ class Server:
                     raise APIError(400, "prompt must not be empty.", "prompt")
                 if any(t < 0 or t >= vocab for t in p):
                     raise APIError(400, f"prompt token ids must be in [0, {vocab}).", "prompt")
-                encoded.append((list(p), self.tokenizer.decode(p) if body.echo else ""))
+                encoded.append((list(p), self.prompt_tokenizer.decode(p) if body.echo else ""))
         stops = self._stops(body)
         choices, max_tokens = [], []
         for ids, text in encoded:
-            limit = self._max_tokens(body.max_tokens, 16, len(ids), "prompt")
+            limit = self._max_tokens(body.max_tokens, None if self.encdec else 16, len(ids), "prompt")
             for _ in range(n):
                 choices.append(_Choice(len(choices), ids, text if body.echo else ""))
                 max_tokens.append(limit)
@@ -505,6 +514,9 @@ class Server:
 
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_common(body)
+        if self.encdec:
+            raise APIError(400, "This model is an encoder-decoder (a translation model): use /v1/completions with "
+                                "the source as the prompt.", "messages", "unsupported_model")
         if body.logprobs:
             raise APIError(400, "logprobs is not supported.", "logprobs", "unsupported_parameter")
         n = body.n or 1
@@ -714,7 +726,7 @@ def create_app(server: Server, api_key: str | None = None, max_body_bytes: int =
 
 def _narrow_schema(components: dict, server: Server) -> None:
     """Puts what only the loaded model knows into the schema: its id, its context and its vocabulary."""
-    vocab = server.engine.cfg.vocab_size
+    vocab = server.prompt_vocab
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         properties = components[name]["properties"]
         properties["model"] = {**properties["model"], "enum": [server.name]}
@@ -855,13 +867,13 @@ def main(source: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     SIGINT/SIGTERM, then lets requests in flight finish (up to 30 s) before exiting."""
     import uvicorn
 
-    from gpt_jax import pretrained
+    from gpt_jax import workdir
 
     if not source:
         raise UserError("nothing to serve: --workdir has no config.json and --config.init_from is empty")
     if max_batch < 1:
         raise UserError(f"max_batch={max_batch} must be at least 1")
-    loaded = pretrained.load(source)
+    loaded = workdir.load(source)
     server = Server(loaded, max_batch=max_batch, max_len=max_len, name=name)
     app = create_app(server, api_key=api_key)
     # uvicorn handles SIGINT/SIGTERM (stop accepting, finish requests in flight) and afterwards raises the signal
@@ -872,29 +884,3 @@ def main(source: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
                 access_log=False, timeout_graceful_shutdown=30)
     log.info("shut down")
 
-
-def _cli() -> None:
-    parser = argparse.ArgumentParser(prog="python -m gpt_jax.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", nargs="?", default=os.environ.get("GPT_JAX_MODEL"),
-                        help="a gpt_jax workdir, an HF model directory or a .gguf file (default: env GPT_JAX_MODEL)")
-    parser.add_argument("--host", default=os.environ.get("GPT_JAX_HOST", "127.0.0.1"),
-                        help="address to bind (default 127.0.0.1, or env GPT_JAX_HOST)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api_key", default=None, help="bearer token to require (or env GPT_JAX_API_KEY)")
-    parser.add_argument("--max_batch", type=int, default=8, help="KV-cache rows: requests decoded together")
-    parser.add_argument("--max_len", type=int, default=None, help="context length served (default: the model's)")
-    parser.add_argument("--name", default=None, help="model id in the API (default: the source's name)")
-    parser.add_argument("--log_level", default="info")
-    args = parser.parse_args()
-    if not args.source:
-        parser.error("give the model to serve (or set GPT_JAX_MODEL)")
-    try:
-        main(args.source, args.host, args.port, args.api_key or os.environ.get("GPT_JAX_API_KEY"),
-             max_batch=args.max_batch, max_len=args.max_len, name=args.name, log_level=args.log_level)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    _cli()

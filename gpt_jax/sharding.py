@@ -1,10 +1,6 @@
-"""The device mesh, the one table of logical-axis rules, and multi-host start-up.
-
-Model code names logical axes only (`embed`, `mlp`, `heads`, ...). This module alone maps them to the mesh axes
-`data`, `fsdp` and `tensor`:
-- `data`: pure data parallelism (parameters replicated);
-- `fsdp`: batch split and parameters/optimizer state sharded along their `embed` dimension (ZeRO-3 style);
-- `tensor`: Megatron-style split of heads, MLP features and vocabulary.
+"""The device mesh, multi-host start-up, and the shardings of a run: batches split over `data` and `fsdp`, every
+parameter placed by its logical axes through the one rules table in `gpt_jax.axes`, and the train state sharded
+like its parameters.
 """
 
 from __future__ import annotations
@@ -14,25 +10,13 @@ import os
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gpt_jax.axes import logical_to_spec
 from gpt_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
-
-# logical axis name -> mesh axis (or axes, or None for replicated)
-LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "activation_batch": ("data", "fsdp"),
-    "activation_seq": None,
-    "activation_embed": None,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "norm": None,
-    "position": None,
-}
 
 
 def initialize_distributed(dist_config) -> None:
@@ -79,49 +63,33 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(axes, shape=None, mesh: Mesh | None = None) -> PartitionSpec:
-    """Maps a tuple of logical axis names to a PartitionSpec. A mesh axis is used at most once; with `shape` and
-    `mesh`, a dimension the mesh axes do not divide is replicated instead."""
-    used: set[str] = set()
-    spec = []
-    for i, name in enumerate(axes):
-        target = LOGICAL_AXIS_RULES.get(name) if name is not None else None
-        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        targets = tuple(t for t in targets if t not in used)
-        if mesh is not None:
-            targets = tuple(t for t in targets if mesh.shape[t] > 1)
-            if shape is not None and targets and shape[i] % math.prod(mesh.shape[t] for t in targets):
-                targets = ()
-        used.update(targets)
-        spec.append(None if not targets else (targets[0] if len(targets) == 1 else targets))
-    return PartitionSpec(*spec)
-
-
-def state_shardings(state, mesh: Mesh):
-    """NamedShardings for a pytree of NNX Variables (or plain arrays, which are replicated), by their
-    `sharding_axes` metadata."""
-
-    def one(leaf):
-        axes = getattr(leaf, "sharding_axes", None) if hasattr(leaf, "get_metadata") else None
-        value = leaf.get_value() if hasattr(leaf, "get_metadata") else leaf
-        if axes is None:
-            return NamedSharding(mesh, PartitionSpec())
-        return NamedSharding(mesh, logical_to_spec(axes, np.shape(value), mesh))
-
-    from flax import nnx
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches [batch, seq] split over data and fsdp."""
     return NamedSharding(mesh, logical_to_spec(("activation_batch", "activation_seq")))
 
 
-def constrain(x, axes):
-    """A sharding constraint on an activation by logical axes, when a mesh is set (`jax.set_mesh`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return x
-    spec = logical_to_spec(axes, x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, spec)
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def param_shardings(abstract_model: nnx.Module, mesh: Mesh) -> dict:
+    """A pure dict of NamedShardings for the model's parameters (an `nnx.eval_shape` of it), from their logical
+    axes."""
+    state = nnx.state(abstract_model, nnx.Param)
+    shardings = jax.tree.map(
+        lambda v: NamedSharding(mesh, logical_to_spec(v.sharding_axes, v.get_value().shape, mesh)), state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings)
+
+
+def state_shardings(abstract_state: dict, params_shardings: dict, mesh: Mesh) -> dict:
+    """Shardings for a train state {"params", "opt_state", ...}: the parameters' own, the same for every
+    params-shaped subtree of the optimizer state (AdamW's moments), replicated for everything else."""
+    params_treedef = jax.tree.structure(abstract_state["params"])
+    is_params = lambda node: jax.tree.structure(node) == params_treedef
+    out = jax.tree.map(lambda _: replicated(mesh), abstract_state)
+    out["params"] = params_shardings
+    out["opt_state"] = jax.tree.map(lambda n: params_shardings if is_params(n) else
+                                    jax.tree.map(lambda _: replicated(mesh), n),
+                                    abstract_state["opt_state"], is_leaf=is_params)
+    return out

@@ -215,6 +215,34 @@ class HFTokenizer:
                        "add_bos": self.add_bos, "chat_template": self.chat_template}, f, indent=1)
 
 
+BPE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 of a trained byte-level BPE
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE tokenizer trained on `texts`, with <pad>, <s>, </s> as ids 0, 1, 2 (bos <s>, eos </s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return HFTokenizer(tok, eos_id=tok.token_to_id(BPE_SPECIALS[2]), bos_id=tok.token_to_id(BPE_SPECIALS[1]))
+
+
+def train(kind: str, texts: list[str], vocab_size: int, directory: str) -> Tokenizer:
+    """A tokenizer of `kind` (char | sentencepiece | bpe) trained on `texts` and saved in `directory`."""
+    if kind == "char":
+        tok = CharTokenizer.train("".join(texts))
+    elif kind == "sentencepiece":
+        return SentencePieceTokenizer.train(texts, vocab_size, directory)
+    else:
+        tok = train_bpe(texts, vocab_size)
+    tok.save(directory)
+    return tok
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
     """Loads a tokenizer saved by `save()` (or by `tools/prepare_data.py`) from `directory`."""
     path = os.path.join(directory, TOKENIZER_JSON)

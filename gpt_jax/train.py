@@ -1,328 +1,121 @@
-"""The training loop: a pure train step jitted once with explicit shardings, periodic evaluation, Orbax
-checkpoints with automatic resume, and progress lines, metrics.jsonl and TensorBoard events."""
+"""Training, one loop for every model kind: `prepare_run` resolves the config once (the architecture of `init_from`
+or of an encoder-decoder's warm starts, the tokenizer's vocabulary, a run already in the workdir) and freezes it;
+`train_and_evaluate` runs the jitted train step over a sharded state with periodic evaluation, Orbax checkpoints
+(resuming from the latest good one), a clean stop on SIGTERM or `time_limit_s`, and metrics."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
 import signal
-import sys
 import threading
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
-from gpt_jax import lora as lora_lib
-from gpt_jax import optim, sharding
+from gpt_jax import evaluate, metrics, optim, sharding, steps
+from gpt_jax import model as model_lib
+from gpt_jax import workdir as workdir_lib
 from gpt_jax.errors import ConfigError
-from gpt_jax.model import ModelConfig, Transformer, flops_per_token
+from gpt_jax.metrics import progress
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model state
-
-
-def abstract_model(model_cfg: ModelConfig) -> Transformer:
-    return nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-
-
-def _nested(pairs) -> dict:
-    out: dict = {}
-    for path, value in pairs:
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
-
-
-def param_shardings(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, dict]:
-    """The model's graphdef and a pure dict of NamedShardings for its parameters, from their logical axes."""
-    model = abstract_model(model_cfg)
-    graphdef, state = nnx.split(model, nnx.Param)
-    pairs = []
-    for path, var in nnx.to_flat_state(state):
-        spec = sharding.logical_to_spec(var.sharding_axes, var.get_value().shape, mesh)
-        pairs.append((path, jax.sharding.NamedSharding(mesh, spec)))
-    return graphdef, _nested(pairs)
-
-
-def init_params(model_cfg: ModelConfig, seed: int, shardings: dict) -> dict:
-    """Freshly initialized parameters (pure dict), created directly in their shardings."""
-
-    def init():
-        return nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-
-    return jax.jit(init, out_shardings=shardings)()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Steps
-
-
-def token_losses(graphdef, params, tokens, *, deterministic=True, dropout_key=None):
-    """Next-token cross-entropy per position: tokens [batch, seq+1] → losses [batch, seq] (float32)."""
-    model = nnx.merge(graphdef, params)
-    rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
-    logits, _ = model(tokens[:, :-1], deterministic=deterministic, rngs=rngs)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum_steps: int, use_dropout: bool,
-                    lora_scale: float | None = None):
-    """train_step(state, batch) → (state, metrics); with `lora_scale`, train_step(state, batch, base_params):
-    state["params"] holds LoRA adapters, merged into the frozen `base_params` inside the step (lora.py).
-
-    state = {"params", "opt_state", "rng", "step", "health"}; the batch is {"tokens": [batch, seq+1]} with an
-    optional "loss_mask" [batch, seq] (1 where a target counts). A step whose loss or gradients are not finite
-    leaves parameters and optimizer state unchanged and is recorded in state["health"] (count, first such step and
-    which gradients were non-finite), which the loop reads at log steps, so no step waits on the host."""
-    inject_nan_at = int(os.environ.get("GPT_JAX_INJECT_NAN_AT_STEP", "0"))  # fault injection for tests
-
-    def loss_fn(params, micro, key, step, base):
-        if lora_scale is not None:
-            params = lora_lib.merge_params(base, params, lora_scale)
-        losses = token_losses(graphdef, params, micro["tokens"], deterministic=not use_dropout,
-                              dropout_key=key if use_dropout else None)
-        if inject_nan_at:
-            losses = losses * jnp.where(step + 1 == inject_nan_at, jnp.nan, 1.0)
-        mask = micro.get("loss_mask")
-        mask = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
-        return jnp.sum(losses * mask), jnp.sum(mask)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def train_step(state, batch, base=None):
-        params, step = state["params"], state["step"]
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        micro_batches = jax.tree.map(
-            lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
-
-        if grad_accum_steps == 1:
-            (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), key, step,
-                                               base)
-        else:
-            def accumulate(carry, inputs):
-                grads_sum, loss_sum, count_sum = carry
-                index, micro = inputs
-                (loss, count), grads = grad_fn(params, micro, jax.random.fold_in(key, index), step, base)
-                return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count_sum + count), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, loss_sum, count), _ = jax.lax.scan(
-                accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum_steps), micro_batches))
-        count = jnp.maximum(count, 1.0)
-        loss = loss_sum / count
-        grads = jax.tree.map(lambda g: g / count, grads)
-        grads_finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(grads_finite)))
-        updates, new_opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        health = state["health"]
-        first_bad = (health["count"] == 0) & ~finite
-        new_health = {
-            "count": health["count"] + (~finite).astype(jnp.int32),
-            "first_step": jnp.where(first_bad, step + 1, health["first_step"]),
-            "grads_finite": jax.tree.map(lambda new, old: jnp.where(first_bad, new, old), grads_finite,
-                                         health["grads_finite"]),
-        }
-        new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt_state, state["opt_state"]),
-                     "rng": state["rng"], "step": step + 1, "health": new_health}
-        metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return new_state, metrics
-
-    return train_step
-
-
-def initial_health(params) -> dict:
-    return {"count": jnp.int32(0), "first_step": jnp.int32(0),
-            "grads_finite": jax.tree.map(lambda _: jnp.bool_(True), params)}
-
-
-def nonfinite_report(health) -> str:
-    """Which step first went non-finite and which parameters' gradients were non-finite then."""
-    bad = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-           for path, ok in jax.tree_util.tree_leaves_with_path(health["grads_finite"]) if not bool(ok)]
-    where = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "") if bad else "none (the loss)"
-    return (f"{int(health['count'])} non-finite step(s) skipped; the first at step {int(health['first_step'])}, "
-            f"non-finite gradients in: {where}")
-
-
-def make_eval_step(graphdef, byte_lengths: np.ndarray):
-    """eval_step(params, tokens [batch, seq+1], weights [batch] or [batch, seq]) → sums of (nll, targets, target
-    bytes); per-target weights are a loss mask (1 where a target counts)."""
-    byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
-
-    def eval_step(params, tokens, weights):
-        losses = token_losses(graphdef, params, tokens)
-        w = (weights[:, None] if weights.ndim == 1 else weights).astype(jnp.float32)
-        return {"nll": jnp.sum(losses * w), "tokens": jnp.sum(jnp.ones_like(losses) * w),
-                "bytes": jnp.sum(byte_lengths[tokens[:, 1:]] * w)}
-
-    return eval_step
-
-
-def evaluate_windows(eval_step, params, windows: np.ndarray, batch_size: int, input_sharding=None,
-                     masks: np.ndarray | None = None) -> dict:
-    """Mean loss, perplexity and bits per byte over `windows` [n, seq+1] (only the targets where `masks`
-    [n, seq] is 1, when given), in fixed-size batches (the last padded with zero weight, so nothing recompiles)."""
-    totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
-    for start in range(0, len(windows), batch_size):
-        chunk = windows[start:start + batch_size]
-        weights = np.zeros(batch_size, np.float32)
-        weights[:len(chunk)] = 1.0
-        if masks is not None:
-            weights = np.zeros((batch_size, chunk.shape[1] - 1), np.float32)
-            weights[:len(chunk)] = masks[start:start + batch_size]
-        if len(chunk) < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), chunk.shape[1]), chunk.dtype)])
-        tokens = jnp.asarray(chunk) if input_sharding is None else jax.device_put(chunk, input_sharding)
-        sums = eval_step(params, tokens, jnp.asarray(weights))
-        for k in totals:
-            totals[k] += float(sums[k])
-    loss = totals["nll"] / max(totals["tokens"], 1.0)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
-            "val_bpb": totals["nll"] / math.log(2) / max(totals["bytes"], 1.0), "val_tokens": int(totals["tokens"])}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Logging
-
-
-class MetricsWriter:
-    """metrics.jsonl (one JSON object per line) and TensorBoard scalars, from process 0 only."""
-
-    def __init__(self, workdir: str, resume_step: int):
-        self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = None
-        if not self.enabled:
-            return
-        if os.path.exists(self.path):  # drop lines a killed run wrote after its last checkpoint
-            with open(self.path) as f:
-                lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(lines)
-        try:
-            import tensorflow as tf
-
-            self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        record = {"step": int(step), **{k: (float(v) if not isinstance(v, int) else v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            import tensorflow as tf
-
-            with self.tb.as_default():
-                for k, v in values.items():
-                    tf.summary.scalar(k, float(v), step=int(step))
-            self.tb.flush()
-
-
-def device_peak_flops(config) -> float:
-    """Peak FLOP/s of one device for MFU: the config's `peak_flops`, a table for known accelerators, or on CPU a
-    float32 matmul rate measured now."""
-    if config.peak_flops:
-        return float(config.peak_flops)
-    kind = jax.devices()[0].device_kind.lower()
-    table = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12,
-             "h100": 989e12, "h200": 989e12, "a100": 312e12}
-    for name, flops in table.items():
-        if name in kind:
-            return flops
-    n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The loop
+# config.model keys that are training choices, not architecture: a pretrained source or a resumed run's saved
+# config does not override them.
+TRAINING_CHOICES = ("kind", "dropout", "dtype", "activation_dtype", "param_dtype", "remat", "scan_layers",
+                    "attention_block")
 
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. too many non-finite steps); the message is the diagnostic."""
 
 
-# config.model keys that are training choices, not architecture: a pretrained source or a resumed run's saved
-# config does not override them.
-_TRAINING_CHOICES = ("dropout", "dtype", "activation_dtype", "param_dtype", "remat", "scan_layers")
+def _set(node, values: dict) -> None:
+    with node.ignore_type():
+        for key, value in values.items():
+            if key not in TRAINING_CHOICES:
+                node[key] = value
 
 
-def _apply_source_model(config, source_cfg: ModelConfig) -> None:
-    """Takes the architecture from a pretrained source; training choices (dropout, dtypes, remat, scan) stay."""
-    with config.ignore_type():
-        for field in dataclasses.fields(source_cfg):
-            if field.name not in _TRAINING_CHOICES:
-                config.model[field.name] = getattr(source_cfg, field.name)
-    if config.seq_len > source_cfg.max_seq_len:
-        raise ConfigError(f"seq_len={config.seq_len} is longer than init_from's context of {source_cfg.max_seq_len}")
+def _warm_start(config, workdir: str) -> dict:
+    """An encoder-decoder's stacks from `model.encoder_from` / `model.decoder_from` (HF BERT, RoBERTa, GPT-2):
+    their architecture and special tokens into the config, their tokenizers into the workdir. Returns the
+    parameters they hold (a partial tree: cross-attention, heads and the bridge start fresh)."""
+    from gpt_jax.convert import bert
+
+    m, params = config.model, {}
+    max_len = max(config.data.max_source_len or config.seq_len, config.seq_len)
+    for side, source in (("encoder", m.encoder_from), ("decoder", m.decoder_from)):
+        if not source:
+            continue
+        stack = bert.load_stack(source, side, max_seq_len=max_len)
+        _set(m[side], {k: v for k, v in vars(stack.cfg).items() if k in m[side]})
+        stack.tokenizer.save(workdir_lib.tokenizer_dir(workdir, "source" if side == "encoder" else "target"))
+        ids = {"source_bos_id": stack.bos_id, "source_eos_id": stack.eos_id} if side == "encoder" else \
+            {"decoder_start_id": stack.bos_id, "eos_id": stack.eos_id, "pad_id": stack.pad_id}
+        _set(m, {k: -1 if v is None else int(v) for k, v in ids.items()})
+        params[side] = stack.params
+    return params
 
 
 def prepare_run(config, workdir: str):
-    """Resolves the config against the pretrained source (`init_from`), the data (vocabulary size) and a run
-    already in the workdir; writes config.json. Returns (config, data source, pretrained params or None)."""
+    """Resolves `config` for a run in `workdir` and writes config.json. Returns (the resolved, validated and frozen
+    config, the data source, pretrained parameters or None)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    encdec = config.model.kind == "encoder_decoder"
     os.makedirs(workdir, exist_ok=True)
-    tokenizer_dir = os.path.join(workdir, "tokenizer")
-    saved_path = os.path.join(workdir, "config.json")
-    pretrained_params = None
-    if config.init_from:
-        if checkpoint_lib.has_checkpoint(workdir) and os.path.isfile(saved_path):
-            saved = config_lib.from_json_file(saved_path)  # resuming: the architecture is the run's own
-            with config.ignore_type():
-                for key, value in saved.model.items():
-                    if key not in _TRAINING_CHOICES:
-                        config.model[key] = value
-                for key, value in saved.lora.items():  # the checkpoint's adapters have the run's own shape
-                    config.lora[key] = value
-        else:
-            from gpt_jax import pretrained
-
-            loaded = pretrained.load(config.init_from)
-            _apply_source_model(config, loaded.model_cfg)
-            loaded.tokenizer.save(tokenizer_dir)
-            pretrained_params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
-        if config.lora.rank and pretrained_params is None:  # LoRA checkpoints hold adapters; the base is init_from
-            from gpt_jax import pretrained
-
-            pretrained_params = nnx.to_pure_dict(nnx.state(pretrained.load(config.init_from).model, nnx.Param))
-    data = data_lib.load_data(config, tokenizer_dir)
-    vocab = data.tokenizer.vocab_size
-    if not config.model.vocab_size:
-        config.model.vocab_size = vocab
-    elif config.model.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab}")
+    pretrained = None
+    if workdir_lib.has_checkpoint(workdir) and os.path.isfile(workdir_lib.path(workdir, workdir_lib.CONFIG)):
+        saved = workdir_lib.read_config(workdir)  # resuming: the architecture is the run's own
+        if encdec or config.init_from:
+            _set(config.model, saved.model.to_dict())
+            _set(config.lora, saved.lora.to_dict())  # the checkpoint's adapters have the run's own shape
+    elif encdec:
+        pretrained = _warm_start(config, workdir) or None
+    elif config.init_from:
+        loaded = workdir_lib.load(config.init_from)
+        _set(config.model, {k: v for k, v in vars(loaded.model_cfg).items() if k in config.model})
+        if config.seq_len > loaded.model_cfg.max_seq_len:
+            raise ConfigError(f"seq_len={config.seq_len} is longer than init_from's context of "
+                              f"{loaded.model_cfg.max_seq_len}")
+        loaded.tokenizer.save(workdir_lib.tokenizer_dir(workdir))
+        pretrained = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+    if config.lora.rank and pretrained is None:  # LoRA checkpoints hold adapters; the base is init_from
+        pretrained = nnx.to_pure_dict(nnx.state(workdir_lib.load(config.init_from).model, nnx.Param))
+    data = data_lib.load_data(config, workdir_lib.tokenizer_dir(workdir))
+    sides = {"encoder": data.source_tokenizer, "decoder": data.tokenizer} if encdec else {"": data.tokenizer}
+    for side, tokenizer in sides.items():
+        node = config.model[side] if side else config.model
+        if not node.vocab_size:
+            node.vocab_size = tokenizer.vocab_size
+        elif node.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"model.{side + '.' if side else ''}vocab_size={node.vocab_size} is smaller than the "
+                              f"tokenizer's {tokenizer.vocab_size}")
+    if encdec:
+        _set(config.model, data.ids)
     config_lib.validate(config)
-    if jax.process_index() == 0:
-        with open(saved_path, "w") as f:
-            f.write(config_lib.to_json(config))
-    return config, data, pretrained_params
+    workdir_lib.write_config(workdir, config)
+    if encdec and pretrained is not None:  # the warm start's parts, the rest freshly initialized
+        from gpt_jax.convert import bert
+
+        fresh = nnx.state(model_lib.create(model_lib.model_config(config), config.seed), nnx.Param)
+        pretrained, left = bert.overlay(nnx.to_pure_dict(fresh), pretrained, "warm start")
+        progress(f"warm start from {', '.join(s for s in (config.model.encoder_from, config.model.decoder_from) if s)}"
+                 f"; freshly initialized: {_summarize(left)}")
+    return ml_collections.FrozenConfigDict(config), data, pretrained
+
+
+def _summarize(paths: list[str]) -> str:
+    """Parameter paths grouped with block numbers folded: decoder.blocks.*.cross_attn.query.kernel."""
+    import re
+
+    groups = sorted({re.sub(r"\.\d+\.", ".*.", p).rsplit(".", 1)[0] for p in paths})
+    return ", ".join(groups) if groups else "nothing"
 
 
 class _StopSignal:
@@ -349,212 +142,182 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def build_state(config, model_cfg: ModelConfig, mesh, pretrained_params=None):
-    """(graphdef, optimizer, state, state shardings, param shardings, frozen base params or None) for a fresh run,
-    placed on the mesh. With LoRA (lora.rank > 0) the state's params are the adapters and the pretrained params
-    are the frozen base, which has no optimizer state."""
-    graphdef, p_shardings = param_shardings(model_cfg, mesh)
-    if pretrained_params is not None:
-        params = jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), pretrained_params, p_shardings)
-    else:
-        params = init_params(model_cfg, config.seed, p_shardings)
-    base = None
-    lora_spec = lora_lib.LoraSpec.from_config(config)
-    if lora_spec is not None:
-        base = params
-        adapters = lora_lib.init_adapters(base, lora_spec, config.seed)
-        params = jax.device_put(adapters, lora_lib.adapter_shardings(adapters, p_shardings))
-    tx = optim.make_optimizer(config)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params),
-             "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated),
-             "step": jax.device_put(jnp.int32(0), replicated),
-             "health": jax.device_put(initial_health(params), replicated)}
-    return graphdef, tx, state, jax.tree.map(lambda x: x.sharding, state), p_shardings, base
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains (resuming from the latest good checkpoint in `workdir/checkpoints`), evaluates every `eval_every`
     steps and at the end; returns the last evaluation's metrics. SIGTERM checkpoints and returns early."""
-    config, data, pretrained_params = prepare_run(config, workdir)
-    model_cfg = ModelConfig.from_config(config)
+    config, data, pretrained = prepare_run(config, workdir)
+    model_cfg = model_lib.model_config(config)
     mesh = sharding.make_mesh(config.mesh)
     if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"] * config.grad_accum_steps):
         raise ConfigError(f"batch_size={config.batch_size} is not divisible by grad_accum_steps × the mesh's "
                           f"data × fsdp = {config.grad_accum_steps * mesh.shape['data'] * mesh.shape['fsdp']}")
-
     with jax.set_mesh(mesh):
-        graphdef, tx, state, state_shardings, p_shardings, base_params = build_state(config, model_cfg, mesh,
-                                                                                     pretrained_params)
-        n_params = sum(x.size for x in jax.tree.leaves(state["params"] if base_params is None else base_params))
-        lora_spec = lora_lib.LoraSpec.from_config(config)
-        frozen = () if base_params is None else (base_params,)  # a jit input, never donated
+        run = steps.setup(config, model_cfg, mesh, pretrained)
+        ckpt = checkpoint_lib.Checkpointer(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS),
+                                           keep=config.keep_checkpoints)
+        start_step, data_state = _restore(ckpt, run, mesh, config, pretrained)
         batch_sharding = sharding.batch_sharding(mesh)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-        ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-        start_step, data_state = 0, None
-        restored = ckpt.restore_latest(state["params"], state["opt_state"], warn=_progress)
-        if restored is not None:
-            start_step, params, opt_state, meta = restored
-            data_state = meta.get("data")
-            state.update(params=params, opt_state=opt_state if opt_state is not None else jax.jit(tx.init)(params),
-                         rng=jax.device_put(np.asarray(meta.get("rng", state["rng"]), np.uint32), replicated),
-                         step=jax.device_put(jnp.int32(start_step), replicated))
-            _progress(f"resumed from {ckpt.directory} at step {start_step}")
-        else:
-            _progress(f"model: {n_params:,} parameters; {mesh.size} device(s), mesh {dict(mesh.shape)}"
-                      + (f"; initialized from {config.init_from}" if pretrained_params is not None else "")
-                      + (f"; LoRA rank {lora_spec.rank} on {','.join(lora_spec.targets)}: "
-                         f"{lora_lib.count(state['params']):,} trainable" if lora_spec else ""))
-
-        train_step = jax.jit(
-            make_train_step(graphdef, tx, config.grad_accum_steps, config.model.dropout > 0,
-                            lora_spec.scale if lora_spec else None),
-            in_shardings=(state_shardings, batch_sharding) + ((p_shardings,) if frozen else ()),
-            out_shardings=(state_shardings, None), donate_argnums=(0,))
-        merge_adapters = jax.jit(lambda base, adapters: lora_lib.merge_params(base, adapters, lora_spec.scale),
-                                 out_shardings=p_shardings) if lora_spec else None
-        eval_step = jax.jit(make_eval_step(graphdef, data.tokenizer.token_byte_lengths()),
-                            in_shardings=(p_shardings, batch_sharding, None))
-
-        val_windows = data.val_windows(config.seq_len)
-        val_masks = data.val_loss_masks(config.seq_len) if hasattr(data, "val_loss_masks") else None  # SFT
-        rng = np.random.default_rng(config.seed)
-        n_quick = min(len(val_windows), config.eval_steps * config.batch_size)
-        quick_index = np.sort(rng.choice(len(val_windows), n_quick, replace=False))
-        quick_windows = val_windows[quick_index]
-        quick_masks = None if val_masks is None else val_masks[quick_index]
-
+        train_step = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0,
+                                                   config.label_smoothing),
+                             in_shardings=(run.shardings, batch_sharding) + run_frozen_shardings(run),
+                             out_shardings=(run.shardings, None), donate_argnums=(0,))
+        evaluator = evaluate.Evaluator(config, data, run, batch_sharding, workdir)
         batches = data.train_batches(config.batch_size, config.seq_len, config.seed, data_state,
                                      jax.process_index(), jax.process_count())
-        writer = MetricsWriter(workdir, start_step)
-        peak = device_peak_flops(config) * jax.device_count()
-        flops_tok = flops_per_token(model_cfg, n_params, config.seq_len)
-        tokens_per_step = config.batch_size * config.seq_len
-        schedule = optim.learning_rate_schedule(config)
+        log = _Log(config, workdir, start_step, run, model_cfg)
         stop = _StopSignal()
-
-        def put_batch(batch):
-            return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
-
-        def save(step):
-            ckpt.save(step, state["params"], state["opt_state"],
-                      {"step": step, "rng": np.asarray(jax.device_get(state["rng"])).tolist(),
-                       "data": batches.state()})
-
-        def evaluate(step, full):
-            windows, masks = (val_windows, val_masks) if full else (quick_windows, quick_masks)
-            params = merge_adapters(base_params, state["params"]) if lora_spec else state["params"]
-            result = evaluate_windows(eval_step, params, windows, config.batch_size, batch_sharding, masks)
-            writer.write(step, result)
-            _progress(f"step {step}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
-                      f"val_bpb {result['val_bpb']:.4f}" + ("  (whole validation split)" if full else ""))
-            return result
-
-        metrics_out: dict = {}
-        last_metrics = None
-        nonfinite_seen = 0
-        last_log_time, last_log_step = time.perf_counter(), start_step
-        train_start = time.perf_counter()
-        step = start_step
+        result, step = {}, start_step
         try:
             for step in range(start_step + 1, config.train_steps + 1):
-                state, last_metrics = train_step(state, put_batch(next(batches)), *frozen)
-                is_last = step == config.train_steps
-                if step % config.log_every == 0 or is_last:
-                    values, health = jax.device_get((last_metrics, state["health"]))
-                    now = time.perf_counter()
-                    tokens_per_sec = (step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
-                    mfu = flops_tok * tokens_per_sec / peak
-                    eta = (config.train_steps - step) * (now - train_start) / max(step - start_step, 1)
-                    lr = float(schedule(step - 1))
-                    loss = float(values["train_loss"])
-                    writer.write(step, {"train_loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
-                                        "grad_norm": float(values["grad_norm"])})
-                    _progress(f"step {step}/{config.train_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                              f"{tokens_per_sec:,.0f} tok/s  mfu {mfu:.1%}  eta {_fmt_time(eta)}")
-                    if int(health["count"]) > nonfinite_seen:
-                        nonfinite_seen = int(health["count"])
-                        _progress("warning: " + nonfinite_report(health))
-                        if nonfinite_seen >= config.max_nonfinite_steps:
-                            raise TrainingError("halted: " + nonfinite_report(health))
-                    last_log_time, last_log_step = time.perf_counter(), step
-                if (config.eval_every and step % config.eval_every == 0) or is_last:
-                    metrics_out = evaluate(step, full=is_last and config.final_eval_full)
-                    last_log_time = time.perf_counter()
-                if (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last:
-                    save(step)
+                batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
+                                     next(batches))
+                run.state, step_metrics = train_step(run.state, batch, *run.frozen)
+                out_of_time = bool(config.time_limit_s) and log.elapsed() > config.time_limit_s
+                last = step == config.train_steps or out_of_time
+                if step % config.log_every == 0 or last:
+                    log.train(step, step_metrics, run.state["health"])
+                if evaluator.quick and ((config.eval_every and step % config.eval_every == 0) or last):
+                    result = evaluator(run.state["params"], step, full=last and config.final_eval_full)
+                    log.eval(step, result, full=last and config.final_eval_full)
+                stopping = not last and stop.should_stop()
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or last or stopping:
+                    ckpt.save(step, run.state["params"], run.state["opt_state"],
+                              {"step": step, "rng": np.asarray(jax.device_get(run.state["rng"])).tolist(),
+                               "data": batches.state()})
                     _fault_injection_hook(ckpt, step)
-                elif stop.should_stop():
-                    save(step)
-                    _progress(f"SIGTERM: saved a checkpoint at step {step}; run the same command to resume")
+                if out_of_time:
+                    progress(f"time_limit_s={config.time_limit_s:g} reached at step {step}")
+                if stopping:
+                    progress(f"SIGTERM: saved a checkpoint at step {step}; run the same command to resume")
+                if last or stopping:
                     break
-            if step == start_step and restored is not None:
-                _progress(f"the checkpoint at step {start_step} already reached train_steps={config.train_steps}")
+            if step == start_step and start_step:
+                progress(f"the checkpoint at step {start_step} already reached train_steps={config.train_steps}")
         finally:
             stop.restore()
             ckpt.close()
-        elapsed = time.perf_counter() - train_start
-        if step > start_step:
-            _progress(f"trained steps {start_step + 1}-{step} in {elapsed:.1f}s "
-                      f"({(step - start_step) * tokens_per_step / elapsed:,.0f} tok/s)")
-        return metrics_out
+        log.done(step)
+        return result
+
+
+def run_frozen_shardings(run: steps.TrainSetup) -> tuple:
+    return () if run.base is None else (run.param_shardings,)
+
+
+def _restore(ckpt, run: steps.TrainSetup, mesh, config, pretrained) -> tuple[int, dict | None]:
+    """(start step, data position) from the latest good checkpoint, put into `run.state`; (0, None) for none."""
+    restored = ckpt.restore_latest(run.state["params"], run.state["opt_state"], warn=progress)
+    n_params = sum(x.size for x in jax.tree.leaves(run.state["params"] if run.base is None else run.base))
+    if restored is None:
+        lora = run.lora
+        progress(f"model: {n_params:,} parameters; {mesh.size} device(s), mesh {dict(mesh.shape)}"
+                 + (f"; initialized from {config.init_from}" if config.init_from and pretrained is not None else "")
+                 + (f"; LoRA rank {lora.rank} on {','.join(lora.targets)}: "
+                    f"{sum(x.size for x in jax.tree.leaves(run.state['params'])):,} trainable" if lora else ""))
+        return 0, None
+    step, params, opt_state, meta = restored
+    replicated = sharding.replicated(mesh)
+    run.state.update(params=params, opt_state=opt_state if opt_state is not None else jax.jit(run.tx.init)(params),
+                     rng=jax.device_put(np.asarray(meta.get("rng", run.state["rng"]), np.uint32), replicated),
+                     step=jax.device_put(jnp.int32(step), replicated))
+    progress(f"resumed from {ckpt.directory} at step {step}")
+    return step, meta.get("data")
+
+
+class _Log:
+    """Progress lines and metrics of the loop: loss, learning rate, tokens/s, MFU, ETA, non-finite steps."""
+
+    def __init__(self, config, workdir: str, start_step: int, run: steps.TrainSetup, model_cfg):
+        self.config, self.start_step = config, start_step
+        self.writer = metrics.MetricsWriter(workdir, start_step)
+        n_params = sum(x.size for x in jax.tree.leaves(run.state["params"] if run.base is None else run.base))
+        self.flops_per_token = metrics.flops_per_token(model_cfg, n_params, config.seq_len)
+        self.peak = metrics.device_peak_flops(config) * jax.device_count()
+        self.schedule = optim.learning_rate_schedule(config)
+        self.nonfinite_seen = 0
+        self.start = self.last_time = time.perf_counter()
+        self.last_step = start_step
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def train(self, step: int, step_metrics, health) -> None:
+        c = self.config
+        values, health = jax.device_get((step_metrics, health))
+        now = time.perf_counter()
+        tokens_per_sec = (step - self.last_step) * c.batch_size * c.seq_len / max(now - self.last_time, 1e-9)
+        mfu = self.flops_per_token * tokens_per_sec / self.peak
+        eta = (c.train_steps - step) * (now - self.start) / max(step - self.start_step, 1)
+        lr, loss = float(self.schedule(step - 1)), float(values["train_loss"])
+        self.writer.write(step, {"train_loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+                                 "grad_norm": float(values["grad_norm"])})
+        progress(f"step {step}/{c.train_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_sec:,.0f} tok/s  "
+                 f"mfu {mfu:.1%}  eta {metrics.fmt_time(eta)}")
+        if int(health["count"]) > self.nonfinite_seen:
+            self.nonfinite_seen = int(health["count"])
+            progress("warning: " + steps.nonfinite_report(health))
+            if self.nonfinite_seen >= c.max_nonfinite_steps:
+                raise TrainingError("halted: " + steps.nonfinite_report(health))
+        self.last_time, self.last_step = time.perf_counter(), step
+
+    def eval(self, step: int, result: dict, full: bool) -> None:
+        self.writer.write(step, result)
+        extra = "".join(f"  {k[4:]} {result[k]:.2f}" for k in ("val_bleu", "val_chrf") if k in result)
+        progress(f"step {step}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
+                 f"val_bpb {result['val_bpb']:.4f}{extra}" + ("  (whole validation split)" if full else ""))
+        self.last_time = time.perf_counter()
+
+    def done(self, step: int) -> None:
+        elapsed = self.elapsed()
+        if step > self.start_step:
+            progress(f"trained steps {self.start_step + 1}-{step} in {elapsed:.1f}s "
+                     f"({(step - self.start_step) * self.config.batch_size * self.config.seq_len / elapsed:,.0f} "
+                     "tok/s)")
 
 
 def compile_report(config) -> dict:
     """Compiles the train step of `config` for the current devices without training; returns (and prints) the
     per-device memory of parameters, optimizer state and the compiled step, and FLOPs per step."""
-    model_cfg_vocab = config.model.vocab_size or (config.data.vocab_size if config.data.tokenizer == "sentencepiece"
-                                                  else 0)
-    if not model_cfg_vocab:
-        raise ConfigError("--mode=compile needs model.vocab_size (or data.tokenizer=sentencepiece)")
-    config.model.vocab_size = model_cfg_vocab
+    config = ml_collections.ConfigDict(config.to_dict())
+    if not config.model.vocab_size:
+        if config.data.tokenizer == "char":
+            raise ConfigError("--mode=compile needs model.vocab_size (or a trained tokenizer's data.vocab_size)")
+        config.model.vocab_size = config.data.vocab_size
     config_lib.validate(config)
-    model_cfg = ModelConfig.from_config(config)
+    model_cfg = model_lib.ModelConfig.from_config(config)
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
-        graphdef, p_shardings = param_shardings(model_cfg, mesh)
-        tx = optim.make_optimizer(config)
-
-        def init_state():
-            params = nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(0)), nnx.Param))
-            return {"params": params, "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(0)),
-                    "step": jnp.int32(0), "health": initial_health(params)}
-
-        abstract = jax.eval_shape(init_state)
-        out_shardings = _state_shardings_like(abstract, p_shardings, mesh)
+        run = steps.setup(config, model_cfg, mesh, abstract=True)
+        batch_sharding = sharding.batch_sharding(mesh)
         batch = {"tokens": jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
-                                                sharding=sharding.batch_sharding(mesh))}
-        state_in = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
-                                out_shardings)
-        step_fn = jax.jit(make_train_step(graphdef, tx, config.grad_accum_steps, config.model.dropout > 0),
-                          in_shardings=(out_shardings, sharding.batch_sharding(mesh)),
-                          out_shardings=(out_shardings, None), donate_argnums=(0,))
+                                                sharding=batch_sharding)}
+        state_in = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), run.state,
+                                run.shardings)
+        step_fn = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0),
+                          in_shardings=(run.shardings, batch_sharding), out_shardings=(run.shardings, None),
+                          donate_argnums=(0,))
         t = time.perf_counter()
         compiled = step_fn.lower(state_in, batch).compile()
         compile_seconds = time.perf_counter() - t
 
     def per_device_bytes(tree, shardings_tree):
-        total = 0
-        for a, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree), strict=True):
-            total += int(np.prod(sh.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
-        return total
+        return sum(int(np.prod(sh.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+                   for a, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings_tree), strict=True))
 
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract["params"]))
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(run.state["params"]))
     report = {
         "devices": mesh.size, "mesh": dict(mesh.shape), "parameters": n_params,
-        "param_bytes_per_device": per_device_bytes(abstract["params"], out_shardings["params"]),
-        "opt_state_bytes_per_device": per_device_bytes(abstract["opt_state"], out_shardings["opt_state"]),
+        "param_bytes_per_device": per_device_bytes(run.state["params"], run.shardings["params"]),
+        "opt_state_bytes_per_device": per_device_bytes(run.state["opt_state"], run.shardings["opt_state"]),
         "argument_bytes": int(getattr(memory, "argument_size_in_bytes", 0)),
         "output_bytes": int(getattr(memory, "output_size_in_bytes", 0)),
         "temp_bytes": int(getattr(memory, "temp_size_in_bytes", 0)),
         "generated_code_bytes": int(getattr(memory, "generated_code_size_in_bytes", 0)),
         "flops_per_step_compiled": float(cost.get("flops", 0.0)) if cost else 0.0,
-        "flops_per_step_model": flops_per_token(model_cfg, n_params, config.seq_len) * config.batch_size
+        "flops_per_step_model": metrics.flops_per_token(model_cfg, n_params, config.seq_len) * config.batch_size
         * config.seq_len,
         "compile_seconds": compile_seconds,
     }
@@ -571,36 +334,10 @@ def compile_report(config) -> dict:
     return report
 
 
-def _state_shardings_like(abstract_state, p_shardings, mesh):
-    """Shardings for a train state: the parameters' own, the same for every params-shaped subtree of the optimizer
-    state (AdamW's moments), replicated for the rest."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params_treedef = jax.tree.structure(abstract_state["params"])
-
-    def for_opt(node):
-        if jax.tree.structure(node) == params_treedef:
-            return p_shardings
-        return jax.tree.map(lambda _: replicated, node)
-
-    opt_state = abstract_state["opt_state"]
-    opt_shardings = jax.tree.map(for_opt, opt_state,
-                                 is_leaf=lambda n: jax.tree.structure(n) == params_treedef)
-    return {"params": p_shardings, "opt_state": opt_shardings,
-            "rng": replicated, "step": replicated,
-            "health": jax.tree.map(lambda _: replicated, abstract_state["health"])}
-
-
-def _progress(line: str) -> None:
-    if jax.process_index() == 0:
-        print(line, file=sys.stderr, flush=True)
-
-
 def _fault_injection_hook(ckpt: checkpoint_lib.Checkpointer, step: int) -> None:
     """For the resume tests: GPT_JAX_SIGKILL_AFTER_STEP=N makes the process SIGKILL itself once the checkpoint of
     step N is on disk, as a preempted or crashed machine would die (no cleanup, no flush)."""
     target = os.environ.get("GPT_JAX_SIGKILL_AFTER_STEP")
     if target and int(target) == step:
-        import signal
-
         ckpt.wait()
         os.kill(os.getpid(), signal.SIGKILL)

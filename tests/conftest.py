@@ -91,7 +91,7 @@ def smollm2_gguf() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_converted(smollm2_gguf):
-    """SmolLM2 imported by `convert.load_source` (what `pretrained.load` and tools/convert.py do first)."""
+    """SmolLM2 imported by `convert.load_source` (what `workdir.load` and tools/convert.py do first)."""
     from gpt_jax import convert
 
     return convert.load_source(smollm2_gguf)
@@ -99,11 +99,12 @@ def smollm2_converted(smollm2_gguf):
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_converted):
-    """What `pretrained.load(gguf)` returns, built from the one import the session shares."""
-    from gpt_jax import convert, pretrained
+    """What `workdir.load(gguf)` returns, built from the one import the session shares."""
+    from gpt_jax import convert
+    from gpt_jax import workdir as workdir_lib
 
     model, model_cfg, config = convert.build_model(smollm2_converted)
-    return pretrained.LoadedModel(model, model_cfg, smollm2_converted.tokenizer, config, None, "smollm2")
+    return workdir_lib.LoadedModel(model, model_cfg, smollm2_converted.tokenizer, config, None, "smollm2")
 
 
 @functools.cache

@@ -78,7 +78,7 @@ def test_minilm_encoder_matches_transformers_bert_model(minilm_dir):
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
     encoder = bert.build_encoder(imported)
-    got = np.asarray(encoder(jnp.asarray(ids), jnp.asarray(mask > 0)))
+    got = np.asarray(encoder(jnp.asarray(ids), key_valid=jnp.asarray(mask > 0), return_hidden=True))
     diff = np.abs(np.where(mask[..., None] > 0, got - expected.numpy(), 0.0)).max()  # padding rows are unused
     print(f"MiniLM-L6 last hidden state: max |difference| = {diff:.2e}")
     assert diff <= TOL

@@ -16,7 +16,8 @@ import pytest
 from conftest import TINY_TEXT
 from flax import nnx
 
-from gpt_jax import convert, pretrained
+from gpt_jax import convert
+from gpt_jax import workdir as workdir_lib
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.convert.common import ConversionError
 from gpt_jax.model import ModelConfig, Transformer
@@ -91,13 +92,13 @@ def _round_trip(tmp_path, hf_model, hf_dir, vocab):
     """HF dir → gpt_jax (in memory, and through a workdir) → HF dir; returns the max |Δlogit| of each stage."""
     ids = _ids(vocab)
     reference = _torch_logits(hf_model, ids)
-    loaded = pretrained.load(hf_dir)
+    loaded = workdir_lib.load(hf_dir)
     assert loaded.step is None
     import_diff = float(np.abs(_jax_logits(loaded, ids) - reference).max())
 
     workdir = str(tmp_path / "workdir")
     convert.write_workdir(convert.load_source(hf_dir), workdir)
-    from_workdir = pretrained.load(workdir)
+    from_workdir = workdir_lib.load(workdir)
     assert from_workdir.step == 0
     workdir_diff = float(np.abs(_jax_logits(from_workdir, ids) - reference).max())
 
@@ -131,7 +132,7 @@ def test_gpt2_round_trip(tmp_path, tiny_bpe):
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_llama_gqa_round_trip(tmp_path, tiny_bpe, tie):
     model, hf_dir = _llama(tiny_bpe, str(tmp_path / "llama"), tie)
-    loaded = pretrained.load(hf_dir)
+    loaded = workdir_lib.load(hf_dir)
     cfg = loaded.model_cfg
     assert (cfg.n_head, cfg.n_kv_head, cfg.rope_theta, cfg.tie_embeddings) == (4, 2, 5000.0, tie)
     diffs = _round_trip(tmp_path, model, hf_dir, 300)

@@ -1,9 +1,12 @@
 """The encoder-decoder: parity with transformers' EncoderDecoderModel (BERT2BERT, BERT2GPT-2, RoBERTa2RoBERTa; tiny
-random models) within 1e-4, cached decoding equal to uncached decoding token for token, masking, logical axes, and
-a short training run on pairs that learns, checkpoints, resumes and translates."""
+random models) within 1e-4, cached decoding equal to uncached decoding token for token, masking, logical axes, the
+pairs data, and training through the one loop on a data × fsdp × tensor mesh (tests/test_main.py runs it through
+`python -m gpt_jax.main`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 
@@ -13,10 +16,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt_jax import sharding
+from gpt_jax.axes import LOGICAL_AXIS_RULES
 from gpt_jax.convert import bert
-from gpt_jax.encdec import EncDecConfig, EncoderDecoder, StackConfig
-from gpt_jax.encdec_decode import generate, generate_uncached, translate
+from gpt_jax.decode import sample_tokens
+from gpt_jax.encdec_decode import generate, translate
+from gpt_jax.model import EncDecConfig, EncoderDecoder, ModelConfig
 
 TOL = 1e-4
 
@@ -34,13 +38,14 @@ class _Static:
         return isinstance(other, _Static) and other.graphdef == self.graphdef
 
 
-_jit_forward = jax.jit(lambda static, params, *args: nnx.merge(static.graphdef, params)(*args), static_argnums=0)
+_jit_forward = jax.jit(lambda static, method, params, *args: getattr(nnx.merge(static.graphdef, params), method)(
+    *args), static_argnums=(0, 1))
 
 
-def forward(module, *args):
-    """module(*args), jitted (eager JAX compiles op by op, which is slower for a whole model)."""
+def forward(module, *args, method="__call__"):
+    """module.method(*args), jitted (eager JAX compiles op by op, which is slower for a whole model)."""
     graphdef, params = nnx.split(module)
-    return _jit_forward(_Static(graphdef), params, *args)
+    return _jit_forward(_Static(graphdef), method, params, *args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,9 +166,9 @@ def test_gpt2_cannot_be_the_encoder(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # The model itself
 
-ENC = StackConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=64, max_seq_len=32,
+ENC = ModelConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=64, max_seq_len=32,
                   layout="post", activation="gelu", type_vocab_size=2, embed_norm=True)
-DEC = StackConfig(vocab_size=45, n_layer=2, n_head=4, n_kv_head=2, d_model=16, d_ff=48, max_seq_len=32, head="mlm")
+DEC = ModelConfig(vocab_size=45, n_layer=2, n_head=4, n_kv_head=2, d_model=16, d_ff=48, max_seq_len=32, head="mlm")
 
 
 def _model(enc=ENC, dec=DEC, noise: float = 0.0, eos_id: int = 2) -> EncoderDecoder:
@@ -181,7 +186,7 @@ def test_encoder_is_bidirectional_and_ignores_padding():
     source = jax.random.randint(jax.random.key(0), (2, 8), 3, 40)
     source = source.at[1].set(source[0].at[7].set((source[0, 7] + 5) % 40))  # row 1: row 0, last token changed
     valid = jnp.ones((2, 8), bool)
-    out = forward(model.encoder, source, valid)
+    out = forward(model, source, valid, method="encode")
     assert np.abs(np.asarray(out[0, 0] - out[1, 0])).max() > 1e-4  # a later token reaches the first one
     padded = jnp.concatenate([source, jnp.zeros((2, 8), source.dtype)], axis=1)
     padded_valid = jnp.arange(16)[None] < jnp.array([[8], [8]])
@@ -190,9 +195,41 @@ def test_encoder_is_bidirectional_and_ignores_padding():
                                np.asarray(forward(model, source, target, valid)), atol=1e-5)
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_forward(graphdef):
+    return jax.jit(lambda params, source_ids, source_valid, inputs: nnx.merge(graphdef, params)(
+        source_ids, inputs, source_valid))
+
+
+def generate_uncached(model, source_ids, source_valid, max_new_tokens: int, *, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Like `generate`, recomputing encoder and decoder over the whole prefix for every token (no caches), with the
+    same per-row random keys."""
+    cfg = model.cfg
+    batch = source_ids.shape[0]
+    graphdef, params = nnx.split(model, nnx.Param)
+    forward = functools.partial(_compiled_forward(graphdef), params, jnp.asarray(source_ids),
+                                jnp.asarray(source_valid, bool))
+    sample = jax.jit(lambda logits, step: sample_tokens(
+        logits, jax.random.split(jax.random.fold_in(jax.random.key(jnp.uint32(seed)), step), batch), temperature,
+        top_k, top_p))
+    inputs = jnp.full((batch, max_new_tokens), cfg.pad_id, jnp.int32).at[:, 0].set(cfg.decoder_start_id)
+    out = np.full((batch, max_new_tokens), cfg.pad_id, np.int32)
+    done = np.zeros(batch, bool)
+    for i in range(max_new_tokens):
+        nxt = np.where(done, cfg.pad_id, np.asarray(sample(forward(inputs)[:, i], i)))  # causal: later inputs unseen
+        out[:, i] = nxt
+        done |= nxt == cfg.eos_id
+        if done.all():
+            break
+        if i + 1 < max_new_tokens:
+            inputs = inputs.at[:, i + 1].set(nxt)
+    return out
+
+
 def test_cached_decoding_equals_uncached_decoding_token_for_token():
     # with end token 10 some rows stop early, others run to the end
-    model = _model(dec=StackConfig(**{**DEC.to_dict(), "head": "linear"}), noise=0.5, eos_id=10)
+    model = _model(dec=dataclasses.replace(DEC, head="linear"), noise=0.5, eos_id=10)
     source = jax.random.randint(jax.random.key(3), (4, 16), 3, 40)
     lengths = [16, 7, 3, 1]
     valid = jnp.arange(16)[None] < jnp.array(lengths)[:, None]
@@ -211,22 +248,33 @@ def test_cached_decoding_equals_uncached_decoding_token_for_token():
 
 
 def test_every_parameter_has_known_logical_axes():
-    model = _model(dec=StackConfig(**{**DEC.to_dict(), "tie_embeddings": False}))
+    model = _model(dec=dataclasses.replace(DEC, tie_embeddings=False))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.sharding_axes
         assert len(axes) == var.get_value().ndim, path
-        assert all(a is None or a in sharding.LOGICAL_AXIS_RULES for a in axes), (path, axes)
+        assert all(a is None or a in LOGICAL_AXIS_RULES for a in axes), (path, axes)
 
 
-def test_config_round_trips_through_a_dict():
-    cfg = _model().cfg
-    assert EncDecConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match="layout"):
-        EncDecConfig.from_dict({**cfg.to_dict(), "encoder": {**ENC.to_dict(), "layout": "sandwich"}})
+def test_run_config_describes_the_model_and_round_trips_through_config_json(tmp_path):
+    from gpt_jax import config as config_lib
+    from gpt_jax.errors import ConfigError
+
+    config = config_lib.encdec_config()
+    config.model.encoder.vocab_size, config.model.decoder.vocab_size = 40, 45
+    config.model.decoder.n_kv_head, config.data.max_source_len = 2, 48
+    config.model.decoder_start_id, config.model.eos_id, config.model.pad_id = 1, 2, 0
+    cfg = EncDecConfig.from_config(config)
+    assert (cfg.encoder.max_seq_len, cfg.decoder.max_seq_len, cfg.decoder.n_kv_head) == (48, config.seq_len, 2)
+    assert cfg.encoder.dropout == cfg.decoder.dropout == config.model.dropout
+    (tmp_path / "config.json").write_text(config_lib.to_json(config))
+    assert EncDecConfig.from_config(config_lib.from_json_file(str(tmp_path / "config.json"))) == cfg
+    config.model.encoder.layout = "sandwich"
+    with pytest.raises(ConfigError, match="model.encoder.layout"):
+        config_lib.validate(config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training
+# Data and training
 
 
 def _pairs(n: int) -> tuple[list[str], list[str]]:
@@ -238,7 +286,7 @@ def _pairs(n: int) -> tuple[list[str], list[str]]:
 
 
 def _config(tmp_path, steps: int):
-    from gpt_jax import encdec_train
+    from gpt_jax import config as config_lib
 
     sources, targets = _pairs(96)
     with open(tmp_path / "train.jsonl", "w") as f:
@@ -246,80 +294,73 @@ def _config(tmp_path, steps: int):
             f.write(json.dumps({"source": s, "target": t}) + "\n")
     (tmp_path / "val.src").write_text("\n".join(sources[:8]) + "\n")
     (tmp_path / "val.tgt").write_text("\n".join(targets[:8]) + "\n")
-    c = encdec_train.seq2seq_config()
+    c = config_lib.encdec_config()
     c.train_steps, c.batch_size, c.warmup_steps, c.learning_rate = steps, 16, 5, 3e-3
     c.log_every, c.eval_every, c.checkpoint_every, c.label_smoothing = 5, 0, 10, 0.0
-    c.length_buckets, c.max_source_len, c.max_target_len = "16", 16, 16
+    c.data.length_buckets, c.seq_len = "16", 16
     c.data.train_jsonl = str(tmp_path / "train.jsonl")
     c.data.val_source, c.data.val_target = str(tmp_path / "val.src"), str(tmp_path / "val.tgt")
     c.data.vocab_size = 300
-    c.decode.max_new_tokens, c.decode.batch_size = 16, 8
+    c.eval.max_new_tokens, c.eval.batch_size = 16, 8
+    c.sample.max_new_tokens = 0
     for side in (c.model.encoder, c.model.decoder):
         side.n_layer, side.d_model, side.d_ff, side.n_head = 1, 32, 64, 4
-    c.model.dropout = 0.0
     return c
 
 
-@pytest.mark.slow
-def test_training_on_pairs_learns_checkpoints_resumes_and_translates(tmp_path):
-    from gpt_jax import encdec_train
-
-    workdir = str(tmp_path / "run")
-    first = _config(tmp_path, 10)
-    first.data.val_source = first.data.val_target = ""  # no evaluation yet: fewer compiles
-    encdec_train.train_and_evaluate(first, workdir)
-    result = encdec_train.train_and_evaluate(_config(tmp_path, 20), workdir)  # resumes at step 10
-    assert {"bleu", "chrf", "val_loss"} <= set(result) and result["step"] == 20
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    losses = [r["train_loss"] for r in rows if "train_loss" in r]
-    assert [r["step"] for r in rows if "train_loss" in r] == [5, 10, 15, 20]
-    assert losses[-1] < losses[0] - 0.5, losses
-    with open(os.path.join(workdir, "eval.json")) as f:
-        assert json.load(f)["sentences"] == 8
-    with open(os.path.join(workdir, "val_hypotheses.txt")) as f:
-        assert len(f.readlines()) == 8
-    loaded = encdec_train.load_workdir(workdir)
-    assert loaded.step == 20 and loaded.model.cfg.encoder.n_layer == 1
-
-
 def test_pairs_from_aligned_files_and_clear_errors(tmp_path):
-    from gpt_jax import encdec_train
+    from gpt_jax.config import parse_buckets
+    from gpt_jax.data import pairs
     from gpt_jax.errors import ConfigError, DataError
 
     (tmp_path / "a.en").write_text("one\ntwo\n")
     (tmp_path / "a.de").write_text("eins\nzwei\n")
     (tmp_path / "short.de").write_text("eins\n")
     (tmp_path / "bad.jsonl").write_text('{"source": "x", "target": "y"}\n{"source": 3}\n')
-    assert encdec_train.load_pairs(source=str(tmp_path / "a.en"), target=str(tmp_path / "a.de")) == \
+    assert pairs.load_pairs(source=str(tmp_path / "a.en"), target=str(tmp_path / "a.de")) == \
         (["one", "two"], ["eins", "zwei"])
     with pytest.raises(DataError, match="line-aligned"):
-        encdec_train.load_pairs(source=str(tmp_path / "a.en"), target=str(tmp_path / "short.de"))
+        pairs.load_pairs(source=str(tmp_path / "a.en"), target=str(tmp_path / "short.de"))
     with pytest.raises(DataError, match=r"bad.jsonl:2"):
-        encdec_train.load_pairs(jsonl=str(tmp_path / "bad.jsonl"))
+        pairs.load_pairs(jsonl=str(tmp_path / "bad.jsonl"))
     with pytest.raises(ConfigError, match="data.train"):
-        encdec_train.load_pairs()
+        pairs.load_pairs()
     with pytest.raises(ConfigError, match="length_buckets"):
-        encdec_train.parse_buckets("32,16")
+        parse_buckets("32,16")
+
+
+def test_pair_batches_pad_both_sides_to_a_bucket_and_resume_at_the_same_batch(tmp_path):
+    from gpt_jax.data import pairs
+
+    config = _config(tmp_path, 1)
+    config.data.length_buckets = "4,8,16"
+    source = pairs.PairSource(config, str(tmp_path / "tokenizer"))
+    assert source.ids == {"decoder_start_id": 1, "eos_id": 2, "pad_id": 0, "source_bos_id": 1, "source_eos_id": 2}
+    batches = source.train_batches(16, 16, seed=3)
+    first = [next(batches) for _ in range(8)]  # more than one epoch of 96 pairs
+    assert {b["source"].shape[1] for b in first} <= {4, 8, 16}
+    for b in first:
+        assert b["target_in"].shape == b["source"].shape and (b["target_in"][:, 0] == 1).all()
+        n = b["loss_mask"].sum(1).astype(int)  # targets + the end token
+        assert (b["target_out"][np.arange(16), n - 1] == 2).all()
+    resumed = source.train_batches(16, 16, seed=3, state={"batch_index": 5})
+    np.testing.assert_array_equal(next(resumed)["target_out"], first[5]["target_out"])
+    val = source.val_batches(16, 16)
+    assert len(val) == 1 and val[0]["loss_mask"][8:].sum() == 0  # 8 pairs, 8 filler rows
 
 
 _MESH_RUNNER = """
 import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-sys.path.insert(0, sys.argv[2])
-import test_encdec
-from gpt_jax import encdec_train
-import pathlib
+from gpt_jax import config as config_lib, train
 out = {}
-for name, (data, fsdp, tensor) in {"single": (1, 1, 1), "d2f2t2": (2, 2, 2)}.items():
-    base = pathlib.Path(sys.argv[1]) / name
-    base.mkdir()
-    c = test_encdec._config(base, 6)
-    c.data.val_source = c.data.val_target = ""
-    c.log_every, c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, data, fsdp, tensor
-    encdec_train.train_and_evaluate(c, str(base / "run"))
-    rows = [json.loads(line) for line in open(base / "run" / "metrics.jsonl")]
-    out[name] = [r["train_loss"] for r in rows if "train_loss" in r]
+for path in sys.argv[1:]:
+    config = config_lib.encdec_config()
+    config_lib.merge_dict(config, json.load(open(path)), path)
+    workdir = os.path.join(os.path.dirname(path), "run")
+    train.train_and_evaluate(config, workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    out[path] = [r["train_loss"] for r in rows if "train_loss" in r]
 print("RESULT " + json.dumps(out))
 """
 
@@ -331,9 +372,16 @@ def test_training_on_a_data_fsdp_tensor_mesh_matches_one_device(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _MESH_RUNNER, str(tmp_path), os.path.dirname(__file__)],
-                          capture_output=True, text=True, timeout=600)
+    paths = []
+    for name, (data, fsdp, tensor) in {"single": (1, 1, 1), "d2f2t2": (2, 2, 2)}.items():
+        (tmp_path / name).mkdir()
+        c = _config(tmp_path / name, 6)
+        c.data.val_source = c.data.val_target = ""
+        c.log_every, c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, data, fsdp, tensor
+        (tmp_path / name / "config.json").write_text(c.to_json())
+        paths.append(str(tmp_path / name / "config.json"))
+    proc = subprocess.run([sys.executable, "-c", _MESH_RUNNER, *paths], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    assert len(result["single"]) == 6
-    np.testing.assert_allclose(result["d2f2t2"], result["single"], rtol=1e-4)
+    assert len(result[paths[0]]) == 6
+    np.testing.assert_allclose(result[paths[1]], result[paths[0]], rtol=1e-4)

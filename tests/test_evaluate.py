@@ -35,9 +35,9 @@ You are all resolved rather to die than to famish?
 
 @pytest.fixture(scope="session")
 def tiny(tiny_workdir):
-    from gpt_jax import pretrained
+    from gpt_jax import workdir as workdir_lib
 
-    return pretrained.load(tiny_workdir)
+    return workdir_lib.load(tiny_workdir)
 
 
 def run_tool(*args: str, tool: str = EVALUATE) -> subprocess.CompletedProcess:
@@ -139,7 +139,7 @@ def test_non_overlapping_windows_equal_training_evaluation(tiny):
     import jax
     from flax import nnx
 
-    from gpt_jax import evaluate, train
+    from gpt_jax import evaluate, steps
     from gpt_jax.data import pipeline
     from gpt_jax.data import text as text_lib
 
@@ -147,8 +147,11 @@ def test_non_overlapping_windows_equal_training_evaluation(tiny):
     tokens = text_lib.encode_array(tiny.tokenizer, TEXT * 3)
     tokens = tokens[:(len(tokens) - 1) // seq_len * seq_len + 1]
     graphdef, params = nnx.split(tiny.model, nnx.Param)
-    eval_step = jax.jit(train.make_eval_step(graphdef, tiny.tokenizer.token_byte_lengths()))
-    expected = train.evaluate_windows(eval_step, nnx.to_pure_dict(params), pipeline.eval_windows(tokens, seq_len), 4)
+    eval_step = jax.jit(steps.make_eval_step(graphdef, tiny.tokenizer.token_byte_lengths()))
+    windows = pipeline.eval_windows(tokens, seq_len)
+    batches = [{"tokens": windows[i:i + 4], "loss_mask": np.ones((len(windows[i:i + 4]), seq_len), np.float32)}
+               for i in range(0, len(windows), 4)]
+    expected = evaluate.evaluate_batches(eval_step, nnx.to_pure_dict(params), batches)
     nll = evaluate.token_nll(tiny, tokens, seq_len + 1, seq_len)
     metrics = evaluate.perplexity_metrics(nll, tokens, tiny.tokenizer.token_byte_lengths(), 1)
     assert metrics["tokens"] == expected["val_tokens"]
@@ -411,7 +414,7 @@ def test_smollm2_perplexity_matches_transformers(smollm2_gguf, smollm2_converted
     assert proc.returncode == 0, proc.stderr
     ours = json.loads(proc.stdout)
 
-    token_ids = text_lib.encode_array(smollm2_converted.tokenizer, text)  # the tokenizer pretrained.load gives
+    token_ids = text_lib.encode_array(smollm2_converted.tokenizer, text)  # the tokenizer workdir.load gives
 
     def transformers_perplexity(model):
         ids = torch.tensor(token_ids[None, :], dtype=torch.long)

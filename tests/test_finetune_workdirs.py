@@ -14,7 +14,7 @@ from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import config as config_lib
 from gpt_jax import evaluate, model
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.convert.common import PLACEHOLDER_OPT_STATE
+from gpt_jax.checkpoint import PLACEHOLDER_OPT_STATE
 from gpt_jax.errors import UserError
 
 

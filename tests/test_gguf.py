@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import TINY_TEXT
 
-from gpt_jax import convert, decode, pretrained
+from gpt_jax import convert, decode
+from gpt_jax import workdir as workdir_lib
 from gpt_jax.convert import quants
 
 gguf = pytest.importorskip("gguf")
@@ -139,7 +140,7 @@ def test_tiny_gguf_matches_torch(tmp_path, tiny_bpe, tie):
     torch = pytest.importorskip("torch")
     path = str(tmp_path / "tiny.gguf")
     reference_model = _write_tiny_gguf(path, tiny_bpe, tie)
-    loaded = pretrained.load(path)
+    loaded = workdir_lib.load(path)
     cfg = loaded.model_cfg
     assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.rope_theta, cfg.tie_embeddings) == (2, 4, 2, 5000.0, tie)
     ids = np.random.default_rng(0).integers(0, 300, size=(2, 20))
@@ -177,7 +178,7 @@ def test_truncated_gguf_is_one_line_error(tmp_path, tiny_bpe):
 # SmolLM2-135M-Instruct (Q4_1 / Q8_0 / F32 tensors)
 
 
-# smollm2_converted, smollm2 (what `pretrained.load(gguf)` returns) and smollm2_reference (transformers' answers)
+# smollm2_converted, smollm2 (what `workdir_lib.load(gguf)` returns) and smollm2_reference (transformers' answers)
 # are session fixtures in conftest.py, shared with the evaluation and serving tests.
 
 

@@ -13,9 +13,10 @@ from flax import nnx
 
 from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import config as config_lib
-from gpt_jax import lora, model, optim, pretrained, train
+from gpt_jax import lora, model, optim, steps, train
+from gpt_jax import workdir as workdir_lib
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.convert.common import PLACEHOLDER_OPT_STATE
+from gpt_jax.checkpoint import PLACEHOLDER_OPT_STATE
 from gpt_jax.data import text as text_lib
 from gpt_jax.errors import ConfigError
 
@@ -182,8 +183,8 @@ def test_lora_trains_only_adapters_resumes_and_merges(tmp_path, monkeypatch):
     assert sorted(resumed) == list(range(1, 13)) and resumed[11] < losses[0] - 1.0  # went on from the adapters
 
     # merged: a plain workdir whose non-targeted parameters are the base's, bit for bit
-    lora.merge_into_workdir(run_dir, merged_dir)
-    merged = pretrained.load(merged_dir)
+    workdir_lib.write_model(merged_dir, workdir_lib.load(run_dir), {"merged_from": run_dir})
+    merged = workdir_lib.load(merged_dir)
     assert merged.step == 12 and merged.config.lora.rank == 0 and merged.config.init_from == ""
     merged_params = nnx.to_pure_dict(nnx.state(merged.model, nnx.Param))
     for path, value in jax.tree_util.tree_leaves_with_path(merged_params):
@@ -203,7 +204,7 @@ def test_lora_trains_only_adapters_resumes_and_merges(tmp_path, monkeypatch):
     got = np.asarray(merged.model(jnp.asarray(tokens))[0])
     want = reference_logits(base_params, adapters, 4.0, merged.model_cfg, tokens, monkeypatch)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    assert np.abs(got - np.asarray(pretrained.load(base_dir).model(jnp.asarray(tokens))[0])).max() > 1e-2
+    assert np.abs(got - np.asarray(workdir_lib.load(base_dir).model(jnp.asarray(tokens))[0])).max() > 1e-2
     assert first["val_loss"] > 0
 
 
@@ -227,10 +228,11 @@ def test_lora_step_gradient_accumulation_matches_one_batch():
     tx = optim.make_optimizer(config)
     tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, 40)
     results = []
+    run = steps.TrainSetup(graphdef, tx, None, None, None, base, spec)
     for accum in (1, 2):
         state = {"params": adapters, "opt_state": tx.init(adapters), "rng": jax.random.key_data(jax.random.key(0)),
-                 "step": jnp.int32(0), "health": train.initial_health(adapters)}
-        step = jax.jit(train.make_train_step(graphdef, tx, accum, False, spec.scale))
+                 "step": jnp.int32(0), "health": steps.initial_health(adapters)}
+        step = jax.jit(steps.make_train_step(run, accum, False))
         results.append(step(state, {"tokens": tokens}, base))
     assert float(results[0][1]["train_loss"]) == pytest.approx(float(results[1][1]["train_loss"]), rel=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0]["params"],
@@ -252,11 +254,11 @@ def test_lora_workdir_loads_as_its_merged_model(tmp_path):
     config.data.text_files, config.final_eval_full = str(text), True
     final = train.train_and_evaluate(config, run_dir)
 
-    loaded = pretrained.load(run_dir)  # the checkpoint holds adapters, not a model
+    loaded = workdir_lib.load(run_dir)  # the checkpoint holds adapters, not a model
     assert loaded.step == 3 and loaded.config.lora.rank == 0 and loaded.name == "run"
-    lora.merge_into_workdir(run_dir, merged_dir)
+    workdir_lib.write_model(merged_dir, workdir_lib.load(run_dir), {"merged_from": run_dir})
     params = lambda m: jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m.model, nnx.Param)))
-    jax.tree.map(np.testing.assert_array_equal, params(loaded), params(pretrained.load(merged_dir)))
+    jax.tree.map(np.testing.assert_array_equal, params(loaded), params(workdir_lib.load(merged_dir)))
     query = params(loaded)["blocks"][0]["attn"]["query"]["kernel"]
     assert np.abs(query - base_params["blocks"][0]["attn"]["query"]["kernel"]).max() > 1e-3
 
@@ -270,4 +272,4 @@ def test_lora_workdir_loads_as_its_merged_model(tmp_path):
 
     os.rename(base_dir, base_dir + "_moved")  # the adapters are nothing without their base
     with pytest.raises(UserError, match="init_from=.*base"):
-        pretrained.load(run_dir)
+        workdir_lib.load(run_dir)

@@ -187,12 +187,12 @@ def test_bf16_activations_carry_bf16_between_matmuls_and_stay_close_to_float32(k
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_cpu_attention_by_query_blocks_equals_full_causal_attention(heads, kv_heads):
-    """Past CPU_QUERY_BLOCK positions the CPU path attends by query blocks; values and gradients must equal full
+    """Past `query_block` positions the CPU path attends by query blocks; values and gradients must equal full
     causal attention (a sequence that is not a multiple of the block, and grouped-query attention)."""
-    from gpt_jax import model
+    from gpt_jax import ops
 
     assert jax.default_backend() == "cpu"
-    seq = model.CPU_QUERY_BLOCK + 5  # two blocks, the second ragged
+    seq = ModelConfig(vocab_size=2).attention_block + 5  # two blocks of the default size, the second ragged
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (2, seq, heads, 8))
     k = jax.random.normal(keys[1], (2, seq, kv_heads, 8))
@@ -200,7 +200,7 @@ def test_cpu_attention_by_query_blocks_equals_full_causal_attention(heads, kv_he
     weights = jax.random.normal(keys[3], (2, seq, heads, 8))
 
     def ours(q, k, v):
-        out = model.attention(q, k, v, "float32", is_causal=True)
+        out = ops.attention(q, k, v, "float32", causal=True, query_block=seq - 5)
         return jnp.sum(out * weights), out
 
     def full(q, k, v):

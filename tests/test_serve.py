@@ -17,7 +17,8 @@ import openai
 import pytest
 import uvicorn
 
-from gpt_jax import decode, pretrained, serve
+from gpt_jax import decode, serve
+from gpt_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-key"
@@ -52,7 +53,7 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def served(tiny_workdir):
-    loaded = pretrained.load(tiny_workdir)
+    loaded = workdir_lib.load(tiny_workdir)
     server = serve.Server(loaded, max_batch=4)
     with ServerThread(serve.create_app(server, api_key=KEY, warmup_prompt_len=32)) as thread:
         thread.model, thread.loaded = server, loaded
@@ -269,7 +270,7 @@ def test_serve_mode_shuts_down_gracefully(tiny_workdir):
 
 @pytest.mark.slow
 def test_serves_a_gguf_chat_model(smollm2):
-    """SmolLM2-135M-Instruct from its GGUF file (what `pretrained.load` gives, shared by the session): the chat
+    """SmolLM2-135M-Instruct from its GGUF file (what `workdir.load` gives, shared by the session): the chat
     template comes from the model; greedy answers sensibly."""
     loaded = smollm2
     assert isinstance(getattr(loaded.tokenizer, "chat_template", None), str)

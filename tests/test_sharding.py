@@ -146,17 +146,17 @@ def test_logical_rules_map_axes_and_replicate_what_does_not_divide():
 
     from jax.sharding import PartitionSpec
 
-    from gpt_jax import sharding
+    from gpt_jax import axes
 
-    assert sharding.logical_to_spec(("embed", "mlp")) == PartitionSpec("fsdp", "tensor")
-    assert sharding.logical_to_spec(("activation_batch", "activation_seq")) == PartitionSpec(("data", "fsdp"), None)
-    assert sharding.logical_to_spec(("vocab", "embed")) == PartitionSpec("tensor", "fsdp")
-    assert sharding.logical_to_spec(("norm",)) == PartitionSpec(None)
+    assert axes.logical_to_spec(("embed", "mlp")) == PartitionSpec("fsdp", "tensor")
+    assert axes.logical_to_spec(("activation_batch", "activation_seq")) == PartitionSpec(("data", "fsdp"), None)
+    assert axes.logical_to_spec(("vocab", "embed")) == PartitionSpec("tensor", "fsdp")
+    assert axes.logical_to_spec(("norm",)) == PartitionSpec(None)
     mesh = SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 4})  # logical_to_spec reads only the sizes
-    assert sharding.logical_to_spec(("vocab", "embed"), (65, 32), mesh) == PartitionSpec(None, "fsdp")
-    assert sharding.logical_to_spec(("embed", "mlp"), (32, 128), mesh) == PartitionSpec("fsdp", "tensor")
+    assert axes.logical_to_spec(("vocab", "embed"), (65, 32), mesh) == PartitionSpec(None, "fsdp")
+    assert axes.logical_to_spec(("embed", "mlp"), (32, 128), mesh) == PartitionSpec("fsdp", "tensor")
     one_device = SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1})
-    assert sharding.logical_to_spec(("embed", "mlp"), (32, 128), one_device) == PartitionSpec(None, None)
+    assert axes.logical_to_spec(("embed", "mlp"), (32, 128), one_device) == PartitionSpec(None, None)
 
 
 def test_mesh_shape_fills_minus_one_and_rejects_bad_sizes():

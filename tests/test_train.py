@@ -84,27 +84,17 @@ def test_weight_decay_applies_to_matrices_only():
 
 
 def test_grad_accumulation_matches_one_big_batch():
-    from gpt_jax import sharding
-    from gpt_jax import train as train_lib
-    from gpt_jax.model import ModelConfig
-    from gpt_jax.train import init_params, make_train_step, param_shardings
+    from gpt_jax import model as model_lib
+    from gpt_jax import sharding, steps
 
     config = config_lib.base_config()
     config.model.vocab_size = 31
     config.model.n_layer, config.model.d_model, config.model.n_head = 1, 16, 2
     config.seq_len = 8
-    model_cfg = ModelConfig.from_config(config)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    graphdef, shardings = param_shardings(model_cfg, mesh)
-    params = init_params(model_cfg, 0, shardings)
-    tx = optim.make_optimizer(config)
+    run = steps.setup(config, model_lib.ModelConfig.from_config(config), mesh)
     tokens = jax.random.randint(jax.random.key(0), (8, 9), 0, 31)
-    results = []
-    for accum in (1, 4):
-        state = {"params": params, "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(0)),
-                 "step": jnp.int32(0), "health": train_lib.initial_health(params)}
-        new_state, metrics = jax.jit(make_train_step(graphdef, tx, accum, False))(state, {"tokens": tokens})
-        results.append((new_state, metrics))
+    results = [jax.jit(steps.make_train_step(run, accum, False))(run.state, {"tokens": tokens}) for accum in (1, 4)]
     assert float(results[0][1]["train_loss"]) == pytest.approx(float(results[1][1]["train_loss"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(results[0][0]["params"]), jax.tree.leaves(results[1][0]["params"]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -24,7 +24,7 @@ import numpy as np
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.convert import hf
 from gpt_jax.convert.common import ConversionError
-from gpt_jax.encdec import EncDecConfig, EncoderDecoder, StackConfig
+from gpt_jax.model import EncDecConfig, EncoderDecoder, ModelConfig
 
 BERT_TYPES = ("bert", "roberta")
 DECODER_TYPES = (*BERT_TYPES, "gpt2")
@@ -37,7 +37,7 @@ class StackImport:
     """One imported stack: its config, the parameters the checkpoint holds (gpt_jax layout, numpy float32), its
     tokenizer and special tokens (BERT: [CLS], [SEP], [PAD]; GPT-2: <|endoftext|> for all three)."""
 
-    cfg: StackConfig
+    cfg: ModelConfig
     params: dict
     tokenizer: tokenizer_lib.HFTokenizer | None
     bos_id: int | None
@@ -64,15 +64,15 @@ class ConvertedEncDec:
 # Configs
 
 
-def stack_config(c: dict, path: str, *, role: str, max_seq_len: int = 0) -> StackConfig:
-    """The StackConfig of an HF config dict (BERT, RoBERTa or GPT-2) used as `role` = encoder | decoder."""
+def stack_config(c: dict, path: str, *, role: str, max_seq_len: int = 0) -> ModelConfig:
+    """The ModelConfig of an HF config dict (BERT, RoBERTa or GPT-2) used as `role` = encoder | decoder."""
     model_type = c.get("model_type")
     if model_type == "gpt2":
         if role == "encoder":
             raise ConversionError(f"{path}: GPT-2 is a causal model and cannot be the encoder (use BERT or RoBERTa)")
         m = hf._gpt2_config(c, path)
         m["n_kv_head"] = m["n_head"]
-        return StackConfig(vocab_size=hf._require(c, "vocab_size", path), layout="pre", activation="gelu_tanh", **m)
+        return ModelConfig(vocab_size=hf._require(c, "vocab_size", path), layout="pre", activation="gelu_tanh", **m)
     if model_type not in BERT_TYPES:
         raise ConversionError(f"{path}: model_type {model_type!r} is not supported as the {role} (supported: "
                               f"{', '.join(BERT_TYPES if role == 'encoder' else DECODER_TYPES)})")
@@ -88,7 +88,7 @@ def stack_config(c: dict, path: str, *, role: str, max_seq_len: int = 0) -> Stac
     pad = c.get("pad_token_id")
     offset = (1 if pad is None else int(pad)) + 1 if model_type == "roberta" else 0
     positions = hf._require(c, "max_position_embeddings", path) - offset
-    return StackConfig(
+    return ModelConfig(
         vocab_size=hf._require(c, "vocab_size", path), n_layer=hf._require(c, "num_hidden_layers", path),
         n_head=n_head, n_kv_head=n_head, d_model=d_model, d_ff=hf._require(c, "intermediate_size", path),
         max_seq_len=min(positions, max_seq_len) if max_seq_len else positions, pos_embedding="learned",
@@ -110,7 +110,7 @@ def _bert_prefix(tensors: dict, base: str, model_type: str) -> str:
                           f"{model_type} checkpoint")
 
 
-def _bert_params(tensors: dict, directory: str, cfg: StackConfig, model_type: str, base: str, role: str) -> dict:
+def _bert_params(tensors: dict, directory: str, cfg: ModelConfig, model_type: str, base: str, role: str) -> dict:
     """The parameters of a BERT/RoBERTa stack whose tensors are named `base` + [bert.|roberta.] + HF name."""
     prefix = _bert_prefix(tensors, base, model_type)
     w = hf._Weights(tensors, directory, prefix)
@@ -167,7 +167,7 @@ def _mlm_head(tensors: dict, directory: str, base: str, model_type: str, embed: 
     return head
 
 
-def _gpt2_params(tensors: dict, directory: str, cfg: StackConfig, base: str) -> dict:
+def _gpt2_params(tensors: dict, directory: str, cfg: ModelConfig, base: str) -> dict:
     """GPT-2 through the decoder-only importer, plus cross-attention weights where the checkpoint has them."""
     own = {k[len(base):]: v for k, v in tensors.items() if k.startswith(base)}
     model = {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "tie_embeddings": cfg.tie_embeddings}
@@ -190,7 +190,7 @@ def _gpt2_params(tensors: dict, directory: str, cfg: StackConfig, base: str) -> 
     return params
 
 
-def stack_params(tensors: dict, directory: str, c: dict, cfg: StackConfig, *, role: str, base: str = "") -> dict:
+def stack_params(tensors: dict, directory: str, c: dict, cfg: ModelConfig, *, role: str, base: str = "") -> dict:
     """The parameters a checkpoint holds for one stack, in the gpt_jax layout (a partial tree)."""
     if c["model_type"] == "gpt2":
         return _gpt2_params(tensors, directory, cfg, base)
@@ -309,7 +309,7 @@ def load_encoder_decoder(directory: str) -> ConvertedEncDec:
     return ConvertedEncDec(cfg, params, tok, tok, bos, eos, directory)
 
 
-def warm_start(encoder_dir: str, decoder_dir: str | None = None, *, decoder_cfg: StackConfig | None = None,
+def warm_start(encoder_dir: str, decoder_dir: str | None = None, *, decoder_cfg: ModelConfig | None = None,
                target_tokenizer: tokenizer_lib.HFTokenizer | None = None, target_ids: tuple[int, int, int] = (),
                max_seq_len: int = 0) -> ConvertedEncDec:
     """An encoder-decoder warm-started from pretrained checkpoints (Rothe et al., 2020): the encoder from a BERT or
@@ -327,7 +327,6 @@ def warm_start(encoder_dir: str, decoder_dir: str | None = None, *, decoder_cfg:
         raise ConversionError("warm_start needs a decoder directory, or decoder_cfg with target_tokenizer and "
                               "target_ids")
     cfg = EncDecConfig(enc.cfg, dec_cfg, decoder_start_id=int(start), eos_id=int(eos), pad_id=int(pad))
-    cfg.validate()
     return ConvertedEncDec(cfg, params, enc.tokenizer, target_tokenizer, enc.bos_id, enc.eos_id,
                            encoder_dir if decoder_dir is None else f"{encoder_dir} + {decoder_dir}")
 
@@ -372,13 +371,14 @@ def build_model(converted: ConvertedEncDec, seed: int = 0) -> tuple[EncoderDecod
 
 
 def build_encoder(imported: StackImport, seed: int = 0):
-    """A standalone `Encoder` holding an imported encoder stack (e.g. for sentence embeddings or checks)."""
+    """A standalone encoder (a bidirectional `Transformer` without output head) holding an imported encoder stack
+    (e.g. for sentence embeddings or checks); call it with return_hidden=True."""
     import jax
     from flax import nnx
 
-    from gpt_jax.encdec import Encoder
+    from gpt_jax.model import Transformer
 
-    encoder = Encoder(imported.cfg, rngs=nnx.Rngs(seed))
+    encoder = Transformer(imported.cfg, causal=False, output_head=False, rngs=nnx.Rngs(seed))
     state = nnx.state(encoder, nnx.Param)
     merged, _ = overlay(nnx.to_pure_dict(state), imported.params, imported.source)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jax.numpy.asarray(x), merged))

@@ -15,9 +15,6 @@ from gpt_jax.model import ModelConfig, Transformer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
-# Orbax refuses an empty tree, and an imported model has no optimizer state yet: this marks that.
-PLACEHOLDER_OPT_STATE = {"none": np.zeros((), np.int32)}
-
 
 class ConversionError(UserError):
     """A source file that cannot be converted; the message names the file."""
@@ -59,7 +56,7 @@ def build_model(converted: Converted) -> tuple[Transformer, ModelConfig, object]
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract, nnx.Param)
     check_params(converted.params, nnx.to_pure_dict(state), converted.source)
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     params = jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float32), device), converted.params)
     return nnx.merge(graphdef, params), model_cfg, config
 
@@ -75,19 +72,9 @@ def check_params(params: dict, expected: dict, source: str) -> None:
 
 
 def write_workdir(converted: Converted, output_dir: str) -> str:
-    """Writes a gpt_jax workdir: config.json, tokenizer/ and a step-0 Orbax checkpoint. Returns the directory."""
-    from gpt_jax import checkpoint as checkpoint_lib
+    """Writes a gpt_jax workdir: config.json, tokenizer/ and a step-0 checkpoint. Returns the directory."""
+    from gpt_jax import workdir
 
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise UserError(f"{output_dir}: output directory exists and is not empty")
-    _, _, config = build_model(converted)  # validates shapes before anything is written
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
-    converted.tokenizer.save(os.path.join(output_dir, "tokenizer"))
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(output_dir, "checkpoints"), keep=1)
-    params = jax.tree.map(lambda x: np.asarray(x, np.float32), converted.params)
-    ckpt.save(0, params, PLACEHOLDER_OPT_STATE,
-              {"step": 0, "converted_from": os.path.abspath(converted.source), "opt_state": "placeholder"})
-    ckpt.close()
-    return output_dir
+    model, model_cfg, config = build_model(converted)  # validates shapes before anything is written
+    loaded = workdir.LoadedModel(model, model_cfg, converted.tokenizer, config, 0, os.path.basename(output_dir))
+    return workdir.write_model(output_dir, loaded, {"converted_from": os.path.abspath(converted.source)})

@@ -26,6 +26,7 @@ import os
 import numpy as np
 
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.data import WindowSource
 from gpt_jax.errors import DataError
 
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
@@ -178,8 +179,8 @@ def make_rows(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int,
 # The data source
 
 
-class SFTSource:
-    """Chat records for supervised fine-tuning, with the interface of `data.TextSource` plus `val_loss_masks`.
+class SFTSource(WindowSource):
+    """Chat records for supervised fine-tuning, one per row; validation counts response tokens only.
 
     The tokenizer is the workdir's (from `init_from`) or, when it has none, one trained on the rendered records
     (`data.tokenizer`)."""
@@ -194,12 +195,9 @@ class SFTSource:
         val_ids, train_ids = np.sort(order[:n_val]), np.sort(order[n_val:])
         if os.path.exists(os.path.join(tokenizer_dir, tokenizer_lib.TOKENIZER_JSON)):
             self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
-        elif d.tokenizer == "char":
-            self.tokenizer = tokenizer_lib.CharTokenizer.train("".join(render_chatml(c) for c in chats))
-            self.tokenizer.save(tokenizer_dir)
-        else:
-            self.tokenizer = tokenizer_lib.SentencePieceTokenizer.train(
-                (render_chatml(chats[i]) for i in train_ids), d.vocab_size, tokenizer_dir)
+        else:  # characters from every record, subwords from the training records
+            texts = [render_chatml(chats[i]) for i in (range(len(chats)) if d.tokenizer == "char" else train_ids)]
+            self.tokenizer = tokenizer_lib.train(d.tokenizer, texts, d.vocab_size, tokenizer_dir)
         self.train_examples = [tokenize_chat(self.tokenizer, chats[i]) for i in train_ids]
         self.val_examples = [tokenize_chat(self.tokenizer, chats[i]) for i in val_ids]
         eos = self.tokenizer.eos_id

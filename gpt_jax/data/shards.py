@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.data import pipeline
+from gpt_jax.data import WindowSource, pipeline
 from gpt_jax.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -172,7 +172,7 @@ def join_documents(tokens: np.ndarray, lengths: np.ndarray, order: np.ndarray, e
     return out
 
 
-class ShardSource:
+class ShardSource(WindowSource):
     """A prepared data directory (`data.path`): tokenizer, resumable training batches, validation windows."""
 
     def __init__(self, path: str, tokenizer_dir: str, cycle_length: int = 8):

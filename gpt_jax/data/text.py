@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -70,3 +71,34 @@ def encode_array(tokenizer, text: str) -> np.ndarray:
     for line in text.splitlines(keepends=True):
         ids.extend(tokenizer.encode(line))
     return np.asarray(ids, np.int32)
+
+
+def read_lines(path: str, key: str) -> list[str]:
+    """The lines of a UTF-8 text file (without line ends); DataError naming `key` and the file otherwise."""
+    try:
+        with open(path, encoding="utf-8", newline="\n") as f:
+            return [line.rstrip("\n").rstrip("\r") for line in f]
+    except OSError as e:
+        raise DataError(f"{key}={path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{key}={path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def read_jsonl(path: str, key: str, fields: tuple[str, ...] = ()) -> list[dict]:
+    """The JSON objects of a JSONL file, one per non-blank line, each with string `fields`; DataError naming the
+    file and line otherwise."""
+    records = []
+    for number, line in enumerate(read_lines(path, key), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: a record must be a JSON object")
+        missing = [f for f in fields if not isinstance(record.get(f), str)]
+        if missing:
+            raise DataError(f"{path}:{number}: a record needs string field(s) {', '.join(map(repr, missing))}")
+        records.append(record)
+    return records

@@ -1,0 +1,91 @@
+"""What a run reports: progress lines on stderr, metrics.jsonl and TensorBoard scalars (process 0 only), and
+model FLOPs utilization against the device's peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gpt_jax import workdir as workdir_lib
+
+
+def progress(line: str) -> None:
+    """A progress line on stderr, from process 0 only."""
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per line) and TensorBoard scalars, from process 0 only."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir_lib.path(workdir, workdir_lib.METRICS)
+        self.tb = None
+        if not self.enabled:
+            return
+        if os.path.exists(self.path):  # drop lines a killed run wrote after its last checkpoint
+            with open(self.path) as f:
+                lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(lines)
+        try:
+            import tensorflow as tf
+
+            self.tb = tf.summary.create_file_writer(workdir_lib.path(workdir, workdir_lib.TENSORBOARD))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: (float(v) if not isinstance(v, int) else v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            import tensorflow as tf
+
+            with self.tb.as_default():
+                for k, v in values.items():
+                    tf.summary.scalar(k, float(v), step=int(step))
+            self.tb.flush()
+
+
+def device_peak_flops(config) -> float:
+    """Peak FLOP/s of one device for MFU: the config's `peak_flops`, a table for known accelerators, or on CPU a
+    float32 matmul rate measured now."""
+    if config.peak_flops:
+        return float(config.peak_flops)
+    kind = jax.devices()[0].device_kind.lower()
+    table = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12,
+             "h100": 989e12, "h200": 989e12, "a100": 312e12}
+    for name, flops in table.items():
+        if name in kind:
+            return flops
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per parameter plus attention's 12 · layers · d_model · seq_len (PaLM's
+    accounting, counting the full causal square; an encoder-decoder counts its decoder's)."""
+    cfg = getattr(model_cfg, "decoder", model_cfg)
+    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len

@@ -1,0 +1,77 @@
+"""Kernels and backend choices, kept out of the model's architecture: the matmul with low-precision inputs, and
+attention dispatched per backend (cuDNN flash attention on GPUs, query blocks on CPUs).
+
+Measured facts behind the choices (BENCHMARKS.md): XLA:CPU runs the weight-gradient matmuls of 2-D inputs much
+faster than 3-D einsums; bf16 inputs with float32 accumulation pay on CPU only when the backward dots take bf16
+too; bf16 attention is slower than float32 on CPU; causal attention by query blocks of 64 gave 1.11x the tokens/s
+of the full square at seq 256.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@jax.custom_vjp
+def _matmul_low_precision(x, w):
+    """x [m, k] @ w [k, n] with bf16/f16 inputs and float32 accumulation and output. Its backward dots take
+    low-precision inputs too (plain autodiff would feed them the float32 cotangent, i.e. float32 dots)."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(x, w):
+    return _matmul_low_precision(x, w), (x, w)
+
+
+def _matmul_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.dot(g.T, x, preferred_element_type=jnp.float32).T.astype(w.dtype)
+    return dx, dw
+
+
+_matmul_low_precision.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x, w, dtype: str):
+    """x [m, k] @ w [k, n] → float32 [m, n], with inputs cast to the compute dtype (float32 | bfloat16 | float16)."""
+    if DTYPES[dtype] == jnp.float32:
+        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+    return _matmul_low_precision(x.astype(DTYPES[dtype]), w.astype(DTYPES[dtype]))
+
+
+def causal_attention_by_query_blocks(q, k, v, block: int):
+    """Causal attention computed one block of `block` queries at a time, each against the keys up to its last
+    query only: the score, softmax and value products skip the upper triangle (5/8 of the full square's work at
+    4 blocks). Same result as full causal attention."""
+    seq = q.shape[1]
+    outs = []
+    for start in range(0, seq, block):
+        stop = min(start + block, seq)
+        causal = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]  # [queries, keys]
+        outs.append(jax.nn.dot_product_attention(q[:, start:stop], k[:, :stop], v[:, :stop],
+                                                 mask=causal[None, None], implementation="xla"))
+    return jnp.concatenate(outs, axis=1)
+
+
+def attention(q, k, v, dtype: str, *, causal: bool = False, mask=None, out_dtype=jnp.float32, query_block: int = 64):
+    """Softmax attention: q [batch, seq, heads, head_dim], k/v [batch, kv_len, kv_heads, head_dim] (grouped-query
+    attention when kv_heads < heads), `mask` [batch, 1, seq, kv_len] True where a query may attend.
+
+    GPUs in bf16/f16 use cuDNN's flash attention; CPUs compute in float32, and causal self-attention over more than
+    `query_block` positions (training and evaluation; 0 = never) goes by query blocks."""
+    compute = DTYPES[dtype]
+    backend = jax.default_backend()
+    if backend == "cpu":
+        compute = jnp.float32
+        if causal and mask is None and q.shape[1] == k.shape[1] and 0 < query_block < q.shape[1]:
+            q, k, v = (x.astype(compute) for x in (q, k, v))
+            return causal_attention_by_query_blocks(q, k, v, query_block).astype(out_dtype)
+    implementation = "cudnn" if backend == "gpu" and compute != jnp.float32 and mask is None else None
+    y = jax.nn.dot_product_attention(q.astype(compute), k.astype(compute), v.astype(compute), is_causal=causal,
+                                     mask=mask, implementation=implementation)
+    return y.astype(out_dtype)

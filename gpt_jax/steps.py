@@ -1,0 +1,188 @@
+"""The train state, its shardings, and the pure steps over it, each jitted once with explicit shardings: the loss of
+either model kind, the train step (gradient accumulation, the non-finite guard, a frozen LoRA base) and the
+evaluation step."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gpt_jax import lora as lora_lib
+from gpt_jax import model as model_lib
+from gpt_jax import optim, sharding
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Cross-entropy per position of logits [..., vocab] (float32) against integer labels, the target distribution
+    smoothed towards uniform by `label_smoothing`."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def token_losses(graphdef, params, batch: dict, *, label_smoothing: float = 0.0, dropout_key=None):
+    """(losses [batch, seq] in float32, labels [batch, seq]) of a batch: {"tokens": [batch, seq+1]} (next-token
+    prediction) for a decoder-only model; {"source", "source_valid", "target_in", "target_out"} for an
+    encoder-decoder. Dropout is on when a `dropout_key` is given."""
+    model = nnx.merge(graphdef, params)
+    train = dict(deterministic=dropout_key is None,
+                 rngs=None if dropout_key is None else nnx.Rngs(dropout=dropout_key))
+    if isinstance(model, model_lib.EncoderDecoder):
+        logits = model(batch["source"], batch["target_in"], batch["source_valid"], **train)
+        labels = batch["target_out"]
+    else:
+        logits, _ = model(batch["tokens"][:, :-1], **train)
+        labels = batch["tokens"][:, 1:]
+    return cross_entropy(logits, labels, label_smoothing), labels
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything the loop and the evaluation need about the model on the mesh."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    state: dict  # {"params", "opt_state", "rng", "step", "health"}, placed on the mesh
+    shardings: dict  # of the state
+    param_shardings: dict  # of the model's parameters
+    base: dict | None  # LoRA: the frozen pretrained parameters (state["params"] holds the adapters)
+    lora: lora_lib.LoraSpec | None
+
+    def model_params(self, params, base=None):
+        """The model's parameters from the trained ones: LoRA adapters merged into the base, or themselves."""
+        return params if self.lora is None else lora_lib.merge_params(base, params, self.lora.scale)
+
+    @property
+    def frozen(self) -> tuple:
+        return () if self.base is None else (self.base,)
+
+
+def initial_health(params) -> dict:
+    return {"count": jnp.int32(0), "first_step": jnp.int32(0),
+            "grads_finite": jax.tree.map(lambda _: jnp.bool_(True), params)}
+
+
+def setup(config, model_cfg, mesh, pretrained_params=None, abstract: bool = False) -> TrainSetup:
+    """The train state of a fresh run on `mesh`: parameters from `pretrained_params` or freshly initialized in
+    their shardings, AdamW state sharded like them. With LoRA (lora.rank > 0) the trained parameters are adapters
+    and the pretrained ones the frozen base, which has no optimizer state. abstract=True: shapes only."""
+    abstract_model = nnx.eval_shape(lambda: model_lib.create(model_cfg))
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
+    p_shardings = sharding.param_shardings(abstract_model, mesh)
+    spec = lora_lib.LoraSpec.from_config(config)
+    tx = optim.make_optimizer(config)
+
+    def init_params():
+        return nnx.to_pure_dict(nnx.state(model_lib.create(model_cfg, config.seed), nnx.Param))
+
+    def make_state(params):
+        return {"params": params, "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(config.seed)),
+                "step": jnp.int32(0), "health": initial_health(params)}
+
+    if abstract:
+        params = jax.eval_shape(init_params)
+    elif pretrained_params is not None:
+        params = jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), pretrained_params, p_shardings)
+    else:
+        params = jax.jit(init_params, out_shardings=p_shardings)()
+    base, trained_shardings = None, p_shardings
+    if spec is not None:
+        base = params
+        params = lora_lib.init_adapters(base, spec, config.seed)
+        trained_shardings = lora_lib.adapter_shardings(params, p_shardings)
+        params = jax.device_put(params, trained_shardings)
+    shardings = sharding.state_shardings(jax.eval_shape(make_state, params), trained_shardings, mesh)
+    state = jax.eval_shape(make_state, params) if abstract else \
+        jax.jit(make_state, out_shardings=shardings)(params)
+    return TrainSetup(graphdef, tx, state, shardings, p_shardings, base, spec)
+
+
+def make_train_step(run: TrainSetup, grad_accum_steps: int, use_dropout: bool, label_smoothing: float = 0.0):
+    """train_step(state, batch, *run.frozen) → (state, metrics), to be jitted with the state donated.
+
+    A batch's targets count where its optional "loss_mask" is 1. A step whose loss or gradients are not finite
+    leaves parameters and optimizer state unchanged and is recorded in state["health"] (count, first such step and
+    which gradients were non-finite), which the loop reads at log steps, so no step waits on the host."""
+    inject_nan_at = int(os.environ.get("GPT_JAX_INJECT_NAN_AT_STEP", "0"))  # fault injection for tests
+
+    def loss_fn(params, micro, key, step, base):
+        losses, _ = token_losses(run.graphdef, run.model_params(params, base), micro,
+                                 label_smoothing=label_smoothing, dropout_key=key if use_dropout else None)
+        if inject_nan_at:
+            losses = losses * jnp.where(step + 1 == inject_nan_at, jnp.nan, 1.0)
+        mask = micro["loss_mask"].astype(jnp.float32) if "loss_mask" in micro else jnp.ones_like(losses)
+        return jnp.sum(losses * mask), jnp.sum(mask)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch, base=None):
+        params, step = state["params"], state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        micro_batches = jax.tree.map(
+            lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+
+        def accumulate(carry, inputs):
+            grads_sum, loss_sum, count_sum = carry
+            index, micro = inputs
+            micro_key = key if grad_accum_steps == 1 else jax.random.fold_in(key, index)
+            (loss, count), grads = grad_fn(params, micro, micro_key, step, base)
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, count_sum + count), None
+
+        if grad_accum_steps == 1:
+            (grads, loss_sum, count), _ = accumulate(
+                (jax.tree.map(jnp.zeros_like, params), 0.0, 0.0), (0, jax.tree.map(lambda x: x[0], micro_batches)))
+        else:
+            (grads, loss_sum, count), _ = jax.lax.scan(
+                accumulate, (jax.tree.map(jnp.zeros_like, params), 0.0, 0.0),
+                (jnp.arange(grad_accum_steps), micro_batches))
+        count = jnp.maximum(count, 1.0)
+        loss = loss_sum / count
+        grads = jax.tree.map(lambda g: g / count, grads)
+        grads_finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(grads_finite)))
+        updates, new_opt_state = run.tx.update(grads, state["opt_state"], params)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        health = state["health"]
+        first_bad = (health["count"] == 0) & ~finite
+        new_health = {
+            "count": health["count"] + (~finite).astype(jnp.int32),
+            "first_step": jnp.where(first_bad, step + 1, health["first_step"]),
+            "grads_finite": jax.tree.map(lambda n, o: jnp.where(first_bad, n, o), grads_finite,
+                                         health["grads_finite"]),
+        }
+        new_state = {"params": keep(optax.apply_updates(params, updates), params),
+                     "opt_state": keep(new_opt_state, state["opt_state"]), "rng": state["rng"], "step": step + 1,
+                     "health": new_health}
+        return new_state, {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+def nonfinite_report(health) -> str:
+    """Which step first went non-finite and which parameters' gradients were non-finite then."""
+    bad = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+           for path, ok in jax.tree_util.tree_leaves_with_path(health["grads_finite"]) if not bool(ok)]
+    where = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "") if bad else "none (the loss)"
+    return (f"{int(health['count'])} non-finite step(s) skipped; the first at step {int(health['first_step'])}, "
+            f"non-finite gradients in: {where}")
+
+
+def make_eval_step(graphdef, byte_lengths: np.ndarray, model_params=None):
+    """eval_step(params, batch, *frozen) → sums of (nll, targets, target bytes) over the targets where
+    batch["loss_mask"] is 1; `model_params(params, *frozen)` turns trained parameters into the model's (LoRA)."""
+    byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
+
+    def eval_step(params, batch, *frozen):
+        params = model_params(params, *frozen) if model_params is not None else params
+        losses, labels = token_losses(graphdef, params, batch)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return {"nll": jnp.sum(losses * mask), "tokens": jnp.sum(mask), "bytes": jnp.sum(byte_lengths[labels] * mask)}
+
+    return eval_step
