@@ -17,8 +17,8 @@ from conftest import TINY_TEXT
 from flax import nnx
 
 from gpt_jax import convert
-from gpt_jax import workdir as workdir_lib
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax import workdir as workdir_lib
 from gpt_jax.convert.common import ConversionError
 from gpt_jax.model import ModelConfig, Transformer
 

@@ -14,8 +14,8 @@ from flax import nnx
 from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import config as config_lib
 from gpt_jax import lora, model, optim, steps, train
-from gpt_jax import workdir as workdir_lib
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax import workdir as workdir_lib
 from gpt_jax.checkpoint import PLACEHOLDER_OPT_STATE
 from gpt_jax.data import text as text_lib
 from gpt_jax.errors import ConfigError
