@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import functools
 import hmac
 import json
 import logging
@@ -42,7 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt_jax import decode
-from gpt_jax.errors import UserError
+from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.errors import DataError, UserError
 
 log = logging.getLogger("gpt_jax.serve")
 access_log = logging.getLogger("gpt_jax.access")
@@ -260,39 +260,19 @@ class EngineRunner:
 # Prompts
 
 
-@functools.lru_cache(maxsize=4)
-def _jinja_template(source: str):
-    """A model's chat template compiled the way transformers renders them (sandboxed, trimmed blocks)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise APIError(400, f"chat template: {message}", "messages")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
-
-
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str | list[int], tuple[str, ...]]:
     """The prompt for chat `messages` ([{"role", "content"}]) and the stop sequences its format implies: the
-    tokenizer's chat template if it has one, else `role: content` lines and `assistant:`."""
+    tokenizer's chat template if it has one, else `role: content` lines and `assistant:`. DataError when the
+    template fails on the messages."""
     apply = getattr(tokenizer, "apply_chat_template", None)
     if callable(apply):
         return apply(messages, add_generation_prompt=True), ()
     template = getattr(tokenizer, "chat_template", None)
     if callable(template):
         return template(messages, add_generation_prompt=True), ()
-    if isinstance(template, str) and template:
-        import jinja2
-
-        special = {}
-        for name in ("bos", "eos"):
-            token_id = getattr(tokenizer, f"{name}_id", None)
-            special[f"{name}_token"] = tokenizer.decode([token_id]) if token_id is not None else ""
-        try:
-            return _jinja_template(template).render(messages=messages, add_generation_prompt=True, **special), ()
-        except jinja2.TemplateError as e:
-            raise APIError(400, f"chat template: {e}", "messages") from None
+    rendered = tokenizer_lib.apply_chat_template(tokenizer, messages, add_generation_prompt=True)
+    if rendered is not None:
+        return rendered, ()
     lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return lines + "assistant:", FALLBACK_STOP
 
@@ -521,7 +501,10 @@ class Server:
             raise APIError(400, "logprobs is not supported.", "logprobs", "unsupported_parameter")
         n = body.n or 1
         messages = [{"role": m.role, "content": _message_text(m)} for m in body.messages]
-        rendered, implied_stops = render_chat(self.tokenizer, messages)
+        try:
+            rendered, implied_stops = render_chat(self.tokenizer, messages)
+        except DataError as e:
+            raise APIError(400, str(e), "messages") from None
         ids = self._encode(rendered, "messages") if isinstance(rendered, str) else list(rendered)
         stops = self._stops(body)
         stops += [s for s in implied_stops if s not in stops]

@@ -2,11 +2,13 @@
 
 A tokenizer is saved as a directory holding `tokenizer.json` ({"kind": ...} plus what that kind needs) and, for
 SentencePiece, the `.model` file; for "hf", the `tokenizers` file `hf_tokenizer.json`. `load_tokenizer(dir)` gives
-back the same tokenizer.
+back the same tokenizer. `apply_chat_template` renders chats with a tokenizer's chat template (SFT data, serving).
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 from collections.abc import Iterable
@@ -83,34 +85,29 @@ class SentencePieceTokenizer:
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
 
     @classmethod
-    def train(
-        cls, texts: Iterable[str], vocab_size: int, directory: str, model_type: str = "bpe"
-    ) -> SentencePieceTokenizer:
-        """Trains on `texts` (an iterable of documents) and writes the model into `directory`."""
+    def train(cls, texts: Iterable[str], vocab_size: int, directory: str,
+              model_type: str = "bpe") -> SentencePieceTokenizer:
+        """Trains on `texts` (documents or lines) and writes the model into `directory`. One thread and a model
+        written through a writer (not a path, which the trainer would record in the model): the same texts give
+        the same bytes in any directory. DataError when SentencePiece cannot reach `vocab_size` on them."""
         import sentencepiece as spm
 
+        writer = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_writer=writer, vocab_size=vocab_size, model_type=model_type,
+                byte_fallback=True, character_coverage=0.9995, pad_id=-1, unk_id=0, bos_id=-1, eos_id=1,
+                split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+                add_dummy_prefix=False, normalization_rule_name="identity", max_sentence_length=1 << 16,
+                num_threads=1, minloglevel=2)
+        except RuntimeError as e:
+            raise DataError(f"vocab_size={vocab_size}: SentencePiece cannot train it on this text "
+                            f"({str(e).splitlines()[-1].split('] ')[-1].strip()})") from None
         os.makedirs(directory, exist_ok=True)
-        prefix = os.path.join(directory, cls.MODEL_FILE[: -len(".model")])
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
-            model_prefix=prefix,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            byte_fallback=True,
-            character_coverage=0.9995,
-            pad_id=-1,
-            unk_id=0,
-            bos_id=-1,
-            eos_id=1,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            normalization_rule_name="identity",
-            max_sentence_length=1 << 16,
-            minloglevel=2,
-        )
-        tok = cls(prefix + ".model")
+        path = os.path.join(directory, cls.MODEL_FILE)
+        with open(path, "wb") as f:
+            f.write(writer.getvalue())
+        tok = cls(path)
         tok.save(directory)
         return tok
 
@@ -241,6 +238,38 @@ def train(kind: str, texts: list[str], vocab_size: int, directory: str) -> Token
         tok = train_bpe(texts, vocab_size)
     tok.save(directory)
     return tok
+
+
+@functools.lru_cache(maxsize=8)
+def _jinja_template(source: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise DataError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers compiles them
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str | None:
+    """`messages` ([{"role", "content"}]) rendered with the tokenizer's Jinja `chat_template` (as HF and GGUF
+    tokenizers carry them; `bos_token`, `eos_token` are its BOS and EOS text), or None when it has none.
+    DataError "chat template: ..." when the template fails on them."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not template:
+        return None
+    try:
+        import jinja2
+    except ImportError:
+        raise DataError("rendering this chat template needs jinja2 (pip install jinja2)") from None
+    ids = {name: getattr(tokenizer, f"{name}_id", None) for name in ("bos", "eos")}
+    special = {f"{name}_token": "" if i is None else tokenizer.decode([i]) for name, i in ids.items()}
+    try:
+        return _jinja_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **special)
+    except jinja2.TemplateError as e:
+        raise DataError(f"chat template: {e}") from None
 
 
 def load_tokenizer(directory: str) -> Tokenizer:

@@ -1,9 +1,9 @@
 """tools/prepare_data.py and the Beam pipeline behind it (DirectRunner, real Beam, tiny data made here)."""
 
-import importlib.util
 import json
-import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,11 +15,10 @@ from gpt_jax.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("prepare_data", os.path.join(ROOT, "tools", "prepare_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _run_tool(*args: str) -> subprocess.CompletedProcess:
+    """tools/prepare_data.py in a process of its own, importing gpt_jax from this checkout."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"), *args],
+                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
 
 
 _LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
@@ -123,14 +122,14 @@ def test_jsonl_paragraphs_gutenberg_and_validation_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_same_output_bytes_with_one_and_two_workers(tmp_path):
+def test_same_output_bytes_with_one_and_two_workers(tmp_path, monkeypatch):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     _fixture(tmp_path / "in", num_docs=24)
+    monkeypatch.setenv("PYTHONPATH", ROOT)  # the multi_processing workers import gpt_jax from this checkout
     outputs = []
     for name, flags in (("one", ["--direct_num_workers=1"]),
                         ("two", ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])):
-        os.environ["PYTHONPATH"] = ROOT  # the multi_processing workers import gpt_jax
         opts = corpus.CorpusOptions(output_dir=str(tmp_path / name), inputs=[str(tmp_path / "in" / "*.txt")],
                                     vocab_size=300, num_shards=3, val_fraction=0.2)
         corpus.prepare(opts, PipelineOptions(flags))
@@ -173,45 +172,31 @@ def test_tfds_dataset_prepared_locally(tmp_path):
             corpus.prepare(opts, overwrite=True)
 
 
-@pytest.fixture
-def log_levels_restored():
-    """tools/prepare_data.py's main() quiets the root and Beam loggers for the whole process; a test that calls it
-    in this process puts them back, so later tests still see log records (test_recompile.py counts JAX's)."""
-    loggers = [logging.getLogger(), logging.getLogger("apache_beam")]
-    levels = [logger.level for logger in loggers]
-    yield
-    for logger, level in zip(loggers, levels, strict=True):
-        logger.setLevel(level)
-
-
-def test_command_line_errors(tmp_path, capsys, log_levels_restored):
-    tool = _tool()
+def test_command_line_errors(tmp_path):
+    help_run = _run_tool("--help")
+    assert help_run.returncode == 0 and "--vocab_size" in help_run.stdout, help_run.stderr
     cases = [
         (["--input=" + str(tmp_path / "none*.txt")], "--input: no file matches"),
         (["--input=x", "--direct_running_mode=multi_threading"], "multi_threading loses documents"),
         (["--input=x", "--not_a_flag=1"], "unknown flag --not_a_flag"),
         (["--input=x", "--tokenizer=words"], "--tokenizer='words' is not one of"),
         (["--input=x", "--val_fraction=1.5"], "--val_fraction=1.5"),
+        (["--input=x", "--min_chars=many"], "--min_chars=many"),
+        (["--input=" + str(tmp_path)], "is a directory"),
     ]
     for args, expected in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            tool.main([f"--output_dir={tmp_path / 'out'}", *args])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+        result = _run_tool(f"--output_dir={tmp_path / 'out'}", *args)
+        err = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
 
 
 @pytest.mark.slow
 def test_cli_prepares_data_that_trains(tmp_path):
     """The command line end to end, then a few training steps on its shards with resume from a checkpoint."""
-    import subprocess
-    import sys
-
     _fixture(tmp_path / "in", num_docs=16)
     out = tmp_path / "data"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"),
-                             f"--input={tmp_path / 'in' / '*.txt'}", f"--output_dir={out}", "--vocab_size=300",
-                             "--val_fraction=0.25"], capture_output=True, text=True, timeout=300)
+    result = _run_tool(f"--input={tmp_path / 'in' / '*.txt'}", f"--output_dir={out}", "--vocab_size=300",
+                       "--val_fraction=0.25")
     assert result.returncode == 0, result.stderr
     assert "documents kept" in result.stdout and "near_duplicate" in result.stdout
 

@@ -165,6 +165,27 @@ def test_invalid_requests_get_openai_style_4xx(served, client):
         wrong_key.models.list()
 
 
+def test_chat_template_or_fallback_and_template_errors_are_400(served):
+    """A chat prompt is the tokenizer's Jinja chat template when it has one, else `role: content` lines and
+    `assistant:` with `\\nuser:` as a stop; a template that fails on the messages is a 400 naming it."""
+    tok = served.model.tokenizer  # the tiny model's character tokenizer: no template, no BOS
+    messages = [{"role": "user", "content": "hi"}]
+    assert serve.render_chat(tok, messages) == ("user: hi\nassistant:", ("\nuser:",))
+    body = {"model": served.model.name, "messages": messages, "max_tokens": 2}
+    try:
+        tok.chat_template = "{{ bos_token }}{% for m in messages %}\n{{ m.role }}: {{ m.content }}\n  {% endfor %}"
+        assert serve.render_chat(tok, messages) == ("user: hi\n", ())  # blocks trimmed, as transformers does
+        with httpx.Client(base_url=served.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
+            for template, message in (("{{ raise_exception('no users here') }}", "chat template: no users here"),
+                                      ("{% for %}", "chat template: ")):
+                tok.chat_template = template
+                r = http.post("/v1/chat/completions", json=body)
+                assert r.status_code == 400 and r.json()["error"]["message"].startswith(message), r.text
+    finally:
+        del tok.chat_template
+
+
 def test_concurrent_clients_share_decode_steps(served, client):
     name = served.model.name
     prompts = [f"{w}:" for w in ("ROMEO", "KING", "JULIET", "LEAR", "FIRST", "SECOND", "NURSE", "HAMLET")] * 2

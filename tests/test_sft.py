@@ -45,9 +45,9 @@ def test_loss_mask_covers_exactly_the_response_tokens(chat_tokenizer):
     pair = [{"role": "user", "content": "Paris is the capital of France?"},
             {"role": "assistant", "content": "Yes. 42 engineers agree!"}]
     ids, is_target = sft.tokenize_chat(tok, pair)
-    prompt = sft.render_chat(pair[:1], SMOL_TEMPLATE, add_generation_prompt=True)
+    prompt = sft.render_chat(tok, pair[:1], add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>system\nYou are a helpful") and prompt.endswith("<|im_start|>assistant\n")
-    assert tok.decode(ids) == sft.render_chat(pair, SMOL_TEMPLATE)
+    assert tok.decode(ids) == sft.render_chat(tok, pair)
     assert tok.decode(ids[is_target]) == "Yes. 42 engineers agree!<|im_end|>"
     assert tok.decode(ids[~is_target]) == prompt + "\n"
     # the targets are one contiguous run: the response's own tokens then <|im_end|>
@@ -57,7 +57,7 @@ def test_loss_mask_covers_exactly_the_response_tokens(chat_tokenizer):
     assert list(ids[first:first + n - 1]) == tok.encode("Yes. 42 engineers agree!")
 
     ids, is_target = sft.tokenize_chat(tok, CHAT)  # several turns: every assistant turn, nothing else
-    assert tok.decode(ids) == sft.render_chat(CHAT, SMOL_TEMPLATE)
+    assert tok.decode(ids) == sft.render_chat(tok, CHAT)
     assert tok.decode(ids[is_target]) == "Paris.<|im_end|>Berlin, of course.<|im_end|>"
     assert "You are a helpful" not in tok.decode(ids)  # a system message replaces the default one
 
@@ -108,7 +108,10 @@ def test_bad_records_are_named(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DataError, match="no assistant message"):
         sft.read_records(path)
-    with pytest.raises(DataError, match="no such file"):
+    (tmp_path / "broken.jsonl").write_text('\n{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl:3: not valid JSON"):
+        sft.read_records(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(DataError, match="cannot read data.sft_file .*missing.jsonl"):
         sft.read_records(str(tmp_path / "missing.jsonl"))
 
 

@@ -12,72 +12,81 @@ Exit codes: 0 success, 2 a bad flag or input (one `error: ...` line on stderr), 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
-import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from absl import flags
+
+from gpt_jax import cli
+from gpt_jax.errors import DataError, UserError
+
+try:
+    cli.require("data", "apache_beam")
+except UserError as e:
+    cli.fail(str(e))
+logging.getLogger().setLevel(logging.ERROR)  # Beam logs optional-dependency warnings on import
+logging.getLogger("apache_beam").setLevel(logging.CRITICAL)  # and worker errors, which main reports
+
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions  # noqa: E402
+
+from gpt_jax.data import corpus  # noqa: E402
+
+# Each flag is named as its corpus.CorpusOptions field and takes its default from there (--input, --val_input and
+# --dedup are strings for that class's lists).
+_D = corpus.CorpusOptions(output_dir="")
+flags.DEFINE_string("input", "", "comma-separated files or globs (.gz is read compressed)")
+flags.DEFINE_string("val_input", "", "files whose documents are all validation (then --val_fraction is not used)")
+flags.DEFINE_string("output_dir", None, "where shards, tokenizer/ and manifest.json go")
+flags.DEFINE_bool("overwrite", False, "replace an earlier run's output in --output_dir")
+flags.DEFINE_string("format", _D.format, "text | jsonl")
+flags.DEFINE_string("text_field", _D.text_field, "JSONL/TFDS field holding the text (a/b for nested)")
+flags.DEFINE_string("tfds", _D.tfds, "NAME:SPLIT of a TFDS dataset prepared locally")
+flags.DEFINE_string("tfds_data_dir", _D.tfds_data_dir, "TFDS data directory (default: TFDS's own)")
+flags.DEFINE_string("doc_split", _D.doc_split,
+                    "text files: one document per file, per blank-line-separated paragraph, or per line")
+flags.DEFINE_bool("strip_gutenberg", _D.strip_gutenberg, "remove Project Gutenberg headers and footers")
+flags.DEFINE_integer("min_chars", _D.min_chars, "drop documents shorter than this")
+flags.DEFINE_string("dedup", ",".join(_D.dedup), "exact, near, both (exact,near) or none")
+flags.DEFINE_float("near_threshold", _D.near_threshold,
+                   "near duplicates: estimated Jaccard similarity of word shingles at or above this")
+flags.DEFINE_integer("num_perm", _D.num_perm, "MinHash permutations")
+flags.DEFINE_integer("shingle_size", _D.shingle_size, "words per shingle")
+flags.DEFINE_float("val_fraction", _D.val_fraction, "fraction of documents (by hash) for validation")
+flags.DEFINE_string("tokenizer", _D.tokenizer, "sentencepiece | char")
+flags.DEFINE_integer("vocab_size", _D.vocab_size, "SentencePiece vocabulary size")
+flags.DEFINE_string("model_type", _D.model_type, "SentencePiece model: bpe | unigram")
+flags.DEFINE_integer("tokenizer_sample_chars", _D.tokenizer_sample_chars,
+                     "about how many characters of training text the tokenizer is trained on")
+flags.DEFINE_integer("num_shards", _D.num_shards, "training shards (0: one per ~16M tokens, power of 2)")
+flags.DEFINE_integer("val_shards", _D.val_shards, "validation shards (0: automatic)")
+flags.DEFINE_integer("seed", _D.seed, "salts the split, the tokenizer sample and MinHash")
+flags.mark_flag_as_required("output_dir")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        _fail(message)
+def parse_flags(argv: list[str]) -> list[str]:
+    """This tool's flags, parsed as every tool's are (`--help` exits 0, a bad value is one error line); the
+    arguments left over are Apache Beam pipeline options."""
+    if any(arg in cli._HELP for arg in argv[1:]):
+        cli.parse_flags(argv)  # prints the usage and exits
+    try:
+        return flags.FLAGS(argv, known_only=True)
+    except flags.Error as e:
+        cli.fail(str(e).splitlines()[0])
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def make_parser() -> argparse.ArgumentParser:
-    from gpt_jax.data import corpus
-
-    d = corpus.CorpusOptions(output_dir="")
-    p = _Parser(description=__doc__.split("\n\n")[0], epilog="Other --flags are passed to Apache Beam.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--input", default="", help="comma-separated files or globs (.gz is read compressed)")
-    p.add_argument("--val_input", default="", help="files whose documents are all validation (then "
-                   "--val_fraction is not used)")
-    p.add_argument("--output_dir", required=True, help="where shards, tokenizer/ and manifest.json go")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's output in --output_dir")
-    p.add_argument("--format", default=d.format, help="text | jsonl")
-    p.add_argument("--text_field", default=d.text_field, help="JSONL/TFDS field holding the text (a/b for nested)")
-    p.add_argument("--tfds", default="", help="NAME:SPLIT of a TFDS dataset prepared locally")
-    p.add_argument("--tfds_data_dir", default="", help="TFDS data directory (default: TFDS's own)")
-    p.add_argument("--doc_split", default=d.doc_split,
-                   help="text files: one document per file, per blank-line-separated paragraph, or per line")
-    p.add_argument("--strip_gutenberg", action="store_true", help="remove Project Gutenberg headers and footers")
-    p.add_argument("--min_chars", type=int, default=d.min_chars, help="drop documents shorter than this")
-    p.add_argument("--dedup", default=",".join(d.dedup), help="exact, near, both (exact,near) or none")
-    p.add_argument("--near_threshold", type=float, default=d.near_threshold,
-                   help="near duplicates: estimated Jaccard similarity of word shingles at or above this")
-    p.add_argument("--num_perm", type=int, default=d.num_perm, help="MinHash permutations")
-    p.add_argument("--shingle_size", type=int, default=d.shingle_size, help="words per shingle")
-    p.add_argument("--val_fraction", type=float, default=d.val_fraction,
-                   help="fraction of documents (by hash) for validation")
-    p.add_argument("--tokenizer", default=d.tokenizer, help="sentencepiece | char")
-    p.add_argument("--vocab_size", type=int, default=d.vocab_size, help="SentencePiece vocabulary size")
-    p.add_argument("--model_type", default=d.model_type, help="SentencePiece model: bpe | unigram")
-    p.add_argument("--tokenizer_sample_chars", type=int, default=d.tokenizer_sample_chars,
-                   help="about how many characters of training text the tokenizer is trained on")
-    p.add_argument("--num_shards", type=int, default=0, help="training shards (0: one per ~16M tokens, power of 2)")
-    p.add_argument("--val_shards", type=int, default=0, help="validation shards (0: automatic)")
-    p.add_argument("--seed", type=int, default=0, help="salts the split, the tokenizer sample and MinHash")
-    return p
+def corpus_options() -> corpus.CorpusOptions:
+    """The parsed flags as CorpusOptions."""
+    f = flags.FLAGS
+    values = {field.name: f[field.name].value for field in dataclasses.fields(corpus.CorpusOptions) if field.name in f}
+    values.update(inputs=[f.input] if f.input else [], val_inputs=[f.val_input] if f.val_input else [],
+                  dedup=tuple(k.strip() for k in f.dedup.split(",") if k.strip() and k.strip() != "none"))
+    return corpus.CorpusOptions(**values)
 
 
 def beam_options(args: list[str]):
     """Beam PipelineOptions from the flags this tool does not know; refuses unknown flags and the DirectRunner's
     multi_threading mode (it loses documents)."""
-    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
-
-    from gpt_jax.errors import DataError
-
     known = set(PipelineOptions([]).get_all_options(drop_default=False))
     for arg in args:
         name = arg.split("=", 1)[0]
@@ -124,8 +133,6 @@ def summary(manifest: dict, seconds: float) -> str:
 
 def _user_message(exc: BaseException) -> str | None:
     """The message of a gpt_jax user error raised inside the pipeline (Beam re-raises it, wrapped), else None."""
-    from gpt_jax.errors import UserError
-
     if isinstance(exc, UserError):
         return str(exc).split(" [while running")[0].strip()
     text = str(exc)
@@ -135,39 +142,19 @@ def _user_message(exc: BaseException) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.getLogger().setLevel(logging.ERROR)  # Beam logs optional-dependency warnings on import
-    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)  # and worker errors, which we report below
-    from gpt_jax.data import corpus
-    from gpt_jax.errors import UserError
-
-    args, rest = make_parser().parse_known_args(argv)
-    dedup = tuple(k.strip() for k in args.dedup.split(",") if k.strip() and k.strip() != "none")
-    opts = corpus.CorpusOptions(
-        output_dir=args.output_dir, inputs=[args.input] if args.input else [],
-        val_inputs=[args.val_input] if args.val_input else [], format=args.format, text_field=args.text_field,
-        tfds=args.tfds, tfds_data_dir=args.tfds_data_dir, doc_split=args.doc_split,
-        strip_gutenberg=args.strip_gutenberg, min_chars=args.min_chars, dedup=dedup,
-        near_threshold=args.near_threshold, num_perm=args.num_perm, shingle_size=args.shingle_size,
-        val_fraction=args.val_fraction, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        model_type=args.model_type, tokenizer_sample_chars=args.tokenizer_sample_chars, num_shards=args.num_shards,
-        val_shards=args.val_shards, seed=args.seed)
-    # Beam's multi_processing workers are fresh interpreters: let them import gpt_jax from this checkout.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+def main(argv: list[str]) -> None:
+    """Prepares the corpus the flags describe (argv[1:]: Beam pipeline options) and prints a summary."""
+    opts = corpus_options()
     start = time.perf_counter()
     try:
-        options = beam_options(rest)
-        manifest = corpus.prepare(opts, options, overwrite=args.overwrite)
-    except UserError as e:
-        _fail(_user_message(e))
+        manifest = corpus.prepare(opts, beam_options(argv[1:]), overwrite=flags.FLAGS.overwrite)
     except Exception as e:  # a user error raised in a Beam worker comes back wrapped
         message = _user_message(e)
         if message is None:
             raise
-        _fail(message)
+        raise UserError(message) from None
     print(summary(manifest, time.perf_counter() - start), flush=True)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, flags_parser=parse_flags)

@@ -30,11 +30,8 @@ byte-identical shards and manifest on any number of workers.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import gzip
 import hashlib
-import io
-import json
 import math
 import os
 
@@ -44,6 +41,7 @@ from apache_beam import pvalue
 
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.data import clean, minhash, shards
+from gpt_jax.data import text as text_lib
 from gpt_jax.errors import DataError
 
 REASONS = ("not_utf8", "bad_json", "no_text_field", "too_short", "exact_duplicate", "near_duplicate")
@@ -112,25 +110,6 @@ class CorpusOptions:
 # Reading (pure functions, one source at a time)
 
 
-def expand_inputs(patterns: list[str], flag: str = "--input") -> list[str]:
-    """Comma-separated paths or globs → existing files (each glob sorted, duplicates dropped, order kept)."""
-    paths: list[str] = []
-    for part in (p.strip() for spec in patterns for p in spec.split(",")):
-        if not part:
-            continue
-        matches = sorted(glob.glob(part)) if any(ch in part for ch in "*?[") else [part]
-        if not matches:
-            raise DataError(f"{flag}: no file matches {part!r}")
-        for path in matches:
-            if os.path.isdir(path):
-                raise DataError(f"{flag}: {path} is a directory (use a glob such as {path.rstrip('/')}/*.txt)")
-            if not os.path.isfile(path):
-                raise DataError(f"{flag}: no such file {path!r}")
-            if path not in paths:
-                paths.append(path)
-    return paths
-
-
 def _read_bytes(path: str) -> bytes:
     try:
         opener = gzip.open if path.endswith(".gz") else open
@@ -166,21 +145,15 @@ def _field(obj, path: str):
     return obj
 
 
-def read_jsonl(raw: bytes, text_field: str):
+def jsonl_documents(raw: bytes, text_field: str):
     """Documents of a JSONL file, one per non-blank line: yields (text, None) or (None, reason)."""
-    for line in raw.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            yield None, "not_utf8"
-            continue
-        except json.JSONDecodeError:
-            yield None, "bad_json"
-            continue
-        value = _field(obj, text_field)
-        yield (value, None) if isinstance(value, str) else (None, "no_text_field")
+    for _, value in text_lib.parse_jsonl(raw.split(b"\n")):
+        if isinstance(value, ValueError):
+            yield None, "not_utf8" if isinstance(value, UnicodeDecodeError) else "bad_json"
+        elif isinstance(document := _field(value, text_field), str):
+            yield document, None
+        else:
+            yield None, "no_text_field"
 
 
 def tfds_num_examples(name_split: str, data_dir: str, text_field: str) -> int:
@@ -240,7 +213,7 @@ class _ReadFile(_EmitDocuments):
         source, path, is_val = item
         raw = _read_bytes(path)
         if self.opts.format == "jsonl":
-            docs = read_jsonl(raw, self.opts.text_field)
+            docs = jsonl_documents(raw, self.opts.text_field)
         else:
             docs = read_text_file(raw, self.opts.doc_split, self.opts.strip_gutenberg)
         for index, (text, reason) in enumerate(docs):
@@ -365,33 +338,9 @@ def _train_tokenizer(sample: list, opts: CorpusOptions) -> dict:
     if not sample:
         raise DataError("no training document was kept, so there is nothing to train the tokenizer on")
     lines = [line for _, _, text in sorted(sample) for line in text.splitlines(keepends=True)]
-    try:
-        tok = _train_sentencepiece(lines, opts.vocab_size, directory, opts.model_type)
-    except RuntimeError as e:
-        raise DataError(f"--vocab_size={opts.vocab_size}: SentencePiece cannot train it on this corpus "
-                        f"({str(e).splitlines()[-1].split('] ')[-1].strip()})") from None
+    tok = tokenizer_lib.SentencePieceTokenizer.train(lines, opts.vocab_size, directory, opts.model_type)
     return {"kind": "sentencepiece", "model_type": opts.model_type, "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id}
-
-
-def _train_sentencepiece(lines: list[str], vocab_size: int, directory: str, model_type: str):
-    """`tokenizer.SentencePieceTokenizer.train` with the same settings, but the model goes through a writer, so
-    it does not embed the output path and the same sample gives the same bytes in any directory."""
-    import sentencepiece as spm
-
-    writer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=writer, vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, character_coverage=0.9995, pad_id=-1, unk_id=0, bos_id=-1, eos_id=1, split_digits=True,
-        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, add_dummy_prefix=False,
-        normalization_rule_name="identity", max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, tokenizer_lib.SentencePieceTokenizer.MODEL_FILE)
-    with open(path, "wb") as f:
-        f.write(writer.getvalue())
-    tok = tokenizer_lib.SentencePieceTokenizer(path)
-    tok.save(directory)
-    return tok
 
 
 class _Tokenize(beam.DoFn):
@@ -587,8 +536,8 @@ def check_output_dir(directory: str, overwrite: bool) -> None:
 def prepare(opts: CorpusOptions, pipeline_options=None, overwrite: bool = False) -> dict:
     """Runs the pipeline (Beam `pipeline_options`, DirectRunner by default) and returns the manifest."""
     opts.check()
-    files = expand_inputs(opts.inputs) if opts.inputs else []
-    val_files = expand_inputs(opts.val_inputs, "--val_input") if opts.val_inputs else []
+    files = text_lib.expand_paths(",".join(opts.inputs), "--input") if opts.inputs else []
+    val_files = text_lib.expand_paths(",".join(opts.val_inputs), "--val_input") if opts.val_inputs else []
     tfds_size = tfds_num_examples(opts.tfds, opts.tfds_data_dir, opts.text_field) if opts.tfds else 0
     check_output_dir(opts.output_dir, overwrite)
     with beam.Pipeline(options=pipeline_options) as p:

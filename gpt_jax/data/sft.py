@@ -20,13 +20,12 @@ validation. Batches are a pure function of (seed, batch index), so a resumed run
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import numpy as np
 
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.data import WindowSource
+from gpt_jax.data import WindowSource, text
 from gpt_jax.errors import DataError
 
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
@@ -40,36 +39,24 @@ SPLIT_SEED = 0  # the validation records do not move when the run's seed does
 def read_records(path: str, prompt_field: str = "prompt", response_field: str = "response") -> list[list[dict]]:
     """The chats of a JSONL file: one list of {"role", "content"} messages per line (blank lines skipped).
     DataError naming the file, line and field for anything else."""
-    if not os.path.isfile(path):
-        raise DataError(f"data.sft_file: no such file {path!r}")
     chats = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: a record must be a JSON object")
-            if "messages" in record:
-                messages = record["messages"]
-                if not isinstance(messages, list) or not all(
-                        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                        for m in messages):
-                    raise DataError(f"{where}: messages must be a list of {{\"role\": str, \"content\": str}}")
-                if not any(m["role"] == "assistant" for m in messages):
-                    raise DataError(f"{where}: the chat has no assistant message to train on")
-                chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
-                continue
-            for field in (prompt_field, response_field):
-                if not isinstance(record.get(field), str):
-                    raise DataError(f"{where}: field {field!r} is missing or not a string (set "
-                                    "data.sft_prompt_field / data.sft_response_field, or use \"messages\")")
-            chats.append([{"role": "user", "content": record[prompt_field]},
-                          {"role": "assistant", "content": record[response_field]}])
+    for where, record in text.jsonl_records(path, "data.sft_file"):
+        if "messages" in record:
+            messages = record["messages"]
+            if not isinstance(messages, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise DataError(f"{where}: messages must be a list of {{\"role\": str, \"content\": str}}")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise DataError(f"{where}: the chat has no assistant message to train on")
+            chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
+            continue
+        for field in (prompt_field, response_field):
+            if not isinstance(record.get(field), str):
+                raise DataError(f"{where}: field {field!r} is missing or not a string (set "
+                                "data.sft_prompt_field / data.sft_response_field, or use \"messages\")")
+        chats.append([{"role": "user", "content": record[prompt_field]},
+                      {"role": "assistant", "content": record[response_field]}])
     if not chats:
         raise DataError(f"data.sft_file {path} holds no record")
     return chats
@@ -77,56 +64,27 @@ def read_records(path: str, prompt_field: str = "prompt", response_field: str = 
 
 def render_chatml(messages: list[dict], add_generation_prompt: bool = False) -> str:
     """ChatML: `<|im_start|>role\\ncontent<|im_end|>\\n` per message, then `<|im_start|>assistant\\n` if asked."""
-    text = "".join(f"{CHATML_START}{m['role']}\n{m['content']}{CHATML_END}\n" for m in messages)
-    return text + (f"{CHATML_START}assistant\n" if add_generation_prompt else "")
+    turns = "".join(f"{CHATML_START}{m['role']}\n{m['content']}{CHATML_END}\n" for m in messages)
+    return turns + (f"{CHATML_START}assistant\n" if add_generation_prompt else "")
 
 
-@functools.lru_cache(maxsize=8)
-def _jinja_template(source: str):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise DataError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as HF transformers renders them
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """`messages` as text: with the tokenizer's chat template, or ChatML when it has none."""
+    rendered = tokenizer_lib.apply_chat_template(tokenizer, messages, add_generation_prompt)
+    return render_chatml(messages, add_generation_prompt) if rendered is None else rendered
 
 
-def render_chat(messages: list[dict], template: str | None = None, add_generation_prompt: bool = False,
-                bos_token: str = "", eos_token: str = "") -> str:
-    """`messages` as text, with a Jinja chat `template` (as GGUF and HF tokenizers carry them), or ChatML when
-    there is none (or jinja2 is missing and the template is ChatML)."""
-    if template:
-        try:
-            compiled = _jinja_template(template)
-        except ImportError:
-            if CHATML_START not in template:
-                raise DataError("rendering this chat template needs jinja2 (pip install jinja2)") from None
-        else:
-            import jinja2
-
-            try:
-                return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                       bos_token=bos_token, eos_token=eos_token)
-            except jinja2.TemplateError as e:
-                raise DataError(f"chat template: {e}") from None
-    return render_chatml(messages, add_generation_prompt)
-
-
-def chat_segments(messages: list[dict], template: str | None = None, bos_token: str = "",
-                  eos_token: str = "") -> list[tuple[str, bool]]:
+def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     """The rendered chat cut into (text, is_target) pieces: each assistant turn's content and end-of-turn marker
     are targets; everything else (other turns, role headers, the separator after a turn) is not. Messages after
     the last assistant turn are left out."""
-    render = functools.partial(render_chat, template=template, bos_token=bos_token, eos_token=eos_token)
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(messages[:i], add_generation_prompt=True)
-        full = render(messages[:i + 1])
+        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render_chat(tokenizer, messages[:i + 1])
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise DataError("the chat template does not render this conversation turn by turn (each rendering must "
                             f"extend the previous one), at message {i}")
@@ -134,26 +92,21 @@ def chat_segments(messages: list[dict], template: str | None = None, bos_token: 
         target = reply.rstrip()
         segments += [(prompt[len(done):], False), (target, True), (reply[len(target):], False)]
         done = full
-    return [(text, is_target) for text, is_target in segments if text]
+    return [(piece, is_target) for piece, is_target in segments if piece]
 
 
 def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(token ids int32 [n], is_target bool [n]) of a chat under `tokenizer`'s chat template; a BOS token comes
     first when the tokenizer's model expects one (`add_bos`)."""
-    special = {name: (tokenizer.decode([getattr(tokenizer, f"{name}_id")])
-                      if getattr(tokenizer, f"{name}_id", None) is not None else "") for name in ("bos", "eos")}
-    template = getattr(tokenizer, "chat_template", None)
-    segments = chat_segments(messages, template if isinstance(template, str) else None, special["bos"],
-                             special["eos"])
     ids: list[int] = []
     targets: list[bool] = []
     if getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None:
         ids.append(tokenizer.bos_id)
         targets.append(False)
-    for text, is_target in segments:
-        piece = tokenizer.encode(text)
-        ids.extend(piece)
-        targets.extend([is_target] * len(piece))
+    for piece, is_target in chat_segments(tokenizer, messages):
+        encoded = tokenizer.encode(piece)
+        ids.extend(encoded)
+        targets.extend([is_target] * len(encoded))
     return np.asarray(ids, np.int32), np.asarray(targets, bool)
 
 
