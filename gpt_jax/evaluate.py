@@ -34,11 +34,12 @@ from gpt_jax.workdir import LoadedModel
 # Validation loss, and translation scores of an encoder-decoder
 
 
-def evaluate_batches(eval_step, params, batches: Sequence[dict], put: Callable = jnp.asarray, frozen=()) -> dict:
-    """Mean loss, perplexity and bits per byte over `batches` (their loss masks say which targets count)."""
+def evaluate_batches(eval_step, params, batches: Sequence[dict], put: Callable | None = None, frozen=()) -> dict:
+    """Mean loss, perplexity and bits per byte over `batches` (their loss masks say which targets count), each put
+    on the devices by `put` (default: the default device)."""
     totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
     for batch in batches:
-        sums = eval_step(params, put(batch), *frozen)
+        sums = eval_step(params, put(batch) if put else jax.tree.map(jnp.asarray, batch), *frozen)
         for k in totals:
             totals[k] += float(sums[k])
     loss = totals["nll"] / max(totals["tokens"], 1.0)
