@@ -1,10 +1,10 @@
 """HF import/export against transformers (torch on CPU): tiny random GPT-2 and Llama models (GQA; tied and untied
-embeddings) give the same logits in gpt_jax within 1e-4, and again in transformers after exporting back; plus the
-tokenizer files, refusals and the command line's errors."""
+embeddings) give the same logits in gpt_jax within 1e-4, and again in transformers after exporting back; import then
+export gives back every tensor bit for bit; a LoRA workdir converts to a standalone one; plus the tokenizer files,
+refusals and the command line's errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +20,7 @@ from gpt_jax import convert
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax import workdir as workdir_lib
 from gpt_jax.convert.common import ConversionError
+from gpt_jax.convert.safetensors_io import read_safetensors
 from gpt_jax.model import ModelConfig, Transformer
 
 torch = pytest.importorskip("torch")
@@ -29,13 +30,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT_PY = os.path.join(REPO, "tools", "convert.py")
 TOL = 1e-4
 CHAT_TEMPLATE = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
-
-
-def _tools_convert():
-    spec = importlib.util.spec_from_file_location("tools_convert", CONVERT_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _perturb(model, seed: int) -> None:
@@ -64,12 +58,12 @@ def _gpt2(tiny_bpe, directory, tie=True):
     return model, _save_hf(model, tiny_bpe, directory)
 
 
-def _llama(tiny_bpe, directory, tie):
+def _llama(tiny_bpe, directory, tie, bias=False):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0,
                                    rms_norm_eps=1e-5, max_position_embeddings=128, tie_word_embeddings=tie,
-                                   bos_token_id=0, eos_token_id=0)
+                                   attention_bias=bias, mlp_bias=bias, bos_token_id=0, eos_token_id=0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     _perturb(model, 2)
     return model, _save_hf(model, tiny_bpe, directory)
@@ -103,7 +97,7 @@ def _round_trip(tmp_path, hf_model, hf_dir, vocab):
     workdir_diff = float(np.abs(_jax_logits(from_workdir, ids) - reference).max())
 
     out = str(tmp_path / "hf_out")
-    _tools_convert().convert(workdir, out)  # --to defaults to hf for a workdir
+    convert.convert_model(workdir, out)  # what tools/convert.py does; --to defaults to hf for a workdir
     exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(exported) is type(hf_model)
     export_diff = float(np.abs(_torch_logits(exported, ids) - reference).max())
@@ -138,6 +132,57 @@ def test_llama_gqa_round_trip(tmp_path, tiny_bpe, tie):
     diffs = _round_trip(tmp_path, model, hf_dir, 300)
     print(f"Llama ({'tied' if tie else 'untied'}) max |Δlogit| import / workdir / export: {diffs}")
     assert max(diffs) <= TOL, diffs
+
+
+@pytest.mark.parametrize("family", ["gpt2_untied", "llama_biases"])
+def test_import_then_export_gives_back_every_tensor(tmp_path, tiny_bpe, family):
+    """The family's mapping table read both ways (fused c_attn split and joined, transposes, lm_head, biases)."""
+    if family == "gpt2_untied":
+        _, hf_dir = _gpt2(tiny_bpe, str(tmp_path / "hf"), tie=False)
+    else:
+        _, hf_dir = _llama(tiny_bpe, str(tmp_path / "hf"), tie=True, bias=True)
+    converted = convert.load_source(hf_dir)
+    out = str(tmp_path / "out")
+    convert.export_hf(ModelConfig.from_dict(converted.model), converted.params, converted.tokenizer, out)
+    original = read_safetensors(os.path.join(hf_dir, "model.safetensors"))
+    exported = read_safetensors(os.path.join(out, "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+
+
+def test_lora_workdir_converts_to_a_standalone_workdir(tmp_path):
+    """tools/convert.py on a LoRA run's workdir (--to=gpt_jax, the default there) writes base + adapters merged, a
+    workdir that loads without the base; a plain workdir stays refused with --to=gpt_jax."""
+    import jax
+    from test_lora import TARGETS, lora_config, write_base_workdir
+
+    from gpt_jax import checkpoint as checkpoint_lib
+    from gpt_jax import lora
+
+    base_dir, run_dir, out = (str(tmp_path / name) for name in ("base", "run", "merged"))
+    base_params = write_base_workdir(base_dir)
+    config = lora_config(base_dir, 3)
+    config.model = workdir_lib.read_config(base_dir).model  # a LoRA run has its base's architecture
+    workdir_lib.write_config(run_dir, config)
+    tokenizer_lib.load_tokenizer(workdir_lib.tokenizer_dir(base_dir)).save(workdir_lib.tokenizer_dir(run_dir))
+    spec = lora.LoraSpec(4, 16.0, tuple(TARGETS.split(",")))
+    adapters = jax.tree.map(lambda x: np.asarray(x) + 0.05, lora.init_adapters(base_params, spec, 0))  # B != 0
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(run_dir, "checkpoints"))
+    ckpt.save(3, adapters, checkpoint_lib.PLACEHOLDER_OPT_STATE, {"step": 3})
+    ckpt.close()
+
+    assert convert.convert_model(run_dir, out).startswith(f"gpt_jax workdir {out}")
+    os.rename(base_dir, base_dir + "_moved")  # the merged workdir stands alone
+    merged = workdir_lib.load(out)
+    assert merged.step == 3 and merged.config.lora.rank == 0 and merged.config.init_from == ""
+    expected = lora.merge_params(base_params, adapters, spec.scale)
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6),
+                 nnx.to_pure_dict(nnx.state(merged.model, nnx.Param)), jax.tree.map(np.asarray, expected))
+    assert not np.array_equal(expected["blocks"][0]["attn"]["query"]["kernel"],
+                              base_params["blocks"][0]["attn"]["query"]["kernel"])
+    with pytest.raises(ConversionError, match="already a gpt_jax workdir"):
+        convert.convert_model(out, str(tmp_path / "again"), "gpt_jax")
 
 
 def test_gpt2_vocab_and_merges_tokenizer(tmp_path, tiny_bpe):
@@ -249,7 +294,7 @@ def test_import_refuses_unsupported_config(tmp_path):
 
 
 def _run_cli(*args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)  # this checkout's gpt_jax
     return subprocess.run([sys.executable, CONVERT_PY, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -264,6 +309,7 @@ def _assert_one_line_error(result, *fragments):
 def test_cli_help():
     result = _run_cli("--help")
     assert result.returncode == 0 and "--input" in result.stdout and "--to" in result.stdout
+    _assert_one_line_error(_run_cli("--output=somewhere"), "--input")
 
 
 def test_cli_truncated_safetensors(tmp_path, tiny_bpe):

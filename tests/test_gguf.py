@@ -168,7 +168,8 @@ def test_truncated_gguf_is_one_line_error(tmp_path, tiny_bpe):
         with pytest.raises(convert.ConversionError, match="tiny.gguf: truncated"):
             convert.load_source(path)
     result = subprocess.run([sys.executable, CONVERT_PY, f"--input={path}", f"--output={tmp_path / 'out'}"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=REPO))  # this checkout's gpt_jax
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "tiny.gguf" in lines[0], result.stderr

@@ -1,4 +1,4 @@
-"""Hugging Face BERT, RoBERTa and GPT-2 checkpoints into gpt_jax encoder-decoders (`gpt_jax.encdec`).
+"""Hugging Face BERT, RoBERTa and GPT-2 checkpoints into gpt_jax encoder-decoders (`model.EncoderDecoder`).
 
     load_stack(dir, role)                 one HF model directory as an encoder or a decoder stack
     load_encoder_decoder(dir)             an HF `EncoderDecoderModel` directory (config.json with encoder/decoder)
@@ -9,8 +9,8 @@
 BERT and RoBERTa (`BertModel`, `BertLMHeadModel`, `RobertaModel`, `RobertaForCausalLM`, ...): nn.Linear weights are
 [out, in] and are transposed; blocks are post-LayerNorm, the embeddings add token-type and position embeddings and
 a LayerNorm; RoBERTa's positions start at pad_token_id + 1. As a decoder the masked-LM head (dense, GELU, LayerNorm,
-tied output plus a bias) becomes the output head. GPT-2 reuses the decoder-only importer, plus the cross-attention
-weights (`crossattention.q_attn`, fused `c_attn` = k|v, `c_proj`, `ln_cross_attn`) an HF encoder-decoder holds.
+tied output plus a bias) becomes the output head. GPT-2 uses the decoder-only importer's table, plus the
+cross-attention an HF encoder-decoder holds. The tensor names are in `mapping`'s tables.
 Tokenizers: `tokenizer.json`, or BERT's `vocab.txt` (WordPiece), or byte-level BPE `vocab.json` + `merges.txt`.
 """
 
@@ -22,9 +22,9 @@ import os
 import numpy as np
 
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.convert import hf
-from gpt_jax.convert.common import ConversionError
-from gpt_jax.model import EncDecConfig, EncoderDecoder, ModelConfig
+from gpt_jax.convert import hf, mapping
+from gpt_jax.convert.common import ConversionError, overlay
+from gpt_jax.model import EncDecConfig, EncoderDecoder, ModelConfig, Transformer
 
 BERT_TYPES = ("bert", "roberta")
 DECODER_TYPES = (*BERT_TYPES, "gpt2")
@@ -102,101 +102,25 @@ def stack_config(c: dict, path: str, *, role: str, max_seq_len: int = 0) -> Mode
 # Parameters
 
 
-def _bert_prefix(tensors: dict, base: str, model_type: str) -> str:
-    for candidate in ("", f"{model_type}."):
-        if base + candidate + "embeddings.word_embeddings.weight" in tensors:
-            return base + candidate
-    raise ConversionError(f"no {base}[{model_type}.]embeddings.word_embeddings.weight tensor: not a "
-                          f"{model_type} checkpoint")
-
-
-def _bert_params(tensors: dict, directory: str, cfg: ModelConfig, model_type: str, base: str, role: str) -> dict:
-    """The parameters of a BERT/RoBERTa stack whose tensors are named `base` + [bert.|roberta.] + HF name."""
-    prefix = _bert_prefix(tensors, base, model_type)
-    w = hf._Weights(tensors, directory, prefix)
-
-    def linear(name):
-        return {"kernel": w(name + ".weight", transpose=True), "bias": w(name + ".bias")}
-
-    def norm(name):
-        return {"scale": w(name + ".weight"), "bias": w(name + ".bias")}
-
-    def attention(name):
-        out = {ours: linear(f"{name}.self.{ours}") for ours in ("query", "key", "value")}
-        out["out"] = linear(f"{name}.output.dense")
-        return out
-
-    emb = "embeddings."
-    params: dict = {"embed": w(emb + "word_embeddings.weight"), "pos_embed": w(emb + "position_embeddings.weight"),
-                    "embed_norm": norm(emb + "LayerNorm")}
-    if cfg.type_vocab_size:
-        params["type_embed"] = w(emb + "token_type_embeddings.weight")
-    blocks = {}
-    for i in range(cfg.n_layer):
-        p = f"encoder.layer.{i}."
-        block = {"attn": attention(p + "attention"), "attn_norm": norm(p + "attention.output.LayerNorm"),
-                 "mlp": {"up": linear(p + "intermediate.dense"), "down": linear(p + "output.dense")},
-                 "mlp_norm": norm(p + "output.LayerNorm")}
-        if role == "decoder" and w.has(p + "crossattention.self.query.weight"):
-            block["cross_attn"] = attention(p + "crossattention")
-            block["cross_norm"] = norm(p + "crossattention.output.LayerNorm")
-        blocks[i] = block
-    params["blocks"] = blocks
-    if role == "decoder":
-        params.update(_mlm_head(tensors, directory, base, model_type, params["embed"]))
-    return params
-
-
-def _mlm_head(tensors: dict, directory: str, base: str, model_type: str, embed: np.ndarray) -> dict:
-    """The masked-LM head when the checkpoint has one (BertLMHeadModel's `cls.predictions`, RoBERTa's `lm_head`)."""
-    w = hf._Weights(tensors, directory, base)
-    if model_type == "bert":
-        dense, norm, bias, out = ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
-                                  "cls.predictions.bias", "cls.predictions.decoder.weight")
-    else:
-        dense, norm, bias, out = "lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder.weight"
-    head: dict = {}
-    if w.has(dense + ".weight"):
-        head["head_dense"] = {"kernel": w(dense + ".weight", transpose=True), "bias": w(dense + ".bias")}
-        head["head_norm"] = {"scale": w(norm + ".weight"), "bias": w(norm + ".bias")}
-    if w.has(bias):
-        head["head_bias"] = w(bias)
-    if w.has(out) and not np.array_equal(w(out), embed):
-        raise ConversionError(f"{directory}: {base}{out} differs from the word embeddings; untied BERT output "
-                              "embeddings are not supported")
-    return head
-
-
-def _gpt2_params(tensors: dict, directory: str, cfg: ModelConfig, base: str) -> dict:
-    """GPT-2 through the decoder-only importer, plus cross-attention weights where the checkpoint has them."""
-    own = {k[len(base):]: v for k, v in tensors.items() if k.startswith(base)}
-    model = {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "tie_embeddings": cfg.tie_embeddings}
-    params = hf._gpt2_params(own, model, directory)
-    prefix = "transformer." if "transformer.wte.weight" in own else ""
-    w = hf._Weights(own, directory, prefix)
-    d = cfg.d_model
-    for i in range(cfg.n_layer):
-        h = f"h.{i}."
-        if not w.has(h + "crossattention.q_attn.weight"):
-            continue
-        kv_kernel, kv_bias = w(h + "crossattention.c_attn.weight"), w(h + "crossattention.c_attn.bias")
-        params["blocks"][i]["cross_attn"] = {
-            "query": {"kernel": w(h + "crossattention.q_attn.weight"), "bias": w(h + "crossattention.q_attn.bias")},
-            "key": {"kernel": kv_kernel[:, :d].copy(), "bias": kv_bias[:d].copy()},
-            "value": {"kernel": kv_kernel[:, d:].copy(), "bias": kv_bias[d:].copy()},
-            "out": {"kernel": w(h + "crossattention.c_proj.weight"), "bias": w(h + "crossattention.c_proj.bias")}}
-        params["blocks"][i]["cross_norm"] = {"scale": w(h + "ln_cross_attn.weight"),
-                                             "bias": w(h + "ln_cross_attn.bias")}
-    return params
+# an HF EncoderDecoderModel's projection from the encoder's width to the decoder's (there when they differ)
+_BRIDGE = mapping.Table(mapping.optional([mapping.Row("bridge", "enc_to_dec_proj", "linear")]))
 
 
 def stack_params(tensors: dict, directory: str, c: dict, cfg: ModelConfig, *, role: str, base: str = "") -> dict:
-    """The parameters a checkpoint holds for one stack, in the gpt_jax layout (a partial tree)."""
-    if c["model_type"] == "gpt2":
-        return _gpt2_params(tensors, directory, cfg, base)
-    params = _bert_params(tensors, directory, cfg, c["model_type"], base, role)
-    rows = cfg.max_seq_len + cfg.position_offset
-    params["pos_embed"] = params["pos_embed"][:rows]  # a shorter max_seq_len keeps the first rows
+    """The parameters a checkpoint holds for one stack, in the gpt_jax layout (a partial tree); its tensors are named
+    `base` + the HF name."""
+    model_type = c["model_type"]
+    if model_type == "gpt2":
+        table = mapping.gpt2_table(tied=cfg.tie_embeddings, cross=True)
+    else:
+        table = mapping.bert_table(model_type, type_embed=bool(cfg.type_vocab_size), decoder=role == "decoder")
+    params = mapping.read(table, tensors, cfg.n_layer, directory, base=base)
+    params["pos_embed"] = params["pos_embed"][:cfg.max_seq_len + cfg.position_offset]  # a shorter max_seq_len
+    if role == "decoder" and model_type in mapping.MLM_OUTPUTS:  # gpt_jax ties it to the word embeddings
+        output = base + mapping.MLM_OUTPUTS[model_type]
+        if output in tensors and not np.array_equal(np.asarray(tensors[output], np.float32), params["embed"]):
+            raise ConversionError(f"{directory}: {output} differs from the word embeddings; untied BERT output "
+                                  "embeddings are not supported")
     return params
 
 
@@ -291,9 +215,7 @@ def load_encoder_decoder(directory: str) -> ConvertedEncDec:
     tensors = hf._weights(directory)
     params = {"encoder": stack_params(tensors, directory, enc_c, enc_cfg, role="encoder", base="encoder."),
               "decoder": stack_params(tensors, directory, dec_c, dec_cfg, role="decoder", base="decoder.")}
-    if "enc_to_dec_proj.weight" in tensors:
-        w = hf._Weights(tensors, directory)
-        params["bridge"] = {"kernel": w("enc_to_dec_proj.weight", transpose=True), "bias": w("enc_to_dec_proj.bias")}
+    params.update(mapping.read(_BRIDGE, tensors, 0, directory))
     has_tokenizer = any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "vocab.txt",
                                                                            "vocab.json"))
     tok, bos, eos, pad = load_tokenizer(directory, dec_c) if has_tokenizer else (None, None, None, 0)
@@ -331,56 +253,31 @@ def warm_start(encoder_dir: str, decoder_dir: str | None = None, *, decoder_cfg:
                            encoder_dir if decoder_dir is None else f"{encoder_dir} + {decoder_dir}")
 
 
-def overlay(fresh: dict, imported: dict, source: str, path: str = "") -> tuple[dict, list[str]]:
-    """`fresh` with the leaves of `imported` put in (shapes must match; every imported key must exist). Returns
-    (merged tree, paths left fresh)."""
-    merged, left = {}, []
-    for key in imported:
-        if key not in fresh:
-            raise ConversionError(f"{source}: parameter {path}{key} has no place in the model")
-    for key, value in fresh.items():
-        name = f"{path}{key}"
-        if key not in imported:
-            left.append(name)
-            merged[key] = value
-        elif isinstance(value, dict):
-            if not isinstance(imported[key], dict):
-                raise ConversionError(f"{source}: parameter {name} is a tensor, the model expects a group")
-            merged[key], sub = overlay(value, imported[key], source, name + ".")
-            left += sub
-        else:
-            got = np.shape(imported[key])
-            if got != tuple(value.shape):
-                raise ConversionError(f"{source}: parameter {name} has shape {got}, the model expects "
-                                      f"{tuple(value.shape)}")
-            merged[key] = np.asarray(imported[key], np.float32)
-    return merged, left
-
-
 def build_model(converted: ConvertedEncDec, seed: int = 0) -> tuple[EncoderDecoder, list[str]]:
     """(EncoderDecoder with the converted parameters, the parameter paths initialized fresh)."""
-    import jax
     from flax import nnx
 
     model = EncoderDecoder(converted.cfg, rngs=nnx.Rngs(seed))
-    state = nnx.state(model, nnx.Param)
-    merged, fresh = overlay(nnx.to_pure_dict(state), converted.params, converted.source)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jax.numpy.asarray(x), merged))
-    nnx.update(model, state)
-    return model, fresh
+    return model, _put(model, converted.params, converted.source)
 
 
-def build_encoder(imported: StackImport, seed: int = 0):
+def build_encoder(imported: StackImport, seed: int = 0) -> Transformer:
     """A standalone encoder (a bidirectional `Transformer` without output head) holding an imported encoder stack
     (e.g. for sentence embeddings or checks); call it with return_hidden=True."""
+    from flax import nnx
+
+    encoder = Transformer(imported.cfg, causal=False, output_head=False, rngs=nnx.Rngs(seed))
+    _put(encoder, imported.params, imported.source)
+    return encoder
+
+
+def _put(module, params: dict, source: str) -> list[str]:
+    """Puts the imported `params` into the freshly initialized `module`; returns the paths left fresh."""
     import jax
     from flax import nnx
 
-    from gpt_jax.model import Transformer
-
-    encoder = Transformer(imported.cfg, causal=False, output_head=False, rngs=nnx.Rngs(seed))
-    state = nnx.state(encoder, nnx.Param)
-    merged, _ = overlay(nnx.to_pure_dict(state), imported.params, imported.source)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jax.numpy.asarray(x), merged))
-    nnx.update(encoder, state)
-    return encoder
+    state = nnx.state(module, nnx.Param)
+    merged, fresh = overlay(nnx.to_pure_dict(state), params, source)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, merged))
+    nnx.update(module, state)
+    return fresh

@@ -55,20 +55,38 @@ def build_model(converted: Converted) -> tuple[Transformer, ModelConfig, object]
     model_cfg = ModelConfig.from_config(config)
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract, nnx.Param)
-    check_params(converted.params, nnx.to_pure_dict(state), converted.source)
+    params, missing = overlay(nnx.to_pure_dict(state), converted.params, converted.source)
+    if missing:
+        raise ConversionError(f"{converted.source}: parameter {missing[0]} is missing")
     device = jax.local_devices()[0]
-    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float32), device), converted.params)
+    params = jax.tree.map(lambda x: jax.device_put(x, device), params)
     return nnx.merge(graphdef, params), model_cfg, config
 
 
-def check_params(params: dict, expected: dict, source: str) -> None:
-    """Raises ConversionError when the converted tree differs from the model's in keys or shapes."""
-    got = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
-    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
-    for key in sorted(set(got) | set(want)):
-        if got.get(key) != want.get(key):
-            raise ConversionError(f"{source}: parameter {key} has shape {got.get(key)}, the model expects "
-                                  f"{want.get(key)}")
+def overlay(fresh: dict, imported: dict, source: str, path: str = "") -> tuple[dict, list[str]]:
+    """`fresh` with the leaves of `imported` put in (shapes must match; every imported key must exist). Returns
+    (merged tree, paths left fresh)."""
+    merged, left = {}, []
+    for key in imported:
+        if key not in fresh:
+            raise ConversionError(f"{source}: parameter {path}{key} has no place in the model")
+    for key, value in fresh.items():
+        name = f"{path}{key}"
+        if key not in imported:
+            left.append(name)
+            merged[key] = value
+        elif isinstance(value, dict):
+            if not isinstance(imported[key], dict):
+                raise ConversionError(f"{source}: parameter {name} is a tensor, the model expects a group")
+            merged[key], sub = overlay(value, imported[key], source, name + ".")
+            left += sub
+        else:
+            got = np.shape(imported[key])
+            if got != tuple(value.shape):
+                raise ConversionError(f"{source}: parameter {name} has shape {got}, the model expects "
+                                      f"{tuple(value.shape)}")
+            merged[key] = np.asarray(imported[key], np.float32)
+    return merged, left
 
 
 def write_workdir(converted: Converted, output_dir: str) -> str:

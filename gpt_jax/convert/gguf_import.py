@@ -1,8 +1,9 @@
 """GGUF files of Llama architecture (llama.cpp's format) into gpt_jax: metadata, dequantized weights, tokenizer.
 
-GGUF lists tensor shapes fastest dimension first, so a weight of shape [in, out] there is [out, in] in numpy. The
-llama.cpp converter interleaves the rows of attn_q / attn_k within each head (its RoPE pairs dimensions 2i, 2i+1);
-gpt_jax pairs i with i + head_dim/2 (HF's rotate-half), so those rows are put back.
+GGUF lists tensor shapes fastest dimension first, so a weight of shape [in, out] there is [out, in] in numpy, as in
+PyTorch; the tensor names are the llama.cpp column of `mapping`'s Llama table. The llama.cpp converter interleaves
+the rows of attn_q / attn_k within each head (its RoPE pairs dimensions 2i, 2i+1); gpt_jax pairs i with
+i + head_dim/2 (HF's rotate-half), so those rows are put back.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import numpy as np
 
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.convert import quants
+from gpt_jax.convert import mapping, quants
 from gpt_jax.convert.common import ConversionError, Converted
 
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre` (llama.cpp's names), applied before the byte-level mapping.
@@ -35,7 +36,7 @@ def open_gguf(path: str):
     try:
         import gguf
     except ImportError:
-        raise ConversionError(f"{path}: reading GGUF files needs the `gguf` package (pip install gguf)") from None
+        raise ConversionError(f"{path}: reading GGUF files needs gguf: pip install -e '.[convert]'") from None
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors ... on bad bytes
@@ -55,13 +56,11 @@ def _field(reader, key: str, default=None):
     return field.contents()
 
 
-def _tensor(reader_tensors: dict, name: str, path: str) -> np.ndarray:
-    t = reader_tensors.get(name)
-    if t is None:
-        raise ConversionError(f"{path}: tensor {name} is missing")
+def _dequantize(t, path: str) -> np.ndarray:
+    """A GGUF tensor as float32, in numpy's shape order."""
     type_name = t.tensor_type.name
     if type_name not in quants.DEQUANTIZERS:
-        raise ConversionError(f"{path}: tensor {name} has type {type_name}; supported: "
+        raise ConversionError(f"{path}: tensor {t.name} has type {type_name}; supported: "
                               f"{', '.join(quants.DEQUANTIZERS)}")
     raw = np.ascontiguousarray(t.data).reshape(-1).view(np.uint8)
     shape = tuple(int(s) for s in reversed(list(t.shape)))  # GGUF lists the fastest dimension first
@@ -107,27 +106,12 @@ def load_gguf(path: str) -> Converted:
         "tie_embeddings": tied, "dropout": 0.0, "max_seq_len": int(hp("context_length", 2048)),
     }
 
-    def get(name):
-        return _tensor(tensors, name, path)
+    def load(name, t):  # dequantized, with attn_q / attn_k rows back in HF's order
+        heads = {"attn_q": n_head, "attn_k": n_kv_head}.get(name.split(".")[-2])
+        return _dequantize(t, path) if heads is None else _unpermute(_dequantize(t, path), heads)
 
-    blocks = {}
-    for i in range(model["n_layer"]):
-        p = f"blk.{i}."
-        blocks[i] = {
-            "attn_norm": {"scale": get(p + "attn_norm.weight")},
-            "attn": {
-                "query": {"kernel": _unpermute(get(p + "attn_q.weight"), n_head).T},
-                "key": {"kernel": _unpermute(get(p + "attn_k.weight"), n_kv_head).T},
-                "value": {"kernel": get(p + "attn_v.weight").T},
-                "out": {"kernel": get(p + "attn_output.weight").T},
-            },
-            "mlp_norm": {"scale": get(p + "ffn_norm.weight")},
-            "mlp": {name: {"kernel": get(p + f"ffn_{name}.weight").T} for name in ("gate", "up", "down")},
-        }
-    params = {"embed": get("token_embd.weight"), "blocks": blocks, "final_norm": {"scale": get("output_norm.weight")}}
-    if not tied:
-        params["lm_head"] = get("output.weight").T
-    params = _contiguous(params)
+    table = mapping.llama_table(tied=tied, bias=False, gguf=True)
+    params = mapping.read(table, tensors, model["n_layer"], path, load=load)
     model["vocab_size"] = int(params["embed"].shape[0])
     return Converted(model, params, gguf_tokenizer(reader, path), path)
 
@@ -135,12 +119,6 @@ def load_gguf(path: str) -> Converted:
 def _float32_repr(value) -> float:
     """A float32 metadata value as its shortest decimal (1e-05, not 9.999999747378752e-06)."""
     return float(np.format_float_positional(np.float32(value), unique=True, trim="-")) if value else 0.0
-
-
-def _contiguous(tree):
-    if isinstance(tree, dict):
-        return {k: _contiguous(v) for k, v in tree.items()}
-    return np.ascontiguousarray(tree, np.float32)
 
 
 def gguf_tokenizer(reader, path: str) -> tokenizer_lib.HFTokenizer:

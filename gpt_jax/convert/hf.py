@@ -1,8 +1,8 @@
 """Hugging Face model directories (config.json + *.safetensors + tokenizer files) in and out of gpt_jax.
 
-GPT-2 (`GPT2LMHeadModel`): Conv1D weights are already [in, out]; c_attn is q|k|v fused along the output axis.
-Llama family (`LlamaForCausalLM`, and Mistral without a sliding window): nn.Linear weights are [out, in] and are
-transposed; RoPE uses the rotate-half layout, as gpt_jax does, so q_proj / k_proj need no permutation.
+GPT-2 (`GPT2LMHeadModel`) and the Llama family (`LlamaForCausalLM`, and Mistral without a sliding window); the
+tensor names are in `mapping`'s tables. Llama's RoPE uses the rotate-half layout, as gpt_jax does, so q_proj /
+k_proj need no permutation.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from gpt_jax import tokenizer as tokenizer_lib
+from gpt_jax.convert import mapping
 from gpt_jax.convert.common import PICKLE_SUFFIXES, ConversionError, Converted, refuse_pickle
 from gpt_jax.convert.safetensors_io import read_safetensors, write_safetensors
 from gpt_jax.model import ModelConfig
@@ -48,23 +49,6 @@ def _weights(directory: str) -> dict[str, np.ndarray]:
     for path in files:
         tensors.update(read_safetensors(path))
     return tensors
-
-
-class _Weights:
-    """Tensors by HF name, converted to float32 on access, with a clear error for a missing one."""
-
-    def __init__(self, tensors: dict[str, np.ndarray], directory: str, prefix: str = ""):
-        self.tensors, self.directory, self.prefix = tensors, directory, prefix
-
-    def has(self, name: str) -> bool:
-        return self.prefix + name in self.tensors
-
-    def __call__(self, name: str, transpose: bool = False) -> np.ndarray:
-        key = self.prefix + name
-        if key not in self.tensors:
-            raise ConversionError(f"{self.directory}: tensor {key} is missing from the safetensors files")
-        x = np.asarray(self.tensors[key], np.float32)
-        return np.ascontiguousarray(x.T) if transpose else x
 
 
 def _first(value):
@@ -130,14 +114,15 @@ def load_hf(directory: str) -> Converted:
     config = _read_json(config_path)
     model_type = config.get("model_type")
     if model_type == "gpt2":
-        model, convert = _gpt2_config(config, config_path), _gpt2_params
+        model = _gpt2_config(config, config_path)
+        table = mapping.gpt2_table(tied=model["tie_embeddings"])
     elif model_type in LLAMA_TYPES:
-        model, convert = _llama_config(config, config_path), _llama_params
+        model = _llama_config(config, config_path)
+        table = mapping.llama_table(tied=model["tie_embeddings"], bias=model["use_bias"])
     else:
         raise ConversionError(f"{config_path}: model_type {model_type!r} is not supported "
                               f"(supported: gpt2, {', '.join(LLAMA_TYPES)})")
-    tensors = _weights(directory)
-    params = convert(tensors, model, directory)
+    params = mapping.read(table, _weights(directory), model["n_layer"], directory)
     model["vocab_size"] = int(params["embed"].shape[0])
     return Converted(model, params, load_hf_tokenizer(directory, config), directory)
 
@@ -164,32 +149,6 @@ def _gpt2_config(c: dict, path: str) -> dict:
         "tie_embeddings": bool(c.get("tie_word_embeddings", True)), "dropout": 0.0,
         "max_seq_len": _require(c, "n_positions", path),
     }
-
-
-def _gpt2_params(tensors: dict, model: dict, directory: str) -> dict:
-    prefix = "transformer." if "transformer.wte.weight" in tensors else ""
-    w = _Weights(tensors, directory, prefix)
-    d = model["d_model"]
-
-    def linear(name):
-        return {"kernel": w(name + ".weight"), "bias": w(name + ".bias")}
-
-    def norm(name):
-        return {"scale": w(name + ".weight"), "bias": w(name + ".bias")}
-
-    blocks = {}
-    for i in range(model["n_layer"]):
-        h = f"h.{i}."
-        qkv_kernel, qkv_bias = w(h + "attn.c_attn.weight"), w(h + "attn.c_attn.bias")
-        attn = {name: {"kernel": qkv_kernel[:, j * d:(j + 1) * d].copy(), "bias": qkv_bias[j * d:(j + 1) * d].copy()}
-                for j, name in enumerate(("query", "key", "value"))}
-        attn["out"] = linear(h + "attn.c_proj")
-        blocks[i] = {"attn_norm": norm(h + "ln_1"), "attn": attn, "mlp_norm": norm(h + "ln_2"),
-                     "mlp": {"up": linear(h + "mlp.c_fc"), "down": linear(h + "mlp.c_proj")}}
-    params = {"embed": w("wte.weight"), "pos_embed": w("wpe.weight"), "blocks": blocks, "final_norm": norm("ln_f")}
-    if not model["tie_embeddings"]:
-        params["lm_head"] = _Weights(tensors, directory)("lm_head.weight", transpose=True)
-    return params
 
 
 def _llama_config(c: dict, path: str) -> dict:
@@ -224,31 +183,6 @@ def _llama_config(c: dict, path: str) -> dict:
     }
 
 
-def _llama_params(tensors: dict, model: dict, directory: str) -> dict:
-    w = _Weights(tensors, directory, "model.")
-
-    def linear(name):
-        out = {"kernel": w(name + ".weight", transpose=True)}
-        if model["use_bias"]:
-            out["bias"] = w(name + ".bias")
-        return out
-
-    blocks = {}
-    for i in range(model["n_layer"]):
-        p = f"layers.{i}."
-        blocks[i] = {
-            "attn_norm": {"scale": w(p + "input_layernorm.weight")},
-            "attn": {name: linear(p + f"self_attn.{hf}_proj")
-                     for name, hf in (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o"))},
-            "mlp_norm": {"scale": w(p + "post_attention_layernorm.weight")},
-            "mlp": {name: linear(p + f"mlp.{name}_proj") for name in ("gate", "up", "down")},
-        }
-    params = {"embed": w("embed_tokens.weight"), "blocks": blocks, "final_norm": {"scale": w("norm.weight")}}
-    if not model["tie_embeddings"]:
-        params["lm_head"] = _Weights(tensors, directory)("lm_head.weight", transpose=True)
-    return params
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Export
 
@@ -278,12 +212,13 @@ def export_hf(model_cfg: ModelConfig, params: dict, tokenizer, output_dir: str) 
     family = model_family(model_cfg)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ConversionError(f"{output_dir}: output directory exists and is not empty")
-    params = _to_numpy(params)
     eos, bos = getattr(tokenizer, "eos_id", None), getattr(tokenizer, "bos_id", None)
     if family == "gpt2":
-        config, tensors = _gpt2_export(model_cfg, params)
+        config, table = _gpt2_hf_config(model_cfg), mapping.gpt2_table(tied=model_cfg.tie_embeddings)
     else:
-        config, tensors = _llama_export(model_cfg, params)
+        config = _llama_hf_config(model_cfg)
+        table = mapping.llama_table(tied=model_cfg.tie_embeddings, bias=model_cfg.use_bias)
+    tensors = mapping.write(table, params, model_cfg.n_layer)
     config.update({"bos_token_id": bos, "eos_token_id": eos, "dtype": "float32",
                    "tie_word_embeddings": model_cfg.tie_embeddings})
     os.makedirs(output_dir, exist_ok=True)
@@ -294,38 +229,17 @@ def export_hf(model_cfg: ModelConfig, params: dict, tokenizer, output_dir: str) 
     return output_dir
 
 
-def _to_numpy(tree):
-    if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    return np.asarray(tree, np.float32)
-
-
-def _gpt2_export(cfg: ModelConfig, p: dict) -> tuple[dict, dict]:
-    config = {
+def _gpt2_hf_config(cfg: ModelConfig) -> dict:
+    return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
         "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
         "n_inner": cfg.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
     }
-    t = {"transformer.wte.weight": p["embed"], "transformer.wpe.weight": p["pos_embed"],
-         "transformer.ln_f.weight": p["final_norm"]["scale"], "transformer.ln_f.bias": p["final_norm"]["bias"]}
-    for i in range(cfg.n_layer):
-        b, h = p["blocks"][i], f"transformer.h.{i}."
-        attn = b["attn"]
-        t[h + "attn.c_attn.weight"] = np.concatenate([attn[n]["kernel"] for n in ("query", "key", "value")], axis=1)
-        t[h + "attn.c_attn.bias"] = np.concatenate([attn[n]["bias"] for n in ("query", "key", "value")])
-        for hf_name, ours in (("attn.c_proj", attn["out"]), ("mlp.c_fc", b["mlp"]["up"]),
-                              ("mlp.c_proj", b["mlp"]["down"])):
-            t[h + hf_name + ".weight"], t[h + hf_name + ".bias"] = ours["kernel"], ours["bias"]
-        for hf_name, ours in (("ln_1", b["attn_norm"]), ("ln_2", b["mlp_norm"])):
-            t[h + hf_name + ".weight"], t[h + hf_name + ".bias"] = ours["scale"], ours["bias"]
-    if not cfg.tie_embeddings:
-        t["lm_head.weight"] = p["lm_head"].T
-    return config, t
 
 
-def _llama_export(cfg: ModelConfig, p: dict) -> tuple[dict, dict]:
-    config = {
+def _llama_hf_config(cfg: ModelConfig) -> dict:
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
@@ -333,21 +247,6 @@ def _llama_export(cfg: ModelConfig, p: dict) -> tuple[dict, dict]:
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias, "attention_dropout": 0.0,
     }
-    t = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]["scale"]}
-    for i in range(cfg.n_layer):
-        b, h = p["blocks"][i], f"model.layers.{i}."
-        t[h + "input_layernorm.weight"] = b["attn_norm"]["scale"]
-        t[h + "post_attention_layernorm.weight"] = b["mlp_norm"]["scale"]
-        layers = [(f"self_attn.{hf}_proj", b["attn"][ours]) for ours, hf in
-                  (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o"))]
-        layers += [(f"mlp.{name}_proj", b["mlp"][name]) for name in ("gate", "up", "down")]
-        for hf_name, ours in layers:
-            t[h + hf_name + ".weight"] = ours["kernel"].T
-            if cfg.use_bias:
-                t[h + hf_name + ".bias"] = ours["bias"]
-    if not cfg.tie_embeddings:
-        t["lm_head.weight"] = p["lm_head"].T
-    return config, t
 
 
 def export_tokenizer(tokenizer, output_dir: str, max_len: int) -> None:
