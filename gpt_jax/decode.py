@@ -8,11 +8,11 @@ of new prompts in powers of two up to `max_batch` — so steady traffic reuses c
 
 Sampling: temperature (0 = greedy), top-k, top-p, per request; a request's random stream depends only on its
 `seed`, `stream_id` and token index, not on what else shares the batch. Requests stop at an end token, a stop
-sequence (on text), a predicate on the tokens, or `max_tokens`. Updates (new tokens and the text that is safe to
+sequence (on text), or `max_tokens`. Updates (new tokens and the text that is safe to
 show) go to a per-request callback as they are produced, for streaming.
 
-`Decoder.generate` runs a batch of prompts to completion on an `Engine`; `sample_workdir` does the same from a
-model directory. A text longer than the context slides there: when a row's cache is full its last half is
+`generate` runs a batch of prompts to completion on an `Engine`; `sample_workdir` does the same from a model
+directory. A text longer than the context slides there: when a row's cache is full its last half is
 prefilled again and decoding goes on.
 """
 
@@ -191,7 +191,6 @@ class Request:
     stream_id: int = 0  # requests with the same seed and different stream ids draw different samples
     stop: Sequence[str] = ()  # stop sequences (text; needs a tokenizer); the matched text is not returned
     stop_token_ids: Sequence[int] = ()  # end tokens (not returned)
-    stop_when: Callable[[list[int]], bool] | None = None  # stop once this is true of the tokens so far
     slide: bool = False  # when the context is full: keep its last half and go on (else finish with "length")
     on_update: Callable[[Update], None] | None = None
 
@@ -412,8 +411,6 @@ class Engine:
         finish = None
         if self.tokenizer is not None:
             finish = self._update_text(state)
-        if finish is None and req.stop_when is not None and req.stop_when(state.token_ids):
-            finish = "stop"
         if finish is None and len(state.token_ids) >= req.max_tokens:
             finish = "length"
         if finish is None and self._ints[i, _I_LENGTH] >= self.max_len:
@@ -480,47 +477,32 @@ class Engine:
 # Batch generation
 
 
-class Decoder:
-    """Generates continuations for a batch of prompts with an `Engine` sized to the batch."""
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids: BOS first where the model expects one (`add_bos`); an empty prompt is BOS (else EOS,
+    else token 0), so there is always a token to continue."""
+    ids = list(tokenizer.encode(text))
+    if getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None:
+        ids.insert(0, tokenizer.bos_id)
+    return ids or [next((i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None), 0)]
 
-    def __init__(self, model: nnx.Module, cfg: ModelConfig):
-        self.model = model
-        self.cfg = cfg
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams,
-                 seed: int = 0, eos_id: int | None = None,
-                 on_tokens: Callable[[int, list[int]], None] | None = None,
-                 should_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
-        """Continues each prompt (a list of token ids) by up to max_new_tokens tokens; returns the new tokens.
-
-        A row stops at `eos_id` (not included) or when `should_stop(row, tokens_so_far)` is true. `on_tokens(step,
-        tokens)` sees each step's new token per row (-1 for a row that produced none), for streaming. Row i samples
-        with (seed, stream i), so a row's tokens don't depend on the other rows. A text longer than the context
-        slides (the last half of the context is prefilled again)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        batch = len(prompts)
-        engine = Engine(self.model, self.cfg, max_batch=batch)
-        step_tokens = [-1] * batch
-        states = []
-        for row, prompt in enumerate(prompts):
-            def on_update(update: Update, row=row):
-                if update.token_ids:
-                    step_tokens[row] = update.token_ids[-1]
-
-            stop_when = None if should_stop is None else functools.partial(should_stop, row)
-            states.append(engine.submit(Request(
-                prompt=list(prompt)[-(engine.max_len - 1):], max_tokens=max_new_tokens, sampling=sampling,
-                seed=seed, stream_id=row, stop_token_ids=() if eos_id is None else (eos_id,), stop_when=stop_when,
-                slide=True, on_update=on_update)))
-        step = 0
-        while engine.has_work():
-            engine.step()
-            if on_tokens is not None and any(t >= 0 for t in step_tokens):
-                on_tokens(step, list(step_tokens))
-            step += 1
-            step_tokens[:] = [-1] * batch
-        return [s.token_ids for s in states]
+def generate(model: nnx.Module, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             sampling: SamplingParams = SamplingParams(0.0), *, seed: int = 0, eos_id: int | None = None,
+             max_batch: int | None = None, tokenizer=None, stops: Sequence[str] = ()) -> list[RequestState]:
+    """Continues each prompt (token ids) by up to max_new_tokens tokens on an `Engine` of `max_batch` rows (default:
+    every prompt at once); returns the finished requests in order: `.token_ids`, and with a tokenizer `.text`, cut
+    before the first of `stops`. A row ends at `eos_id` (not included); row i samples with (seed, stream i), so its
+    tokens don't depend on the other rows; a text longer than the context slides (the last half of the context is
+    prefilled again)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    engine = Engine(model, cfg, max_batch=min(max_batch or len(prompts), len(prompts)), tokenizer=tokenizer)
+    states = [engine.submit(Request(prompt=list(prompt)[-(engine.max_len - 1):], max_tokens=max_new_tokens,
+                                    sampling=sampling, seed=seed, stream_id=row, stop=tuple(stops),
+                                    stop_token_ids=() if eos_id is None else (eos_id,), slide=True))
+              for row, prompt in enumerate(prompts)]
+    engine.run_until_done()
+    return states
 
 
 def sample_workdir(source: str, prompts: Sequence[str], max_new_tokens: int, temperature: float, top_k: int,
@@ -541,7 +523,6 @@ def sample_workdir(source: str, prompts: Sequence[str], max_new_tokens: int, tem
     if num_samples < 1:
         raise UserError(f"--num_samples={num_samples} must be at least 1")
     loaded = workdir.load(source)
-    tok = loaded.tokenizer
     if loaded.config.model.kind == "encoder_decoder":
         from gpt_jax import encdec_decode
 
@@ -549,17 +530,8 @@ def sample_workdir(source: str, prompts: Sequence[str], max_new_tokens: int, tem
             loaded, [p] * num_samples, max_new_tokens=max(max_new_tokens, 1), temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed)]
     else:
-        encoded = []
-        for p in prompts:
-            ids = list(tok.encode(p))
-            if getattr(tok, "add_bos", False) and tok.bos_id is not None:
-                ids.insert(0, tok.bos_id)
-            if not ids:
-                ids = [tok.bos_id if tok.bos_id is not None else (tok.eos_id if tok.eos_id is not None else 0)]
-            encoded.append(ids)
-        decoder = Decoder(loaded.model, loaded.model_cfg)
+        rows = [encode_prompt(loaded.tokenizer, p) for p in prompts for _ in range(num_samples)]
         sampling = SamplingParams(temperature, min(top_k, loaded.model_cfg.vocab_size), top_p)
-        rows = [ids for ids in encoded for _ in range(num_samples)]
-        out = decoder.generate(rows, max_new_tokens, sampling, seed=seed, eos_id=tok.eos_id)
-        texts = [tok.decode(ids) for ids in out]
+        texts = [s.text for s in generate(loaded.model, loaded.model_cfg, rows, max_new_tokens, sampling, seed=seed,
+                                          eos_id=loaded.tokenizer.eos_id, tokenizer=loaded.tokenizer)]
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

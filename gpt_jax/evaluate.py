@@ -253,28 +253,15 @@ GSM8K_STOPS = ("\n\n", "\nQuestion:")
 
 def generate(loaded: LoadedModel, prompts: Sequence[str], max_new_tokens: int,
              stops: Sequence[str] = ("\n",), batch_size: int = 8, temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Continues each prompt (greedy at temperature 0) in batches of similar length; each continuation is cut
-    before the first of `stops`."""
-    from gpt_jax.decode import Decoder, SamplingParams
+    """Continues each prompt (greedy at temperature 0), `batch_size` at a time; each continuation is cut before the
+    first of `stops`."""
+    from gpt_jax import decode
 
     tok = loaded.tokenizer
-    fallback = tok.bos_id if tok.bos_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
-    encoded = [tok.encode(p) or [fallback] for p in prompts]
-    decoder = Decoder(loaded.model, loaded.model_cfg)
-
-    def should_stop(_row: int, new_tokens: list[int]) -> bool:
-        text = tok.decode(new_tokens)
-        return any(s in text for s in stops)
-
-    outputs: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        new = decoder.generate([encoded[i] for i in rows], max_new_tokens, SamplingParams(temperature),
-                               seed=seed, eos_id=tok.eos_id, should_stop=should_stop if stops else None)
-        for i, ids in zip(rows, new, strict=True):
-            outputs[i] = cut_at_stops(tok.decode(ids), stops)
-    return outputs
+    states = decode.generate(loaded.model, loaded.model_cfg, [decode.encode_prompt(tok, p) for p in prompts],
+                             max_new_tokens, decode.SamplingParams(temperature), seed=seed, eos_id=tok.eos_id,
+                             max_batch=batch_size, tokenizer=tok, stops=stops)
+    return [s.text for s in states]
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:

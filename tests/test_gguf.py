@@ -217,8 +217,8 @@ def test_smollm2_matches_transformers_gguf_loading(smollm2, smollm2_reference):
     assert worst <= 1e-3
 
     # greedy decoding through the KV cache agrees with transformers' greedy generate
-    out = decode.Decoder(smollm2.model, cfg).generate([prompt_ids[0]], 4, decode.SamplingParams(temperature=0.0),
-                                                      eos_id=tok.eos_id)[0]
+    out = decode.generate(smollm2.model, cfg, [prompt_ids[0]], 4, decode.SamplingParams(temperature=0.0),
+                          eos_id=tok.eos_id)[0].token_ids
     assert out == expected["greedy"][len(prompt_ids[0]):].tolist()
     print(f"SmolLM2 greedy continuation: {tok.decode(out)!r}")
     assert tok.decode(out).startswith(" Paris.")

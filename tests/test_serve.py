@@ -67,8 +67,8 @@ def client(served):
 
 def _greedy_text(served, prompt: str, n: int) -> str:
     tok = served.loaded.tokenizer
-    ids = decode.Decoder(served.loaded.model, served.loaded.model_cfg).generate(
-        [tok.encode(prompt)], n, decode.SamplingParams(0.0), eos_id=tok.eos_id)[0]
+    ids = decode.generate(served.loaded.model, served.loaded.model_cfg, [tok.encode(prompt)], n,
+                          decode.SamplingParams(0.0), eos_id=tok.eos_id)[0].token_ids
     return tok.decode(ids)
 
 
