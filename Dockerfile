@@ -2,16 +2,14 @@
 #   docker build -t gpt-jax .
 #   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/runs/tiny:/model:ro" gpt-jax
 # The model is whatever is mounted at /model: a gpt_jax workdir or an HF model directory; for a GGUF file mount it
-# and name it: docker run ... -v "$PWD/m.gguf:/models/m.gguf:ro" gpt-jax /models/m.gguf
+# and name it: docker run ... -v "$PWD/m.gguf:/models/m.gguf:ro" gpt-jax --config.init_from=/models/m.gguf
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TF_CPP_MIN_LOG_LEVEL=3 \
-    GPT_JAX_HOST=0.0.0.0 \
-    GPT_JAX_MODEL=/model
+    TF_CPP_MIN_LOG_LEVEL=3
 
 WORKDIR /app
 COPY setup.cfg pyproject.toml README.md ./
@@ -27,5 +25,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=300s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"
 # SIGTERM (docker stop) lets requests in flight finish, up to 30 s; give docker stop at least that long
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python", "-m", "gpt_jax.serve"]
-CMD ["--port", "8000"]
+# The model is --config.init_from: /model by default (a gpt_jax workdir, an HF directory); pass another after the
+# image name, e.g. --config.init_from=/models/m.gguf. The server's own state goes to a fresh --workdir.
+ENTRYPOINT ["python", "-m", "gpt_jax.main", "--mode=serve", "--host=0.0.0.0", "--port=8000", "--workdir=/tmp/serve", \
+            "--config.init_from=/model"]

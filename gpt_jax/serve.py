@@ -9,8 +9,7 @@ with `"stream": true`), `GET /health` (no key needed). Invalid requests get a 4x
 `{"error": {"message", "type", "param", "code"}}`. One engine thread runs the model; concurrent requests share its
 decode steps.
 
-Chat prompts use the tokenizer's chat template (`apply_chat_template` or a Jinja `chat_template`) when it has one,
-else a plain format: one `role: content` line per message, then `assistant:`; with that format a line starting
+Chat prompts use the tokenizer's Jinja chat template when it has one, else a plain format: one `role: content` line per message, then `assistant:`; with that format a line starting
 with `user:` also ends the reply.
 
 Beyond OpenAI's parameters: `top_k` (0 = off). Accepted and ignored: `user`, `stream_options` other than
@@ -260,16 +259,10 @@ class EngineRunner:
 # Prompts
 
 
-def render_chat(tokenizer, messages: list[dict]) -> tuple[str | list[int], tuple[str, ...]]:
+def render_chat(tokenizer, messages: list[dict]) -> tuple[str, tuple[str, ...]]:
     """The prompt for chat `messages` ([{"role", "content"}]) and the stop sequences its format implies: the
     tokenizer's chat template if it has one, else `role: content` lines and `assistant:`. DataError when the
     template fails on the messages."""
-    apply = getattr(tokenizer, "apply_chat_template", None)
-    if callable(apply):
-        return apply(messages, add_generation_prompt=True), ()
-    template = getattr(tokenizer, "chat_template", None)
-    if callable(template):
-        return template(messages, add_generation_prompt=True), ()
     rendered = tokenizer_lib.apply_chat_template(tokenizer, messages, add_generation_prompt=True)
     if rendered is not None:
         return rendered, ()
@@ -505,7 +498,7 @@ class Server:
             rendered, implied_stops = render_chat(self.tokenizer, messages)
         except DataError as e:
             raise APIError(400, str(e), "messages") from None
-        ids = self._encode(rendered, "messages") if isinstance(rendered, str) else list(rendered)
+        ids = self._encode(rendered, "messages")
         stops = self._stops(body)
         stops += [s for s in implied_stops if s not in stops]
         limit = self._max_tokens(body.max_tokens, None, len(ids), "messages")
