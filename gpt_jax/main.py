@@ -42,6 +42,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address for --mode=serve.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port for --mode=serve.")
 _API_KEY = flags.DEFINE_string("api_key", None, "Bearer token required by the server (or env GPT_JAX_API_KEY).")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "--mode=serve: KV-cache rows, i.e. requests decoded together.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 0, "--mode=serve: context length served (0 = the model's).")
+_MODEL_NAME = flags.DEFINE_string("model_name", None, "--mode=serve: the model id in the API (default: the source's "
+                                  "name).")
 
 
 def _parse_flags(argv):
@@ -164,7 +168,8 @@ def run(argv) -> None:
         from gpt_jax import serve
 
         serve.main(_model_source(config), host=_HOST.value, port=_PORT.value,
-                   api_key=_API_KEY.value or os.environ.get("GPT_JAX_API_KEY"))
+                   api_key=_API_KEY.value or os.environ.get("GPT_JAX_API_KEY"), max_batch=_MAX_BATCH.value,
+                   max_len=_MAX_LEN.value or None, name=_MODEL_NAME.value)
 
 
 def _separator(config) -> str:
