@@ -15,20 +15,12 @@ Every parameter trains (AdamW keeps two float32 copies of the 135M parameters: ~
 the latest checkpoint is kept. configs/finetune_shakespeare_lora.py trains 1.8% of that.
 """
 
-import os
-
-from gpt_jax.config import base_config
-
-
-def smollm2_gguf() -> str:
-    """Where the SmolLM2 GGUF file is expected: $GPT_JAX_CACHE (default ~/.cache/gpt_jax)."""
-    cache = os.environ.get("GPT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gpt_jax"))
-    return os.path.join(cache, "SmolLM2-135M-Instruct.Q4_1.gguf")
+from gpt_jax.config import base_config, cached
 
 
 def get_config():
     config = base_config()
-    config.init_from = smollm2_gguf()
+    config.init_from = cached("SmolLM2-135M-Instruct.Q4_1.gguf")  # $GPT_JAX_CACHE, default ~/.cache/gpt_jax
     config.train_steps = 300
     config.batch_size = 8
     config.seq_len = 256

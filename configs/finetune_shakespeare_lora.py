@@ -11,24 +11,33 @@ Checkpoints hold the adapters and their AdamW moments only (~28 MB); loading or 
 from `init_from` again, so keep that file. For a model that stands alone (and an HF export with
 `tools/convert.py --to=hf`), merge the adapters into a plain workdir:
 
-    python -m gpt_jax.lora --workdir=/tmp/lora_shakespeare --output=/tmp/lora_shakespeare_merged
+    python tools/convert.py --input=/tmp/lora_shakespeare --output=/tmp/lora_shakespeare_merged
+
+Everything but the LoRA keys, the learning rates and the checkpoints is configs/finetune_shakespeare.py's.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from finetune_shakespeare import get_config as full_finetune_config  # noqa: E402
+from gpt_jax.config import base_config, cached
 
 
 def get_config():
-    config = full_finetune_config()
+    config = base_config()
+    config.init_from = cached("SmolLM2-135M-Instruct.Q4_1.gguf")  # $GPT_JAX_CACHE, default ~/.cache/gpt_jax
     config.lora.rank = 8
     config.lora.alpha = 16.0
     config.lora.targets = "query,key,value,out,gate,up,down"
+    config.train_steps = 300
+    config.batch_size = 8
+    config.seq_len = 256
     config.learning_rate = 1e-3
     config.min_learning_rate = 1e-4
+    config.warmup_steps = 20
+    config.weight_decay = 0.0
+    config.adam_b2 = 0.99
+    config.eval_every = 50
+    config.eval_steps = 10
+    config.log_every = 10
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
+    config.sample.prompt = "ROMEO:"
+    config.sample.max_new_tokens = 100
     return config

@@ -18,17 +18,12 @@ The evaluation prompt must be the chat rendering the model was trained on (CHAT_
 adds its default system turn when a chat has none).
 
 Full fine-tuning by default; add `--config.lora.rank=8` for LoRA (the LoRA workdir evaluates and samples as it
-is; `python -m gpt_jax.lora` merges it into a workdir that stands alone).
+is; `python tools/convert.py --input=LORA_WORKDIR --output=DIR` merges it into a workdir that stands alone).
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from finetune_shakespeare import smollm2_gguf  # noqa: E402
-
-from gpt_jax.config import base_config  # noqa: E402
+from gpt_jax.config import base_config, cached
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAT_PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -37,7 +32,7 @@ CHAT_PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM,
 
 def get_config():
     config = base_config()
-    config.init_from = smollm2_gguf()
+    config.init_from = cached("SmolLM2-135M-Instruct.Q4_1.gguf")  # $GPT_JAX_CACHE, default ~/.cache/gpt_jax
     config.data.sft_file = os.environ.get(
         "GPT_JAX_GSM8K", os.path.join(os.path.dirname(_REPO), "shared", "data", "gsm8k", "train.jsonl"))
     config.data.sft_prompt_field = "question"

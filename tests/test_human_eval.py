@@ -16,11 +16,13 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from test_tools import run_in_process
 
 from gpt_jax.human_eval import stats, store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "human_eval.py")
+ENV = {**os.environ, "PYTHONPATH": ROOT}  # the tool imports this checkout's gpt_jax
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 PROMPTS = ["Write a haiku about the sea.", "Explain why the sky is blue.", "A synonym for 'happy'?"]
@@ -56,20 +58,10 @@ def server(files):
     httpd.server_close()
 
 
-def call_tool(capsys, *args: str) -> tuple[int, str, str]:
-    """tools/human_eval.py's main() in this process: (exit code, stdout, stderr)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_tool_human_eval", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    capsys.readouterr()
-    try:
-        code = module.main(list(args))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+def call_tool(*args: str) -> tuple[int, str, str]:
+    """tools/human_eval.py in this process, as its command line runs it: (exit code, stdout, stderr)."""
+    proc = run_in_process(TOOL, *args)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def db_state(db: str) -> tuple[int, list]:
@@ -235,30 +227,30 @@ def test_bad_posts_leave_the_database_as_it_was(server):
 # The tool
 
 
-def test_serve_and_report_reject_bad_input(files, capsys, tmp_path):
-    code, _, err = call_tool(capsys, "serve", f"--a={files['a']}", f"--b={files['b']}", "--prompts=/nope.txt",
+def test_serve_and_report_reject_bad_input(files, tmp_path):
+    code, _, err = call_tool("serve", f"--a={files['a']}", f"--b={files['b']}", "--prompts=/nope.txt",
                              f"--db={files['db']}")
     assert code == 2 and err.strip() == "error: cannot read --prompts /nope.txt: No such file or directory"
     short = _jsonl(tmp_path / "short.jsonl", PROMPTS[:2], OUTPUTS_B[:2])
-    code, _, err = call_tool(capsys, "serve", f"--a={files['a']}", f"--b={short}", f"--prompts={files['prompts']}",
+    code, _, err = call_tool("serve", f"--a={files['a']}", f"--b={short}", f"--prompts={files['prompts']}",
                              f"--db={files['db']}")
     assert code == 2 and err.startswith("error: --b ") and "short.jsonl has no output for prompt 3" in err
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\nnot json\n')
-    code, _, err = call_tool(capsys, "serve", f"--a={tmp_path / 'bad.jsonl'}", f"--b={files['b']}",
+    code, _, err = call_tool("serve", f"--a={tmp_path / 'bad.jsonl'}", f"--b={files['b']}",
                              f"--prompts={files['prompts']}", f"--db={files['db']}")
     assert code == 2 and "--a" in err and "line 2" in err
-    code, _, err = call_tool(capsys, "serve", f"--a={files['a']}", f"--b={files['b']}",
+    code, _, err = call_tool("serve", f"--a={files['a']}", f"--b={files['b']}",
                              f"--prompts={files['prompts']}", f"--db={files['db']}", "--port=70000")
     assert code == 2 and "--port" in err
-    code, _, err = call_tool(capsys, "report", f"--db={tmp_path / 'none.sqlite'}")
+    code, _, err = call_tool("report", f"--db={tmp_path / 'none.sqlite'}")
     assert code == 2 and err.startswith("error: --db")
     (tmp_path / "junk.sqlite").write_bytes(b"this is not a database" * 100)
-    code, _, err = call_tool(capsys, "report", f"--db={tmp_path / 'junk.sqlite'}")
+    code, _, err = call_tool("report", f"--db={tmp_path / 'junk.sqlite'}")
     assert code == 2 and err.startswith("error: --db") and len(err.strip().splitlines()) == 1
     assert not os.path.exists(files["db"])  # nothing was created by the failed starts
 
 
-def test_report_ranks_three_systems(tmp_path, capsys):
+def test_report_ranks_three_systems(tmp_path):
     db = str(tmp_path / "three.sqlite")
     conn = store.connect(db)
     key = store.secret(conn)
@@ -270,9 +262,9 @@ def test_report_ranks_three_systems(tmp_path, capsys):
         store.add_rating(conn, pair_id, "a" if pair.left_system == better else "b", "", "", store.make_token(key,
                                                                                                             pair_id))
     conn.close()
-    code, out, _ = call_tool(capsys, "report", f"--db={db}")
+    code, out, _ = call_tool("report", f"--db={db}")
     assert code == 0 and "| x | y | 3 | 3 | 0 | 0 | 1.000 |" in out and "Bradley-Terry" in out
-    code, out, _ = call_tool(capsys, "report", f"--db={db}", "--json")
+    code, out, _ = call_tool("report", f"--db={db}", "--json")
     assert [s["system"] for s in json.loads(out)["systems"]] == ["x", "y", "z"]
 
 
@@ -310,7 +302,7 @@ def _start_serve(files) -> tuple[subprocess.Popen, str]:
     """tools/human_eval.py serve as a user starts it, on a free port; returns the process and its URL."""
     proc = subprocess.Popen([sys.executable, TOOL, "serve", f"--a={files['a']}", f"--b={files['b']}",
                              f"--prompts={files['prompts']}", f"--db={files['db']}", "--port=0"],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     deadline = time.time() + 30
     while time.time() < deadline:
         line = proc.stderr.readline()
@@ -323,7 +315,7 @@ def _start_serve(files) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"serve did not start: {proc.stderr.read()}")
 
 
-def test_rating_three_pairs_in_chromium(files, tmp_path, capsys):
+def test_rating_three_pairs_in_chromium(files, tmp_path):
     driver = _chromium()
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -369,7 +361,8 @@ def test_rating_three_pairs_in_chromium(files, tmp_path, capsys):
     pairs, ratings = db_state(files["db"])
     assert pairs == 3 and len(ratings) == 3
     assert [r[4] for r in ratings] == ["ann"] * 3 and ratings[0][3] == "better imagery"
-    result = subprocess.run([sys.executable, TOOL, "report", f"--db={files['db']}"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, TOOL, "report", f"--db={files['db']}"], capture_output=True, text=True,
+                            env=ENV)
     assert result.returncode == 0, result.stderr
     assert "3 rating(s) by 1 rater(s)" in result.stdout
     assert "| model_a | model_b | 3 | 1 | 1 | 1 | 0.500 |" in result.stdout

@@ -9,13 +9,15 @@ import subprocess
 import sys
 
 import pytest
+from test_tools import run_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOT = os.path.join(ROOT, "tools", "plot.py")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, PLOT, *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, PLOT, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT})
 
 
 def _write_metrics(workdir, partial_last_line: bool = True) -> None:
@@ -62,14 +64,10 @@ def test_plots_a_run_with_training_lines_only(tmp_path):
     (lambda w: (w.mkdir(), (w / "metrics.jsonl").write_text("junk\n{}\n")), "holds no metrics"),
     (lambda w: (w.mkdir(), (w / "metrics.jsonl").write_bytes(b"\xff\xfe")), "not UTF-8"),
 ])
-def test_rejects_bad_input(tmp_path, capsys, setup, needle):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_tool_plot", PLOT)
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+def test_rejects_bad_input(tmp_path, setup, needle):
     workdir = tmp_path / "run"
     setup(workdir)
-    assert plot.main([str(workdir)]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    proc = run_in_process(PLOT, str(workdir))
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and needle in last

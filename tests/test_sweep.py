@@ -3,40 +3,37 @@
 import csv
 import json
 import os
-import sys
 
 import pytest
+from test_tools import ROOT, load_tool, run_in_process
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-
-import sweep  # noqa: E402
+sweep = load_tool("sweep")
+SWEEP = os.path.join(ROOT, "tools", "sweep.py")
 
 
 def test_grid_and_random_trials():
-    args, shared = sweep.parse_args(["--config=c.py", "--sweep_dir=d", "--grid=learning_rate=1e-3,3e-3",
-                                     "--grid=batch_size=8,16", "--config.train_steps=200"])
-    assert shared == ["--config.train_steps=200"]
-    assert sweep.build_trials(args) == [
+    assert sweep.build_trials(["learning_rate=1e-3,3e-3", "batch_size=8,16"], []) == [
         {"learning_rate": "1e-3", "batch_size": "8"}, {"learning_rate": "1e-3", "batch_size": "16"},
         {"learning_rate": "3e-3", "batch_size": "8"}, {"learning_rate": "3e-3", "batch_size": "16"}]
 
-    args, _ = sweep.parse_args(["--config=c.py", "--sweep_dir=d", "--random=20", "--seed=1",
-                                "--range=learning_rate=1e-4:1e-2:log", "--range=warmup_steps=10:20",
-                                "--grid=model.n_layer=2,4"])
-    trials = sweep.build_trials(args)
-    assert len(trials) == 20 and trials == sweep.build_trials(args)  # seeded: the same trials every time
+    draw = lambda: sweep.build_trials(["model.n_layer=2,4"], ["learning_rate=1e-4:1e-2:log", "warmup_steps=10:20"],
+                                      num_random=20, seed=1)
+    trials = draw()
+    assert len(trials) == 20 and trials == draw()  # seeded: the same trials every time
     assert all(1e-4 <= float(t["learning_rate"]) <= 1e-2 for t in trials)
     assert all(10 <= int(t["warmup_steps"]) <= 20 for t in trials)
     assert {t["model.n_layer"] for t in trials} == {"2", "4"}
 
-    for bad, message in [(["--grid=learning_rate"], "KEY=VALUE1"), (["--range=lr=0:1"], "needs --random"),
-                         (["--random=2", "--range=lr=1:0"], "LO <= HI"),
-                         (["--random=2", "--range=lr=0:1:log"], "LO > 0"), ([], "at least one --grid"),
-                         (["--grid=a=1,2", "--grid=a=3"], "swept twice")]:
-        args, _ = sweep.parse_args(["--config=c.py", "--sweep_dir=d", *bad])
+    for grid, ranges, num_random, message in [
+            (["learning_rate"], [], 0, "KEY=VALUE1"), ([], ["lr=0:1"], 0, "needs --random"),
+            ([], ["lr=1:0"], 2, "LO <= HI"), ([], ["lr=0:1:log"], 2, "LO > 0"), ([], [], 0, "at least one --grid"),
+            (["a=1,2", "a=3"], [], 0, "swept twice")]:
         with pytest.raises(sweep.SweepError, match=message):
-            sweep.build_trials(args)
+            sweep.build_trials(grid, ranges, num_random)
 
+    assert sweep.shared_overrides(["--config.train_steps=200"]) == ["--config.train_steps=200"]
+    with pytest.raises(sweep.SweepError, match="unexpected argument 'extra'"):
+        sweep.shared_overrides(["--config.train_steps=200", "extra"])
     cmd = sweep.trial_command("c.py", "w", ["--config.train_steps=5"], {"learning_rate": "0.01"})
     assert cmd[1:] == ["-m", "gpt_jax.main", "--config=c.py", "--workdir=w", "--config.sample.max_new_tokens=0",
                        "--config.train_steps=5", "--config.learning_rate=0.01"]
@@ -76,3 +73,17 @@ def test_sweep_ranks_by_final_val_loss_and_records_failures(tmp_path):
     assert plot == str(tmp_path / "loss.png")
     with open(plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sweep_dir=d", "--grid=learning_rate=1,2"], "error: --config is required"),
+    (["--config=configs/tiny.py", "--sweep_dir=d", "--grid=learning_rate=1,2", "--config.train_steps"],
+     "error: unexpected argument '--config.train_steps'"),
+    (["--config=configs/tiny.py", "--sweep_dir=d", "--grid=learning_rate=1,2", "--random=x"], "error: flag --random"),
+    (["--config=/no/such.py", "--sweep_dir=d", "--grid=learning_rate=1,2", "--config.train_steps=3"],
+     "error: --config /no/such.py: no such file"),
+])
+def test_bad_command_lines(args, message):
+    proc = run_in_process(SWEEP, *args)
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and len(proc.stderr.strip().splitlines()) == 1, \
+        proc.stderr

@@ -22,7 +22,6 @@ Add a section by writing `def bench_NAME(args) -> list[str]` (the lines to print
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
@@ -30,12 +29,12 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from absl import flags
 
-from gpt_jax import hostmem  # noqa: E402
+from gpt_jax import cli, hostmem
+from gpt_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # As `python -m gpt_jax.main` does, before JAX starts threads; the torch peers run in this process too, so both
 # sides get the same malloc (GPT_JAX_MALLOC=system measures glibc's defaults instead).
@@ -86,7 +85,7 @@ def synthetic_corpus(directory: str, megabytes: float, seed: int = 0) -> None:
         index += 1
 
 
-def measure_prepare(input_dir: str, output_dir: str, flags: list[str]) -> tuple[float, dict]:
+def measure_prepare(input_dir: str, output_dir: str, beam_flags: list[str]) -> tuple[float, dict]:
     """Wall seconds of one prepare_data run (in this process) and its manifest."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -95,7 +94,7 @@ def measure_prepare(input_dir: str, output_dir: str, flags: list[str]) -> tuple[
     opts = corpus.CorpusOptions(output_dir=output_dir, inputs=[os.path.join(input_dir, "*.txt")],
                                 doc_split="paragraph", vocab_size=8192)
     start = time.perf_counter()
-    options = PipelineOptions(["--runner=DirectRunner", "--default_sdk_harness_log_level=WARNING", *flags])
+    options = PipelineOptions(["--runner=DirectRunner", "--default_sdk_harness_log_level=WARNING", *beam_flags])
     manifest = corpus.prepare(opts, options, overwrite=True)
     return time.perf_counter() - start, manifest
 
@@ -147,8 +146,8 @@ def bench_data(args) -> list[str]:
         runs.append(("prepare_data, DirectRunner 2 processes",
                      ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]))
     rows = []
-    for name, flags in runs:
-        seconds, manifest = measure_prepare(corpus_dir, out_dir, flags)
+    for name, beam_flags in runs:
+        seconds, manifest = measure_prepare(corpus_dir, out_dir, beam_flags)
         tokens = sum(manifest["tokens"].values())
         rows.append([name, tokens / seconds])
         lines.append(f"{name}: {tokens:,} tokens ({sum(manifest['bytes'].values()) / 1e6:.1f} MB kept of "
@@ -180,13 +179,13 @@ TRAIN_SHAPES = {
 
 
 def _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype, train_steps=2000, remat="none",
-                     activation_dtype="float32"):
+                     activation_dtype="float32", attention_block=None):
     """(mesh, model config, state, jitted train step, parameter count) on one device, with
-    configs/shakespeare_char.py's optimizer settings."""
+    configs/shakespeare_char.py's optimizer settings; `attention_block` overrides model.attention_block."""
     import jax
 
     from gpt_jax import config as config_lib
-    from gpt_jax import sharding, train
+    from gpt_jax import sharding, steps
     from gpt_jax.model import ModelConfig
 
     c = config_lib.get_config()
@@ -194,21 +193,24 @@ def _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype, tra
     c.learning_rate, c.min_learning_rate, c.warmup_steps, c.adam_b2 = 1e-3, 1e-4, 100, 0.99
     c.model.n_layer, c.model.n_head, c.model.d_model, c.model.vocab_size = n_layer, n_head, d_model, vocab
     c.model.dtype, c.model.remat, c.model.activation_dtype = dtype, remat, activation_dtype
+    if attention_block is not None:
+        c.model.attention_block = attention_block
     c.mesh.data = 1
     model_cfg = ModelConfig.from_config(c)
     mesh = sharding.make_mesh(c.mesh)
     with jax.set_mesh(mesh):
-        graphdef, tx, state = train.build_state(c, model_cfg, mesh)[:3]
-        step = jax.jit(train.make_train_step(graphdef, tx, 1, False), donate_argnums=(0,))
-    return mesh, model_cfg, state, step, sum(x.size for x in jax.tree.leaves(state["params"]))
+        run = steps.setup(c, model_cfg, mesh)
+        step = jax.jit(steps.make_train_step(run, 1, False), donate_argnums=(0,))
+    return mesh, model_cfg, run.state, step, sum(x.size for x in jax.tree.leaves(run.state["params"]))
 
 
-def _jax_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab, dtype):
+def _jax_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab, dtype, attention_block=None):
     """A function running k of our jitted train steps (configs/shakespeare_char.py's optimizer settings)."""
     import jax
     import numpy as np
 
-    mesh, model_cfg, state, step, n_params = _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype)
+    mesh, model_cfg, state, step, n_params = _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype,
+                                                              attention_block=attention_block)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
         batches = [{"tokens": jax.device_put(rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32))}
@@ -275,15 +277,15 @@ def bench_train(args) -> list[str]:
 
     import torch
 
-    from gpt_jax.model import flops_per_token
+    from gpt_jax import config as config_lib
+    from gpt_jax.metrics import flops_per_token
 
+    default_block = config_lib.get_config().model.attention_block
     lines = [f"## train: gpt_jax vs transformers GPT2LMHeadModel + torch.optim.AdamW (CPU, torch threads "
              f"{torch.get_num_threads()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
              f"freed host memory {HOST_MALLOC})",
              f"command: python tools/bench.py train --rounds={args.rounds} --steps={args.steps} "
              f"--dtype={args.dtype}" + (" --ablate_query_blocks" if args.ablate_query_blocks else "")]
-    from gpt_jax import model as model_lib
-
     rows, ablations = [], []
     for name in args.shapes.split(","):
         n_layer, n_head, d_model, seq_len, batch = TRAIN_SHAPES[name]
@@ -294,14 +296,11 @@ def bench_train(args) -> list[str]:
         jax_run(3)  # compile and warm up
         torch_run(3)
         full_run = None
-        if args.ablate_query_blocks and seq_len > model_lib.CPU_QUERY_BLOCK:
-            # the same step with CPU attention over the full causal square (the constant is read at trace time)
-            full_run = _jax_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab, args.dtype)[0]
-            block, model_lib.CPU_QUERY_BLOCK = model_lib.CPU_QUERY_BLOCK, seq_len
-            try:
-                full_run(3)
-            finally:
-                model_lib.CPU_QUERY_BLOCK = block
+        if args.ablate_query_blocks and 0 < default_block < seq_len:
+            # the same step with CPU attention over the full causal square (model.attention_block = 0)
+            full_run = _jax_train_runner(n_layer, n_head, d_model, seq_len, batch, vocab, args.dtype,
+                                         attention_block=0)[0]
+            full_run(3)
         tokens = args.steps * batch * seq_len
         jax_tps, torch_tps, ratios, ceilings, full_gain = [], [], [], [], []
         for _ in range(args.rounds):
@@ -402,7 +401,7 @@ def bench_gpu(args) -> list[str]:
     import jax
     import numpy as np
 
-    from gpt_jax.model import flops_per_token
+    from gpt_jax.metrics import flops_per_token
 
     device = jax.devices()[0]
     peak = args.peak_flops or (H100_BF16_PEAK if "H100" in device.device_kind or "H200" in device.device_kind
@@ -462,40 +461,46 @@ def bench_gpu(args) -> list[str]:
 
 SECTIONS = {"data": bench_data, "train": bench_train, "kernels": bench_kernels, "gpu": bench_gpu}
 
+flags.DEFINE_string("workdir", "", "keep inputs and outputs here (default: a temporary directory)")
+flags.DEFINE_float("mb", 8.0, "data: size of the synthetic corpus in MB")
+flags.DEFINE_bool("multi_processing", False, "data: also run with 2 Beam processes")
+flags.DEFINE_integer("reader_batches", 200, "data: batches timed for the reader")
+flags.DEFINE_integer("train_batch", 1, "data: batch of the small.py step timing")
+flags.DEFINE_integer("train_steps", 3, "data: small.py steps timed")
+flags.DEFINE_integer("rounds", 5, "train, kernels: interleaved rounds")
+flags.DEFINE_integer("steps", 20, "train: steps per round and framework")
+flags.DEFINE_string("shapes", ",".join(TRAIN_SHAPES), f"train: comma-separated, of {', '.join(TRAIN_SHAPES)}")
+flags.DEFINE_string("dtype", "float32", "train: gpt_jax model.dtype")
+flags.DEFINE_bool("ablate_query_blocks", False, "train: also time our step with CPU attention over the full causal "
+                  "square (model.attention_block=0)")
+flags.DEFINE_bool("gpu", False, "run the gpu section (same as naming it)")
+flags.DEFINE_string("gpu_batch", "16", "gpu: comma-separated sequences of 1024 tokens per step")
+flags.DEFINE_integer("gpu_steps", 10, "gpu: timed steps")
+flags.DEFINE_string("gpu_remat", "none", "gpu: comma-separated model.remat variants")
+flags.DEFINE_string("gpu_activation_dtype", "bfloat16", "gpu: comma-separated model.activation_dtype variants")
+flags.DEFINE_float("peak_flops", 0.0, "gpu: peak FLOP/s (default: H100/H200 bf16)")
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sections", nargs="*", default=["data", "train"], help=f"of: {', '.join(SECTIONS)}")
-    parser.add_argument("--workdir", default="", help="keep inputs and outputs here (default: a temporary dir)")
-    parser.add_argument("--mb", type=float, default=8.0, help="data: size of the synthetic corpus")
-    parser.add_argument("--multi_processing", action="store_true", help="data: also run with 2 Beam processes")
-    parser.add_argument("--reader_batches", type=int, default=200, help="data: batches timed for the reader")
-    parser.add_argument("--train_batch", type=int, default=1, help="data: batch of the small.py step timing")
-    parser.add_argument("--train_steps", type=int, default=3, help="data: small.py steps timed")
-    parser.add_argument("--rounds", type=int, default=5, help="train: interleaved rounds")
-    parser.add_argument("--steps", type=int, default=20, help="train: steps per round and framework")
-    parser.add_argument("--shapes", default=",".join(TRAIN_SHAPES), help=f"train: of {', '.join(TRAIN_SHAPES)}")
-    parser.add_argument("--dtype", default="float32", help="train: gpt_jax model.dtype")
-    parser.add_argument("--ablate_query_blocks", action="store_true",
-                        help="train: also time our step with CPU attention over the full causal square")
-    parser.add_argument("--gpu", action="store_true", help="run the gpu section (same as naming it)")
-    parser.add_argument("--gpu_batch", default="16", help="gpu: comma-separated sequences of 1024 tokens per step")
-    parser.add_argument("--gpu_steps", type=int, default=10, help="gpu: timed steps")
-    parser.add_argument("--gpu_remat", default="none", help="gpu: comma-separated model.remat variants")
-    parser.add_argument("--gpu_activation_dtype", default="bfloat16",
-                        help="gpu: comma-separated model.activation_dtype variants")
-    parser.add_argument("--peak_flops", type=float, default=0.0, help="gpu: peak FLOP/s (default: H100/H200 bf16)")
-    args = parser.parse_args(argv)
-    if args.gpu:
-        args.sections = ["gpu"]
+
+def main(argv: list[str]) -> int:
+    """Runs the sections named by the positional arguments (default: data and train); prints their tables."""
+    sections = ["gpu"] if flags.FLAGS.gpu else argv[1:] or ["data", "train"]
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        raise UserError(f"unknown section {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
+    if "data" in sections:
+        cli.require("data", "apache_beam")
+    if "train" in sections:  # the peers
+        cli.require("test", "torch", "transformers")
+        unknown = [name for name in flags.FLAGS.shapes.split(",") if name not in TRAIN_SHAPES]
+        if unknown:
+            raise UserError(f"--shapes: unknown shape {unknown[0]!r}: choose from {', '.join(TRAIN_SHAPES)}")
+    if "kernels" in sections:
+        cli.require("test", "torch")
     logging.getLogger().setLevel(logging.ERROR)
-    for name in args.sections:
-        if name not in SECTIONS:
-            print(f"error: unknown section {name!r} (have {', '.join(SECTIONS)})", file=sys.stderr)
-            return 2
-        print("\n".join(SECTIONS[name](args)), flush=True)
+    for name in sections:
+        print("\n".join(SECTIONS[name](flags.FLAGS)), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

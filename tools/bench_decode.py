@@ -7,21 +7,31 @@ same GGUF (or HF directory) and the same prompts: greedy, a fixed number of new 
 Decode tokens/s = batch × (N − 1) / (time to generate N tokens − time to generate 1), so prompt processing and
 per-call overheads drop out; end-to-end tokens/s (batch × N / time for N) is shown too. Implementations and batch
 sizes are interleaved within each round and medians over rounds are reported: on a shared machine timings swing.
-Both sides run float32 weights (the GGUF is dequantized on import by both).
+Both sides run float32 weights (the GGUF is dequantized on import by both). Needs torch and transformers (the `test`
+extra) and `tokenizers` (the `convert` extra).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-DEFAULT_MODEL = os.path.join(os.path.expanduser("~"), ".cache", "gpt_jax", "SmolLM2-135M-Instruct.Q4_1.gguf")
+from absl import flags, logging
+
+from gpt_jax import cli
+from gpt_jax.config import cached
+from gpt_jax.errors import UserError
+
+flags.DEFINE_string("model", cached("SmolLM2-135M-Instruct.Q4_1.gguf"), "a .gguf file or an HF model directory")
+flags.DEFINE_string("batch", "1,8", "comma-separated batch sizes")
+flags.DEFINE_integer("new_tokens", 64, "tokens generated per prompt")
+flags.DEFINE_integer("rounds", 3, "interleaved rounds; medians are shown")
+flags.DEFINE_string("torch_threads", "1,2", "torch thread counts to measure (on a busy machine, 2 threads can be "
+                    "far slower)")
+flags.DEFINE_string("json", None, "also write the results here")
 PROMPTS = ["The capital of France is", "Once upon a time, there was", "The best way to learn programming is",
            "In 1969, the first humans", "My favourite recipe for soup", "The weather today looks",
            "Water boils at a temperature of", "A good night's sleep helps"]
@@ -31,10 +41,10 @@ class Ours:
     name = "gpt_jax"
 
     def __init__(self, source: str, max_batch: int):
-        from gpt_jax import decode, pretrained
+        from gpt_jax import decode, workdir
 
         self.decode = decode
-        loaded = pretrained.load(source)
+        loaded = workdir.load(source)
         self.tokenizer = loaded.tokenizer
         self.engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=max_batch, max_len=512)
 
@@ -90,24 +100,26 @@ def _timed(impl, prompts: list[list[int]], n: int) -> tuple[float, list[list[int
     return time.perf_counter() - start, out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a .gguf file or an HF model directory")
-    parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--torch_threads", default="1,2",
-                        help="torch thread counts to measure (on a busy machine, 2 threads can be far slower)")
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+def main(argv: list[str]) -> int:
+    """Measures both implementations; prints a table of decode tokens/s."""
+    logging.set_verbosity(logging.WARNING)  # absl's app.run starts at INFO
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r}")
+    args = flags.FLAGS
+    cli.require("test", "torch", "transformers")
+    cli.require("convert", "tokenizers")
     if not os.path.exists(args.model):
-        raise SystemExit(f"error: --model {args.model} does not exist (see tests/conftest.py for the SmolLM2 GGUF)")
-    batches = [int(b) for b in args.batch.split(",")]
+        raise UserError(f"--model {args.model} does not exist (see tests/conftest.py for the SmolLM2 GGUF)")
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+        thread_counts = [int(t) for t in args.torch_threads.split(",")]
+    except ValueError:
+        raise UserError("--batch and --torch_threads take comma-separated integers") from None
     import torch
 
     print(f"loading {args.model}; torch has {torch.get_num_threads()} threads by default", file=sys.stderr)
     impls: list = [Ours(args.model, max(batches))]
-    for threads in (int(t) for t in args.torch_threads.split(",")):
+    for threads in thread_counts:
         impls.append(Transformers(args.model, threads, impls[1] if len(impls) > 1 else None))
     prompts = {impl.name: [impl.encode(PROMPTS[i % len(PROMPTS)]) for i in range(max(batches))] for impl in impls}
     n = args.new_tokens
@@ -145,9 +157,11 @@ def main() -> None:
     same = next((i for i, (a, c) in enumerate(zip(ours_tokens, theirs, strict=True)) if a != c), n)
     print(f"greedy tokens identical for the first {same} of {n} (batch 1, prompt {PROMPTS[0]!r})")
     if args.json:
+        own = {f.name: f.value for f in flags.FLAGS.get_flags_for_module(sys.modules[__name__])}
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "same_prefix": same}, f, indent=1)
+            json.dump({"args": own, "rows": rows, "same_prefix": same}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -18,66 +18,53 @@ words of the text): the last two compare models with different tokenizers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+import types
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from absl import flags, logging
 
-from gpt_jax.errors import UserError  # noqa: E402
+from gpt_jax import cli
+from gpt_jax.data import text as text_lib
+from gpt_jax.errors import UserError
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+flags.DEFINE_string("model", None, "perplexity, translate, gsm8k: gpt_jax workdir, HF model directory or .gguf file")
+flags.DEFINE_string("text", None, "perplexity: UTF-8 text file, scored as one document")
+flags.DEFINE_string("data", None, "perplexity: data prepared by tools/prepare_data.py (default: the model's own "
+                    "data); gsm8k: JSONL with fields question and answer")
+flags.DEFINE_string("split", "val", "perplexity: train or val, with --data or the model's data")
+flags.DEFINE_integer("window", None, "perplexity: tokens per window (default: the model's context + 1)")
+flags.DEFINE_integer("stride", None, "perplexity: tokens between window starts (default: half the context)")
+flags.DEFINE_integer("batch_size", None, "perplexity: windows per forward pass (default 0: automatic); translate, "
+                     "gsm8k: prompts decoded together (default 8)")
+flags.DEFINE_string("hyp", None, "bleu: hypotheses, one per line")
+flags.DEFINE_string("ref", None, "bleu: references, one per line, comma-separated for several sets; translate: "
+                    "reference translations, one per line")
+flags.DEFINE_string("src", None, "translate: source sentences, one per line")
+flags.DEFINE_string("output", None, "translate: write the translations here, one per line; gsm8k: write question, "
+                    "prediction and answer per line (JSONL)")
+flags.DEFINE_string("template", None, "translate: prompt template with {source}; gsm8k: with {question}")
+flags.DEFINE_string("prefix_file", None, "translate, gsm8k: text put before every prompt, e.g. few-shot examples")
+flags.DEFINE_integer("max_new_tokens", None, "translate (default 64), gsm8k (default 256): tokens to generate")
+flags.DEFINE_integer("limit", 0, "translate, gsm8k: only the first N examples (0: all)")
+flags.DEFINE_string("json_out", None, "every command but table: also write the result to this file")
+flags.DEFINE_string("columns", None, "table: comma-separated columns (default: every key)")
 
 
 def _read_lines(path: str, flag: str) -> list[str]:
     """Lines of a UTF-8 file, read as sacrebleu's command line reads them (split on \\n, trailing space cut)."""
-    try:
-        with open(path, encoding="utf-8", newline="\n") as f:
-            return [line.rstrip() for line in f]
-    except OSError as e:
-        raise UserError(f"cannot read {flag} {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{flag} {path} is not UTF-8 text (invalid byte at offset {e.start})") from None
-
-
-def _read_text(path: str, flag: str) -> str:
-    from gpt_jax.data import text as text_lib
-
-    try:
-        return text_lib.read_text(path)
-    except UserError as e:
-        raise UserError(f"{flag}: {e}") from None
-
-
-def _read_jsonl(path: str, flag: str) -> list[dict]:
-    records = []
-    for number, line in enumerate(_read_lines(path, flag), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{flag} {path} line {number} is not JSON: {e.msg}") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{flag} {path} line {number} is not a JSON object")
-        records.append(record)
-    if not records:
-        raise UserError(f"{flag} {path} holds no record")
-    return records
+    return [line.rstrip() for line in text_lib.read_lines(path, flag)]
 
 
 def _load(source: str):
-    from gpt_jax import pretrained
+    from gpt_jax import workdir
 
     if not os.path.exists(source):
         raise UserError(f"--model {source} does not exist")
-    return pretrained.load(source)
+    if not workdir.is_workdir(source):  # HF directories and GGUF files carry `tokenizers` tokenizers
+        cli.require("convert", "tokenizers")
+    return workdir.load(source)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -92,7 +79,7 @@ def cmd_perplexity(args) -> dict:
     _positive("stride", args.stride)
     if args.text and args.data:
         raise UserError("give --text or --data, not both")
-    text = _read_text(args.text, "--text") if args.text else None
+    text = text_lib.read_text(args.text, "--text") if args.text else None
     loaded = _load(args.model)
     if text is not None:
         result = evaluate.text_perplexity(loaded, text, args.window, args.stride, args.batch_size)
@@ -120,7 +107,7 @@ def cmd_bleu(args) -> dict:
 
 def _template_and_prefix(args, default: str) -> tuple[str, str]:
     template = args.template.replace("\\n", "\n") if args.template else default
-    prefix = _read_text(args.prefix_file, "--prefix_file") if args.prefix_file else ""
+    prefix = text_lib.read_text(args.prefix_file, "--prefix_file") if args.prefix_file else ""
     return template, prefix
 
 
@@ -150,10 +137,9 @@ def cmd_translate(args) -> dict:
 def cmd_gsm8k(args) -> dict:
     from gpt_jax import evaluate
 
-    examples = _read_jsonl(args.data, "--data")[:args.limit or None]
-    for number, ex in enumerate(examples, 1):
-        if not isinstance(ex.get("question"), str) or not isinstance(ex.get("answer"), str):
-            raise UserError(f"--data {args.data} record {number} needs string fields question and answer")
+    examples = text_lib.read_jsonl(args.data, "--data", fields=("question", "answer"))[:args.limit or None]
+    if not examples:
+        raise UserError(f"--data {args.data} holds no record")
     template, prefix = _template_and_prefix(args, evaluate.GSM8K_TEMPLATE)
     if "{question}" not in template:
         raise UserError("--template must contain {question}")
@@ -185,74 +171,67 @@ def cmd_table(args) -> str:
     return evaluate.markdown_table(rows, columns)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tools/evaluate.py", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = commands.add_parser("perplexity", help="token / byte / word perplexity of a text or a data split")
-    p.add_argument("--model", required=True, help="gpt_jax workdir, HF model directory or .gguf file")
-    p.add_argument("--text", help="UTF-8 text file, scored as one document")
-    p.add_argument("--data", help="data prepared by tools/prepare_data.py (default: the model's own data)")
-    p.add_argument("--split", default="val", help="train or val, with --data or the model's data")
-    p.add_argument("--window", type=int, help="tokens per window (default: the model's context + 1)")
-    p.add_argument("--stride", type=int, help="tokens between window starts (default: half the context)")
-    p.add_argument("--batch_size", type=int, default=0, help="windows per forward pass (0: automatic)")
-    p.add_argument("--json_out", help="also write the result to this file")
-
-    p = commands.add_parser("bleu", help="corpus BLEU and chrF (sacrebleu defaults) of a hypothesis file")
-    p.add_argument("--hyp", required=True, help="hypotheses, one per line")
-    p.add_argument("--ref", required=True, help="references, one per line; comma-separated for several sets")
-    p.add_argument("--json_out", help="also write the result to this file")
-
-    for name, help_text in (("translate", "translate a source file by greedy decoding, BLEU / chrF against --ref"),
-                            ("gsm8k", "GSM8K-style exact match (the number after ####) by greedy decoding")):
-        p = commands.add_parser(name, help=help_text)
-        p.add_argument("--model", required=True, help="gpt_jax workdir, HF model directory or .gguf file")
-        if name == "translate":
-            p.add_argument("--src", required=True, help="source sentences, one per line")
-            p.add_argument("--ref", help="reference translations, one per line")
-            p.add_argument("--output", help="write the translations here, one per line")
-            p.add_argument("--template", help="prompt template with {source}")
-        else:
-            p.add_argument("--data", required=True, help="JSONL with fields question and answer")
-            p.add_argument("--output", help="write question, prediction and answer per line (JSONL)")
-            p.add_argument("--template", help="prompt template with {question}")
-        p.add_argument("--prefix_file", help="text put before every prompt, e.g. few-shot examples")
-        p.add_argument("--max_new_tokens", type=int, default=64 if name == "translate" else 256)
-        p.add_argument("--batch_size", type=int, default=8, help="prompts decoded together")
-        p.add_argument("--limit", type=int, default=0, help="only the first N examples (0: all)")
-        p.add_argument("--json_out", help="also write the result to this file")
-
-    p = commands.add_parser("table", help="markdown table of JSON result files (one row each)")
-    p.add_argument("files", nargs="+", help="eval.json or tools/evaluate.py outputs")
-    p.add_argument("--columns", help="comma-separated columns (default: every key)")
-    return parser
+# command → (handler, required flags, other flags it takes)
+COMMANDS = {
+    "perplexity": (cmd_perplexity, ("model",), ("text", "data", "split", "window", "stride", "batch_size",
+                                                "json_out")),
+    "bleu": (cmd_bleu, ("hyp", "ref"), ("json_out",)),
+    "translate": (cmd_translate, ("model", "src"), ("ref", "output", "template", "prefix_file", "max_new_tokens",
+                                                    "batch_size", "limit", "json_out")),
+    "gsm8k": (cmd_gsm8k, ("model", "data"), ("output", "template", "prefix_file", "max_new_tokens", "batch_size",
+                                             "limit", "json_out")),
+    "table": (cmd_table, (), ("columns",)),
+}
+_DEFAULTS = {"perplexity": {"batch_size": 0}, "translate": {"batch_size": 8, "max_new_tokens": 64},
+             "gsm8k": {"batch_size": 8, "max_new_tokens": 256}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = {"perplexity": cmd_perplexity, "bleu": cmd_bleu, "translate": cmd_translate, "gsm8k": cmd_gsm8k,
-                "table": cmd_table}
-    try:
-        for name in ("batch_size", "max_new_tokens", "limit"):
-            value = getattr(args, name, None)
-            if value is not None and value < 0:
-                raise UserError(f"--{name}={value} must not be negative")
-        result = handlers[args.command](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def parse_command(argv: list[str]) -> tuple[str, types.SimpleNamespace]:
+    """The command named by the first positional argument and its flags' values (per-command defaults filled in);
+    UserError for a missing or unknown command, a missing flag or a flag the command does not take."""
+    if len(argv) < 2:
+        raise UserError(f"give a command: {', '.join(COMMANDS)}")
+    command = argv[1]
+    if command not in COMMANDS:
+        raise UserError(f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}")
+    _, required, optional = COMMANDS[command]
+    own = {f.name: f for f in flags.FLAGS.get_flags_for_module(sys.modules[__name__])}
+    stray = [name for name, f in own.items() if f.present and name not in required + optional]
+    if stray:
+        raise UserError(f"--{stray[0]} does not apply to {command}")
+    missing = [name for name in required if own[name].value is None]
+    if missing:
+        raise UserError(f"{command} needs --{missing[0]}")
+    if command != "table" and len(argv) > 2:
+        raise UserError(f"unexpected argument {argv[2]!r}")
+    if command == "table" and len(argv) < 3:
+        raise UserError("table needs at least one JSON file")
+    values = {name: f.value for name, f in own.items()}
+    for name, default in _DEFAULTS.get(command, {}).items():
+        values[name] = default if values[name] is None else values[name]
+    return command, types.SimpleNamespace(**values, files=argv[2:])
+
+
+def main(argv: list[str]) -> int:
+    """Runs the command in argv[1] with the flags; prints its result."""
+    logging.set_verbosity(logging.WARNING)  # absl's app.run starts at INFO: Orbax would log every restore
+    command, args = parse_command(argv)
+    for name in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name}={value} must not be negative")
+    if command == "bleu" or (command == "translate" and args.ref):
+        cli.require("eval", "sacrebleu")
+    result = COMMANDS[command][0](args)
     if isinstance(result, str):
         sys.stdout.write(result)
         return 0
-    line = json.dumps(result)
-    if getattr(args, "json_out", None):
+    if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             f.write(json.dumps(result, indent=2) + "\n")
-    print(line, flush=True)
+    print(json.dumps(result), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

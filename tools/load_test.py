@@ -4,27 +4,47 @@ levels, interleaved over rounds; prints errors, completion tokens/s (median over
     python tools/load_test.py --model=WORKDIR_OR_GGUF [--clients=1,8,32] [--requests=4] [--max_tokens=32]
     python tools/load_test.py --url=http://127.0.0.1:8000 --model_id=NAME ...
 
-With --model it starts `python -m gpt_jax.serve` on a free port of 127.0.0.1 and stops it at the end. Traffic goes
-to loopback addresses only, and every run is bounded (requests × clients, --timeout per request).
+With --model it starts `python -m gpt_jax.main --mode=serve --config.init_from=MODEL` on a free port of 127.0.0.1
+and stops it at the end. Traffic goes to loopback addresses only, and every run is bounded (requests × clients,
+--timeout per request). Needs the `serve` extra (`pip install -e '.[serve]'`: httpx, and fastapi and uvicorn for
+--model).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 
-import httpx
+from absl import flags, logging
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from gpt_jax import cli
+from gpt_jax.errors import UserError
+
+flags.DEFINE_string("model", None, "serve this workdir / HF directory / GGUF file for the test")
+flags.DEFINE_string("url", None, "an already running server (loopback only)")
+flags.DEFINE_string("model_id", None, "model id for --url (default: the first of /v1/models)")
+flags.DEFINE_string("api_key", os.environ.get("GPT_JAX_API_KEY"), "bearer token (default: env GPT_JAX_API_KEY)")
+flags.DEFINE_string("clients", "1,8,32", "comma-separated concurrency levels")
+flags.DEFINE_integer("requests", 4, "requests per client")
+flags.DEFINE_integer("max_tokens", 32, "completion tokens per request")
+flags.DEFINE_float("temperature", 0.8, "sampling temperature")
+flags.DEFINE_bool("stream", False, "stream responses (SSE)")
+flags.DEFINE_integer("rounds", 3, "repeat the levels, interleaved; medians are shown")
+flags.DEFINE_float("timeout", 300.0, "seconds per request")
+flags.DEFINE_integer("max_batch", 8, "with --model: the server's cache rows")
+flags.DEFINE_integer("max_len", 0, "with --model: the server's context (0: the model's)")
+flags.DEFINE_string("json", None, "also write the results here")
+
 PROMPTS = ["ROMEO:", "First Citizen:", "KING HENRY:", "The ", "JULIET:", "Once upon a time", "HAMLET:", "To be"]
 
 
@@ -35,10 +55,12 @@ def _loopback_only(url: str) -> None:
     except ValueError:
         ok = False
     if not ok:
-        raise SystemExit(f"error: --url must point at a loopback address (127.0.0.0/8, ::1, localhost), not {host}")
+        raise UserError(f"--url must point at a loopback address (127.0.0.0/8, ::1, localhost), not {host}")
 
 
-async def _client(http: httpx.AsyncClient, model: str, index: int, requests: int, args, results: list) -> None:
+async def _client(http, model: str, index: int, requests: int, args, results: list) -> None:
+    import httpx
+
     for j in range(requests):
         body = {"model": model, "prompt": PROMPTS[(index + j) % len(PROMPTS)], "max_tokens": args.max_tokens,
                 "temperature": args.temperature, "seed": index * 1000 + j, "stream": args.stream}
@@ -74,13 +96,15 @@ async def _client(http: httpx.AsyncClient, model: str, index: int, requests: int
         results.append({"tokens": tokens, "seconds": time.perf_counter() - start, "error": error})
 
 
-async def run_level(url: str, model: str, clients: int, args, headers: dict) -> dict:
-    """`clients` concurrent clients, each sending `args.requests` requests one after another."""
+async def run_level(url: str, model: str, clients: int, requests: int, args, headers: dict) -> dict:
+    """`clients` concurrent clients, each sending `requests` requests one after another."""
+    import httpx
+
     results: list[dict] = []
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*(_client(http, model, i, args.requests, args, results) for i in range(clients)))
+        await asyncio.gather(*(_client(http, model, i, requests, args, results) for i in range(clients)))
         wall = time.perf_counter() - start
     latencies = sorted(r["seconds"] for r in results)
     errors = [r["error"] for r in results if r["error"]]
@@ -90,20 +114,26 @@ async def run_level(url: str, model: str, clients: int, args, headers: dict) -> 
             "latency_p50": latencies[len(latencies) // 2], "latency_p95": latencies[int(len(latencies) * 0.95)]}
 
 
-def _start_server(args) -> tuple[subprocess.Popen, str]:
+def _start_server(args, workdir: str) -> tuple[subprocess.Popen, str]:
+    """gpt_jax's server for --model on a free port, with an empty `workdir` (the model comes from init_from)."""
+    import httpx
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "gpt_jax.serve", args.model, "--port", str(port), "--max_batch",
-           str(args.max_batch), "--log_level", "warning"]
-    if args.max_len:
-        cmd += ["--max_len", str(args.max_len)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    log_path = os.path.join(workdir, "server.log")  # its per-request log lines would drown the table
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gpt_jax.main", "--mode=serve", f"--workdir={workdir}",
+                                 f"--config.init_from={os.path.abspath(args.model)}", f"--port={port}",
+                                 f"--max_batch={args.max_batch}", f"--max_len={args.max_len}"],
+                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"error: the server exited with {proc.returncode}")
+            with open(log_path, errors="replace") as f:
+                last = ([line.strip() for line in f if line.strip()] or [""])[-1]
+            raise UserError(f"the server exited with {proc.returncode}: {last}")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
                 return proc, url
@@ -111,47 +141,48 @@ def _start_server(args) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise SystemExit("error: the server did not start in 10 minutes")
+    raise UserError("the server did not start in 10 minutes")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="serve this workdir / HF directory / GGUF file for the test")
-    parser.add_argument("--url", help="an already running server (loopback only)")
-    parser.add_argument("--model_id", help="model id for --url (default: the first of /v1/models)")
-    parser.add_argument("--api_key", default=os.environ.get("GPT_JAX_API_KEY"))
-    parser.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
-    parser.add_argument("--requests", type=int, default=4, help="requests per client")
-    parser.add_argument("--max_tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--stream", action="store_true", help="stream responses (SSE)")
-    parser.add_argument("--rounds", type=int, default=3, help="repeat the levels, interleaved; medians are shown")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    parser.add_argument("--max_batch", type=int, default=8, help="with --model: the server's cache rows")
-    parser.add_argument("--max_len", type=int, default=0, help="with --model: the server's context (0: model's)")
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+def main(argv: list[str]) -> int:
+    """Runs the load test the flags describe; prints a table per concurrency level."""
+    logging.set_verbosity(logging.WARNING)  # absl's app.run starts at INFO: httpx would log every request
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r}")
+    args = flags.FLAGS
     if bool(args.model) == bool(args.url):
-        raise SystemExit("error: give exactly one of --model and --url")
-    proc = None
-    if args.model:
-        proc, url = _start_server(args)
-    else:
-        _loopback_only(args.url)
-        url = args.url.rstrip("/")
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        raise UserError("give exactly one of --model and --url")
+    cli.require("serve", "httpx", *(("fastapi", "uvicorn") if args.model else ()))
+    import httpx
+
     try:
-        model = args.model_id or httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
         levels = [int(c) for c in args.clients.split(",")]
-        asyncio.run(run_level(url, model, 1, argparse.Namespace(**{**vars(args), "requests": 1}), headers))  # warm
+    except ValueError:
+        raise UserError(f"--clients={args.clients!r} is not a comma-separated list of integers") from None
+    if args.url:
+        _loopback_only(args.url)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    proc, workdir = None, tempfile.mkdtemp(prefix="load_test_") if args.model else None
+    try:
+        if args.model:
+            proc, url = _start_server(args, workdir)
+        else:
+            url = args.url.rstrip("/")
+        try:
+            model = args.model_id or httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
+        except httpx.HTTPError as e:
+            raise UserError(f"cannot reach {url}: {e}") from None
+        asyncio.run(run_level(url, model, 1, 1, args, headers))  # warm
         runs: dict[int, list[dict]] = {c: [] for c in levels}
         for _ in range(args.rounds):
             for c in levels:
-                runs[c].append(asyncio.run(run_level(url, model, c, args, headers)))
+                runs[c].append(asyncio.run(run_level(url, model, c, args.requests, args, headers)))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     base = statistics.median(r["tokens_per_s"] for r in runs[levels[0]])
     print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'tokens/s':>9} {'× ' + str(levels[0]):>6} "
           f"{'p50 s':>7} {'p95 s':>7}")
@@ -169,9 +200,11 @@ def main() -> None:
               f"{row['latency_p50']:>7.2f} {row['latency_p95']:>7.2f}" +
               (f"  first error: {row['first_error'][0]}" if row["first_error"] else ""))
     if args.json:
+        own = {f.name: f.value for f in flags.FLAGS.get_flags_for_module(sys.modules[__name__])}
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "levels": summary, "runs": runs}, f, indent=1)
+            json.dump({"args": own, "levels": summary, "runs": runs}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

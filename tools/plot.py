@@ -4,16 +4,22 @@
 
 Writes loss.png (training and validation loss against step) and one PNG per other metric the run logged
 (val_ppl, val_bpb, lr, tokens_per_sec, mfu, grad_norm) into DIR (default WORKDIR/plots), and prints their paths.
-A line that is not JSON (say, one cut short when a run was killed) is skipped with a warning. Bad input: one
-`error: ...` line on stderr, exit code 2.
+A line that is not JSON (say, one cut short when a run was killed) is skipped with a warning. Needs matplotlib
+(`pip install -e '.[eval]'`). Bad input: one `error: ...` line on stderr, exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+from absl import flags
+
+from gpt_jax import cli
+from gpt_jax.errors import UserError
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "where the PNGs go (default WORKDIR/plots)")
 
 # metric → (title, y label, log scale)
 PANELS = {
@@ -26,19 +32,15 @@ PANELS = {
 }
 
 
-class InputError(Exception):
-    """Bad input, named in the message."""
-
-
 def read_metrics(path: str) -> dict[str, list[tuple[int, float]]]:
     """metric name → [(step, value)] sorted by step (a repeated step keeps its last value)."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise InputError(f"{path} is not UTF-8 text") from None
+        raise UserError(f"{path} is not UTF-8 text") from None
     series: dict[str, dict[int, float]] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -56,7 +58,7 @@ def read_metrics(path: str) -> dict[str, list[tuple[int, float]]]:
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 series.setdefault(key, {})[step] = float(value)
     if not series:
-        raise InputError(f"{path} holds no metrics")
+        raise UserError(f"{path} holds no metrics")
     return {k: sorted(v.items()) for k, v in series.items()}
 
 
@@ -64,9 +66,9 @@ def plot_run(workdir: str, output_dir: str | None = None) -> list[str]:
     """Writes the run's plots; returns their paths."""
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isdir(workdir):
-        raise InputError(f"WORKDIR {workdir} is not a directory")
+        raise UserError(f"WORKDIR {workdir} is not a directory")
     if not os.path.isfile(metrics_path):
-        raise InputError(f"{workdir} has no metrics.jsonl")
+        raise UserError(f"{workdir} has no metrics.jsonl")
     series = read_metrics(metrics_path)
 
     import matplotlib
@@ -110,20 +112,15 @@ def plot_run(workdir: str, output_dir: str | None = None) -> list[str]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/plot.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("workdir", help="a run's directory (holding metrics.jsonl)")
-    parser.add_argument("--output_dir", help="where the PNGs go (default WORKDIR/plots)")
-    parser.error = lambda message: (print(f"error: {message}", file=sys.stderr), sys.exit(2))
-    args = parser.parse_args(argv)
-    try:
-        paths = plot_run(args.workdir, args.output_dir)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(paths))
+def main(argv: list[str]) -> int:
+    """Plots the run named by the one positional argument; prints the PNGs' paths."""
+    if len(argv) != 2:
+        raise UserError("give one WORKDIR (a run's directory, holding metrics.jsonl)" if len(argv) < 2 else
+                        f"unexpected argument {argv[2]!r}")
+    cli.require("eval", "matplotlib")
+    print("\n".join(plot_run(argv[1], _OUTPUT_DIR.value)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

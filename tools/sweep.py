@@ -19,7 +19,6 @@ workdir's metrics.jsonl); failed trials come last. DIR/loss.png plots every tria
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
@@ -31,10 +30,22 @@ import sys
 import time
 from collections.abc import Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from absl import flags
+
+from gpt_jax import cli
+from gpt_jax.errors import UserError
+
+_CONFIG = flags.DEFINE_string("config", None, "config file of every trial, e.g. configs/tiny.py")
+_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "directory for the trials' workdirs and the results")
+_GRID = flags.DEFINE_multi_string("grid", [], "KEY=V1,V2,...: values of a config key; with --random, a list to "
+                                  "draw from")
+_RANDOM = flags.DEFINE_integer("random", 0, "random search with this many trials (0: grid search)")
+_RANGE = flags.DEFINE_multi_string("range", [], "KEY=LO:HI[:log]: a range to draw a key from in random search")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of the random search")
+_TIMEOUT = flags.DEFINE_float("timeout", None, "seconds per trial before it is stopped")
 
 
-class SweepError(Exception):
+class SweepError(UserError):
     """Bad sweep arguments; the message names the flag."""
 
 
@@ -103,12 +114,11 @@ def trial_command(config: str, workdir: str, shared: list[str], overrides: dict[
 def run_subprocess(cmd: list[str], log_path: str, timeout: float | None) -> int:
     """Runs `cmd` (in this directory, so relative paths in overrides work) with stdout and stderr into
     `log_path`; returns its exit code."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         try:
-            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             log.write(f"sweep: timed out after {timeout}s\n")
             return 124
@@ -253,62 +263,60 @@ _RESULT_COLUMNS = {"rank", "final_val_loss", "best_val_loss", "val_step", "final
                    "error"}
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description="Grid or random search over config overrides; one `python -m gpt_jax.main` run per trial, "
-                    "ranked by final validation loss in SWEEP_DIR/results.csv and results.md. Other "
-                    "--config.KEY=VALUE arguments apply to every trial.")
-    parser.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
-    parser.add_argument("--sweep_dir", required=True, help="directory for the trials' workdirs and the results")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                        help="values of a config key (repeatable); with --random, a list to draw from")
-    parser.add_argument("--random", type=int, default=0, metavar="N", help="random search with N trials")
-    parser.add_argument("--range", action="append", default=[], metavar="KEY=LO:HI[:log]",
-                        help="a range to draw a key from in random search (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random search")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per trial before it is stopped")
-    args, rest = parser.parse_known_args(argv)
-    unknown = [a for a in rest if not a.startswith("--config.") or "=" not in a]
+def parse_flags(argv: list[str]) -> list[str]:
+    """cli.parse_flags for this tool's flags; the --config.KEY=VALUE arguments, which every trial passes on to
+    gpt_jax.main, come back after the positional ones."""
+    shared = [a for a in argv[1:] if a.startswith("--config.")]
+    return cli.parse_flags([a for a in argv if not a.startswith("--config.")]) + shared
+
+
+def shared_overrides(args: list[str]) -> list[str]:
+    """The positional arguments, which must all be --config.KEY=VALUE overrides."""
+    unknown = [a for a in args if not a.startswith("--config.") or "=" not in a]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (shared overrides are --config.KEY=VALUE)")
-    return args, rest
+        raise SweepError(f"unexpected argument {unknown[0]!r} (overrides shared by every trial are "
+                         "--config.KEY=VALUE)")
+    return list(args)
 
 
-def build_trials(args: argparse.Namespace) -> list[dict[str, str]]:
-    grid = [parse_list(spec, "--grid") for spec in args.grid]
-    ranges = [parse_range(spec) for spec in args.range]
-    keys = [k for k, _ in grid] + [r[0] for r in ranges]
+def build_trials(grid: list[str], ranges: list[str], num_random: int = 0,
+                 seed: int = 0) -> list[dict[str, str]]:
+    """The trials of --grid specs (KEY=V1,V2,...) and --range specs (KEY=LO:HI[:log]): every grid combination, or
+    `num_random` random draws; SweepError for bad or conflicting specs."""
+    grid_lists = [parse_list(spec, "--grid") for spec in grid]
+    parsed_ranges = [parse_range(spec) for spec in ranges]
+    keys = [k for k, _ in grid_lists] + [r[0] for r in parsed_ranges]
     duplicate = next((k for k in keys if keys.count(k) > 1), None)
     if duplicate:
         raise SweepError(f"config key {duplicate!r} is swept twice")
-    if args.random < 0:
-        raise SweepError(f"--random={args.random} must not be negative")
-    if args.random:
+    if num_random < 0:
+        raise SweepError(f"--random={num_random} must not be negative")
+    if num_random:
         if not keys:
             raise SweepError("--random needs at least one --range or --grid")
-        return random_trials(args.random, ranges, grid, args.seed)
-    if ranges:
+        return random_trials(num_random, parsed_ranges, grid_lists, seed)
+    if parsed_ranges:
         raise SweepError("--range needs --random=N (grid search takes --grid lists)")
-    if not grid:
+    if not grid_lists:
         raise SweepError("give at least one --grid=KEY=V1,V2,... (or --random=N with --range)")
-    return grid_trials(grid)
+    return grid_trials(grid_lists)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, shared = parse_args(argv)
-    try:
-        trials = build_trials(args)
-    except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not os.path.isfile(args.config):
-        print(f"error: --config {args.config}: no such file", file=sys.stderr)
-        return 2
-    config = os.path.abspath(args.config)
-    rows = run_sweep(config, os.path.abspath(args.sweep_dir), trials, shared, args.timeout)
-    plot_curves(args.sweep_dir, rows)
+def main(argv: list[str]) -> int:
+    """Runs the sweep the flags describe; prints the ranked results table."""
+    shared = shared_overrides(argv[1:])
+    for flag in (_CONFIG, _SWEEP_DIR):
+        if not flag.value:
+            raise SweepError(f"--{flag.name} is required")
+    trials = build_trials(_GRID.value, _RANGE.value, _RANDOM.value, _SEED.value)
+    if not os.path.isfile(_CONFIG.value):
+        raise SweepError(f"--config {_CONFIG.value}: no such file")
+    config = os.path.abspath(_CONFIG.value)
+    rows = run_sweep(config, os.path.abspath(_SWEEP_DIR.value), trials, shared, _TIMEOUT.value)
+    plot_curves(_SWEEP_DIR.value, rows)
     best = rows[0] if rows and rows[0]["status"] == "ok" else None
-    print(open(os.path.join(args.sweep_dir, "results.md")).read(), end="")
+    with open(os.path.join(_SWEEP_DIR.value, "results.md")) as f:
+        print(f.read(), end="")
     if best is None:
         print("error: no trial finished", file=sys.stderr)
         return 1
@@ -316,4 +324,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, flags_parser=parse_flags)

@@ -16,53 +16,53 @@ characters). Multi30k is for non-commercial research: write the output outside t
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
+from absl import flags
 
-from gpt_jax.evaluate import TRANSLATE_TEMPLATE  # noqa: E402
+from gpt_jax import cli
+from gpt_jax.data import text as text_lib
+from gpt_jax.errors import UserError
 
-
-def read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8", newline="\n") as f:
-        return [line.rstrip("\n") for line in f]
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "folder with train.en, train.de, val.en, val.de")
+_OUTPUT = flags.DEFINE_string("output", None, "the formatted text file to write (outside the repository)")
 
 
 def format_pairs(sources: list[str], targets: list[str]) -> str:
     """One `TRANSLATE_TEMPLATE` prompt plus " target\\n" per pair."""
+    from gpt_jax.evaluate import TRANSLATE_TEMPLATE
+
     if len(sources) != len(targets):
-        raise SystemExit(f"error: {len(sources)} source lines but {len(targets)} target lines")
+        raise UserError(f"{len(sources)} source lines but {len(targets)} target lines")
     return "".join(TRANSLATE_TEMPLATE.format(source=s.strip()) + " " + t.strip() + "\n"
                    for s, t in zip(sources, targets, strict=True))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", required=True, help="folder with train.en, train.de, val.en, val.de")
-    parser.add_argument("--output", required=True, help="the formatted text file to write (outside the repo)")
-    args = parser.parse_args()
-
+def main(argv: list[str]) -> int:
+    """Writes --output from the pairs in --data_dir; prints the matching data.val_fraction."""
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r}")
+    for flag in (_DATA_DIR, _OUTPUT):
+        if not flag.value:
+            raise UserError(f"--{flag.name} is required")
     parts = []
     for split in ("train", "val"):
-        sources = read_lines(os.path.join(args.data_dir, f"{split}.en"))
-        targets = read_lines(os.path.join(args.data_dir, f"{split}.de"))
+        sources = text_lib.read_lines(os.path.join(_DATA_DIR.value, f"{split}.en"), "--data_dir")
+        targets = text_lib.read_lines(os.path.join(_DATA_DIR.value, f"{split}.de"), "--data_dir")
         parts.append(format_pairs(sources, targets))
     train_text, val_text = parts
     text = train_text + val_text
-    with open(args.output, "w", encoding="utf-8", newline="\n") as f:
+    with open(_OUTPUT.value, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
 
     # gpt_jax.data.text.split_text cuts at int(len(text) * (1 - val_fraction)); aim half a character inside.
     val_fraction = (len(val_text) - 0.5) / len(text)
     assert int(len(text) * (1.0 - val_fraction)) == len(train_text)
-    print(f"wrote {args.output}: {train_text.count(chr(10)) // 2:,} training and {val_text.count(chr(10)) // 2:,} "
+    print(f"wrote {_OUTPUT.value}: {train_text.count(chr(10)) // 2:,} training and {val_text.count(chr(10)) // 2:,} "
           f"validation pairs, {len(text):,} characters")
     print(f"--config.data.val_fraction={val_fraction!r}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -5,20 +5,26 @@
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 
+from absl import flags
+
+from gpt_jax import cli
+from gpt_jax.errors import UserError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+_OUTPUT = flags.DEFINE_string("output", os.path.join(HERE, "encdec_loss.png"), "the PNG to write")
 ROWS = {"scratch": "from scratch (3+3, d 256)", "minilm_enc": "MiniLM-L6 encoder + fresh decoder",
         "minilm2minilm": "MiniLM-L6 encoder + MiniLM-L6 decoder"}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default=os.path.join(HERE, "encdec_loss.png"))
-    args = parser.parse_args()
+def main(argv: list[str]) -> int:
+    """Plots every row's training loss; prints the PNG's path."""
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r}")
+    cli.require("eval", "matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,9 +42,10 @@ def main() -> None:
     ax.set_title("Multi30k en→de, encoder-decoder rows (~12 min each on 2 shared CPU cores)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.output, dpi=100)
-    print(args.output)
+    fig.savefig(_OUTPUT.value, dpi=100)
+    print(_OUTPUT.value)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,24 +1,30 @@
 """Adds uncased, accent-free BLEU/chrF to the encoder-decoder rows' results, beside the cased scores of eval.json.
 
     python experiments/multi30k_en_de/score_encdec.py MULTI30K_DIR [WORKDIR_BASE]
+    python experiments/multi30k_en_de/score_encdec.py --hyp=HYPOTHESES --ref=REFERENCES
 
 MiniLM's uncased WordPiece vocabulary lower-cases text and strips accents (Männer → manner), so a MiniLM decoder
 cannot produce a cased German reference's spelling. Scoring every row after the same normalization of hypotheses
 and references (NFD, combining marks removed, lower case) separates that handicap from translation quality.
-Reads WORKDIR_BASE/ROW/val_hypotheses.txt (default base /tmp/multi30k_encdec) and updates encdec_results/ROW.json.
+Reads WORKDIR_BASE/ROW/val_hypotheses.txt (default base /tmp/multi30k_encdec) and updates encdec_results/ROW.json;
+with --hyp and --ref, prints the normalized scores of one hypothesis file (a decoder-only row's, say) as JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import unicodedata
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from absl import flags
 
-from gpt_jax.evaluate import bleu  # noqa: E402
+from gpt_jax import cli
+from gpt_jax.data import text as text_lib
+from gpt_jax.errors import UserError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_HYP = flags.DEFINE_string("hyp", None, "score this hypothesis file (one line each) instead of the rows")
+_REF = flags.DEFINE_string("ref", None, "with --hyp: the reference file")
 
 
 def normalize(text: str) -> str:
@@ -26,20 +32,37 @@ def normalize(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn").lower()
 
 
-def main() -> None:
-    data = sys.argv[1]
-    base = sys.argv[2] if len(sys.argv) > 2 else "/tmp/multi30k_encdec"
-    with open(os.path.join(data, "val.de"), encoding="utf-8") as f:
-        references = [line.rstrip("\n") for line in f]
+def normalized_scores(hypotheses: list[str], references: list[str]) -> dict:
+    """BLEU and chrF (sacrebleu defaults) after `normalize` of both sides."""
+    from gpt_jax.evaluate import bleu
+
+    return bleu([normalize(h) for h in hypotheses], [[normalize(r) for r in references]])
+
+
+def main(argv: list[str]) -> int:
+    """Scores every row that has hypotheses (updating its encdec_results/ROW.json), or the --hyp file; prints the
+    scores."""
+    cli.require("eval", "sacrebleu")
+    if _HYP.value or _REF.value:
+        if not (_HYP.value and _REF.value) or len(argv) > 1:
+            raise UserError("give --hyp and --ref (and no MULTI30K_DIR), or MULTI30K_DIR [WORKDIR_BASE]")
+        hyps = [line.rstrip() for line in text_lib.read_lines(_HYP.value, "--hyp")]
+        refs = [line.rstrip() for line in text_lib.read_lines(_REF.value, "--ref")]
+        print(json.dumps(normalized_scores(hyps, refs)))
+        return 0
+    if not 2 <= len(argv) <= 3:
+        raise UserError("give MULTI30K_DIR and optionally WORKDIR_BASE (or --hyp and --ref)")
+    data = argv[1]
+    base = argv[2] if len(argv) > 2 else "/tmp/multi30k_encdec"
+    references = text_lib.read_lines(os.path.join(data, "val.de"), "MULTI30K_DIR")
     results_dir = os.path.join(HERE, "encdec_results")
     for name in sorted(os.listdir(results_dir)):
         row = name[:-len(".json")]
         hyp_path = os.path.join(base, row, "val_hypotheses.txt")
         if not name.endswith(".json") or not os.path.isfile(hyp_path):
             continue
-        with open(hyp_path, encoding="utf-8") as f:
-            hyps = [line.rstrip("\n") for line in f]
-        scores = bleu([normalize(h) for h in hyps], [[normalize(r) for r in references]])
+        hyps = text_lib.read_lines(hyp_path, "hypotheses")
+        scores = normalized_scores(hyps, references)
         path = os.path.join(results_dir, name)
         with open(path) as f:
             result = json.load(f)
@@ -48,7 +71,8 @@ def main() -> None:
             json.dump(result, f, indent=1)
         print(f"{row}: BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f}; uncased, no accents: "
               f"BLEU {scores['bleu']:.2f} chrF {scores['chrf']:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
