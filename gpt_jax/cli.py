@@ -7,10 +7,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from gpt_jax.errors import UserError  # noqa: E402
 
@@ -24,7 +25,13 @@ def fail(message: str) -> None:
 
 def require(extra: str, *modules: str) -> None:
     """UserError naming `pip install -e '.[EXTRA]'` when one of `modules` is not installed."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a dotted name whose parent is missing, or a module set to None
+            return False
+
+    missing = [m for m in modules if not installed(m)]
     if missing:
         raise UserError(f"this needs {', '.join(missing)}: pip install -e '.[{extra}]'")
 
@@ -39,10 +46,41 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(e).splitlines()[0])
 
 
+def subcommand(argv: list[str], commands: dict, module: str, defaults: dict | None = None,
+               takes_files: tuple[str, ...] = ()) -> tuple[str, types.SimpleNamespace]:
+    """For tools with commands (`python tools/X.py COMMAND --flags`): the command in argv[1], one of `commands`
+    ({name: (handler, required flags, optional flags)}), and the values of `module`'s flags, a command's `defaults`
+    filling the unset ones; positional arguments after it (only for `takes_files`) as `.files`. UserError for a
+    missing or unknown command, a missing flag or a flag the command does not take."""
+    if len(argv) < 2:
+        raise UserError(f"give a command: {', '.join(commands)}")
+    command = argv[1]
+    if command not in commands:
+        raise UserError(f"unknown command {command!r}: choose one of {', '.join(commands)}")
+    if command not in takes_files and len(argv) > 2:
+        raise UserError(f"unexpected argument {argv[2]!r}")
+    if command in takes_files and len(argv) < 3:
+        raise UserError(f"{command} needs at least one file")
+    _, required, optional = commands[command]
+    own = {f.name: f for f in flags.FLAGS.get_flags_for_module(sys.modules[module])}
+    stray = [name for name, f in own.items() if f.present and name not in required + optional]
+    if stray:
+        raise UserError(f"--{stray[0]} does not apply to {command}")
+    missing = [name for name in required if own[name].value is None]
+    if missing:
+        raise UserError(f"{command} needs --{missing[0]}")
+    values = {name: f.value for name, f in own.items()}
+    for name, default in (defaults or {}).get(command, {}).items():
+        values[name] = default if values[name] is None else values[name]
+    return command, types.SimpleNamespace(**values, files=argv[2:])
+
+
 def run(main, flags_parser=parse_flags) -> None:
-    """app.run(main) with the conventions above."""
+    """app.run(main) with the conventions above (and absl's logging at WARNING: Orbax, httpx and friends log every
+    step at INFO)."""
 
     def guarded(argv):
+        logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
         except UserError as e:

@@ -17,7 +17,7 @@ from gpt_jax import hostmem
 
 hostmem.keep_freed_memory()  # before JAX or TensorFlow start threads (see hostmem.py)
 
-from absl import flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from gpt_jax import cli  # noqa: E402
@@ -113,7 +113,6 @@ def _model_source(config) -> str:
 
 def run(argv) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)
     if not _WORKDIR.value and _MODE.value != "compile":
         raise UserError("--workdir is required")
     config = resolve_config()

@@ -9,8 +9,8 @@ with `"stream": true`), `GET /health` (no key needed). Invalid requests get a 4x
 `{"error": {"message", "type", "param", "code"}}`. One engine thread runs the model; concurrent requests share its
 decode steps.
 
-Chat prompts use the tokenizer's Jinja chat template when it has one, else a plain format: one `role: content` line per message, then `assistant:`; with that format a line starting
-with `user:` also ends the reply.
+Chat prompts use the tokenizer's Jinja chat template when it has one, else a plain format: one `role: content` line
+per message, then `assistant:`; with that format a line starting with `user:` also ends the reply.
 
 Beyond OpenAI's parameters: `top_k` (0 = off). Accepted and ignored: `user`, `stream_options` other than
 `include_usage`, unknown fields. Rejected when set: `logprobs`, `logit_bias`, non-zero `presence_penalty` /

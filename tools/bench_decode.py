@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-from absl import flags, logging
+from absl import flags
 
 from gpt_jax import cli
 from gpt_jax.config import cached
@@ -102,7 +102,6 @@ def _timed(impl, prompts: list[list[int]], n: int) -> tuple[float, list[list[int
 
 def main(argv: list[str]) -> int:
     """Measures both implementations; prints a table of decode tokens/s."""
-    logging.set_verbosity(logging.WARNING)  # absl's app.run starts at INFO
     if len(argv) > 1:
         raise UserError(f"unexpected argument {argv[1]!r}")
     args = flags.FLAGS

@@ -21,9 +21,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import types
 
-from absl import flags, logging
+from absl import flags
 
 from gpt_jax import cli
 from gpt_jax.data import text as text_lib
@@ -186,36 +185,9 @@ _DEFAULTS = {"perplexity": {"batch_size": 0}, "translate": {"batch_size": 8, "ma
              "gsm8k": {"batch_size": 8, "max_new_tokens": 256}}
 
 
-def parse_command(argv: list[str]) -> tuple[str, types.SimpleNamespace]:
-    """The command named by the first positional argument and its flags' values (per-command defaults filled in);
-    UserError for a missing or unknown command, a missing flag or a flag the command does not take."""
-    if len(argv) < 2:
-        raise UserError(f"give a command: {', '.join(COMMANDS)}")
-    command = argv[1]
-    if command not in COMMANDS:
-        raise UserError(f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}")
-    _, required, optional = COMMANDS[command]
-    own = {f.name: f for f in flags.FLAGS.get_flags_for_module(sys.modules[__name__])}
-    stray = [name for name, f in own.items() if f.present and name not in required + optional]
-    if stray:
-        raise UserError(f"--{stray[0]} does not apply to {command}")
-    missing = [name for name in required if own[name].value is None]
-    if missing:
-        raise UserError(f"{command} needs --{missing[0]}")
-    if command != "table" and len(argv) > 2:
-        raise UserError(f"unexpected argument {argv[2]!r}")
-    if command == "table" and len(argv) < 3:
-        raise UserError("table needs at least one JSON file")
-    values = {name: f.value for name, f in own.items()}
-    for name, default in _DEFAULTS.get(command, {}).items():
-        values[name] = default if values[name] is None else values[name]
-    return command, types.SimpleNamespace(**values, files=argv[2:])
-
-
 def main(argv: list[str]) -> int:
     """Runs the command in argv[1] with the flags; prints its result."""
-    logging.set_verbosity(logging.WARNING)  # absl's app.run starts at INFO: Orbax would log every restore
-    command, args = parse_command(argv)
+    command, args = cli.subcommand(argv, COMMANDS, __name__, _DEFAULTS, takes_files=("table",))
     for name in ("batch_size", "max_new_tokens", "limit"):
         value = getattr(args, name)
         if value is not None and value < 0:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import types
 
-from absl import flags, logging
+from absl import flags
 
 from gpt_jax import cli
 from gpt_jax.errors import UserError
@@ -109,31 +108,9 @@ COMMANDS = {
 }
 
 
-def parse_command(argv: list[str]) -> tuple[str, types.SimpleNamespace]:
-    """The command named by the first positional argument and its flags' values; UserError for a missing or
-    unknown command, a missing flag or a flag the command does not take."""
-    if len(argv) < 2:
-        raise UserError(f"give a command: {', '.join(COMMANDS)}")
-    command = argv[1]
-    if command not in COMMANDS:
-        raise UserError(f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}")
-    if len(argv) > 2:
-        raise UserError(f"unexpected argument {argv[2]!r}")
-    _, required, optional = COMMANDS[command]
-    own = {f.name: f for f in flags.FLAGS.get_flags_for_module(sys.modules[__name__])}
-    stray = [name for name, f in own.items() if f.present and name not in required + optional]
-    if stray:
-        raise UserError(f"--{stray[0]} does not apply to {command}")
-    missing = [name for name in required if own[name].value is None]
-    if missing:
-        raise UserError(f"{command} needs --{missing[0]}")
-    return command, types.SimpleNamespace(**{name: f.value for name, f in own.items()})
-
-
 def main(argv: list[str]) -> int:
     """Runs the command in argv[1] with the flags."""
-    logging.set_verbosity(logging.WARNING)  # absl's app.run starts at INFO: Orbax would log every restore
-    command, args = parse_command(argv)
+    command, args = cli.subcommand(argv, COMMANDS, __name__)
     return COMMANDS[command][0](args)
 
 

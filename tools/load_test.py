@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.parse
 
-from absl import flags, logging
+from absl import flags
 
 from gpt_jax import cli
 from gpt_jax.errors import UserError
@@ -146,7 +146,6 @@ def _start_server(args, workdir: str) -> tuple[subprocess.Popen, str]:
 
 def main(argv: list[str]) -> int:
     """Runs the load test the flags describe; prints a table per concurrency level."""
-    logging.set_verbosity(logging.WARNING)  # absl's app.run starts at INFO: httpx would log every request
     if len(argv) > 1:
         raise UserError(f"unexpected argument {argv[1]!r}")
     args = flags.FLAGS
