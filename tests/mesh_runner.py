@@ -1,4 +1,5 @@
-"""Runs short trainings under several meshes of 8 CPU devices in one process and prints their losses as JSON.
+"""Runs short trainings under several meshes of 8 CPU devices in one process and prints their losses as JSON (the
+decoder-only model, and the encoder-decoder of tests/test_encdec.py).
 
 Used by tests/test_sharding.py in a subprocess, since the device count is fixed when JAX starts."""
 
@@ -46,6 +47,19 @@ def main(base):
         shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))
         train.train_and_evaluate(make_config(mesh, 20), workdir)
         out[name] = losses(workdir)
+    # the encoder-decoder (tests/test_encdec.py's toy translation) on one device and on data=2 x fsdp=2 x tensor=2
+    import pathlib
+
+    import test_encdec
+
+    for name, mesh in (("encdec_single", (1, 1, 1)), ("encdec_d2f2t2", (2, 2, 2))):
+        directory = pathlib.Path(base) / name
+        directory.mkdir()
+        config = test_encdec._config(directory, 6)
+        config.data.val_source = config.data.val_target = ""
+        config.log_every, (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) = 1, mesh
+        train.train_and_evaluate(config, str(directory / "run"))
+        out[name] = losses(str(directory / "run"))
     print("RESULT " + json.dumps(out))
 
 

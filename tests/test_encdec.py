@@ -1,7 +1,7 @@
 """The encoder-decoder: parity with transformers' EncoderDecoderModel (BERT2BERT, BERT2GPT-2, RoBERTa2RoBERTa; tiny
 random models) within 1e-4, cached decoding equal to uncached decoding token for token, masking, logical axes, the
-pairs data, and training through the one loop on a data × fsdp × tensor mesh (tests/test_main.py runs it through
-`python -m gpt_jax.main`)."""
+pairs data. Training goes through the one loop: tests/test_main.py runs it through `python -m gpt_jax.main`,
+tests/test_sharding.py on a data × fsdp × tensor mesh."""
 
 from __future__ import annotations
 
@@ -347,41 +347,3 @@ def test_pair_batches_pad_both_sides_to_a_bucket_and_resume_at_the_same_batch(tm
     np.testing.assert_array_equal(next(resumed)["target_out"], first[5]["target_out"])
     val = source.val_batches(16, 16)
     assert len(val) == 1 and val[0]["loss_mask"][8:].sum() == 0  # 8 pairs, 8 filler rows
-
-
-_MESH_RUNNER = """
-import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-from gpt_jax import config as config_lib, train
-out = {}
-for path in sys.argv[1:]:
-    config = config_lib.encdec_config()
-    config_lib.merge_dict(config, json.load(open(path)), path)
-    workdir = os.path.join(os.path.dirname(path), "run")
-    train.train_and_evaluate(config, workdir)
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    out[path] = [r["train_loss"] for r in rows if "train_loss" in r]
-print("RESULT " + json.dumps(out))
-"""
-
-
-@pytest.mark.slow
-def test_training_on_a_data_fsdp_tensor_mesh_matches_one_device(tmp_path):
-    """Parameters shard by their logical axes (embed → fsdp, heads/mlp/vocab → tensor) on 8 CPU devices; the losses
-    equal a one-device run's."""
-    import subprocess
-    import sys
-
-    paths = []
-    for name, (data, fsdp, tensor) in {"single": (1, 1, 1), "d2f2t2": (2, 2, 2)}.items():
-        (tmp_path / name).mkdir()
-        c = _config(tmp_path / name, 6)
-        c.data.val_source = c.data.val_target = ""
-        c.log_every, c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, data, fsdp, tensor
-        (tmp_path / name / "config.json").write_text(c.to_json())
-        paths.append(str(tmp_path / name / "config.json"))
-    proc = subprocess.run([sys.executable, "-c", _MESH_RUNNER, *paths], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-    assert len(result[paths[0]]) == 6
-    np.testing.assert_allclose(result[paths[1]], result[paths[0]], rtol=1e-4)

@@ -242,7 +242,7 @@ def test_schemathesis_finds_no_server_error(served):
     result = subprocess.run(
         [exe, "run", served.url + "/openapi.json", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
          "--max-examples", "25", "--workers", "1", "--header", f"Authorization: Bearer {KEY}",
-         "--request-timeout", "60", "--max-time", "30"],
+         "--request-timeout", "60", "--max-time", "20"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:]
 

@@ -113,6 +113,16 @@ def test_mesh_losses_equal_one_device(mesh_losses, mesh):
 
 
 @pytest.mark.slow
+def test_encoder_decoder_on_a_data_fsdp_tensor_mesh_matches_one_device(mesh_losses):
+    """The encoder-decoder's parameters (cross-attention and the rest) shard by their logical axes like the
+    decoder-only model's; 6 steps on data=2 x fsdp=2 x tensor=2 give one device's losses."""
+    single, sharded = mesh_losses["encdec_single"], mesh_losses["encdec_d2f2t2"]
+    assert sorted(sharded) == sorted(single) == list(range(1, 7))
+    for step in range(1, 7):
+        assert close(sharded[step], single[step], rel=1e-4), (step, sharded[step], single[step])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["data8_then_f4t2", "data8_then_single"])
 def test_checkpoint_restores_under_another_mesh(mesh_losses, run):
     single, resumed = mesh_losses["single"], mesh_losses[run]
