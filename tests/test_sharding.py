@@ -24,14 +24,14 @@ def close(a, b, rel=1e-5):
 
 TWO_PROCESS_TEST = "test_two_processes_train_like_one_with_eight_devices"
 # mesh_runner.make_config((8, 1, 1), 20) as flags: tiny.py put back to the base config's adam_b2 and
-# min_learning_rate, and the runner's overrides, so the losses must match.
+# min_learning_rate, and the runner's overrides, so the losses must match. The run ends as tiny.py's does, with its
+# sample, which every process computes (none waits at the exit barrier while another works).
 TWO_PROCESS_FLAGS = [
     "--config=configs/tiny.py", "--config.adam_b2=0.95", "--config.min_learning_rate=1e-4",
     "--config.batch_size=8", "--config.seq_len=32", "--config.warmup_steps=5",
     "--config.learning_rate=3e-3", "--config.eval_every=0", "--config.final_eval_full=false",
     "--config.eval_steps=1", "--config.log_every=1", "--config.checkpoint_every=10", "--config.model.n_layer=1",
-    "--config.model.n_head=4", "--config.model.d_model=32", "--config.sample.max_new_tokens=0",
-    "--config.train_steps=20", "--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.distributed.num_processes=2"]
+    "--config.model.n_head=4", "--config.model.d_model=32", "--config.train_steps=20", "--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.distributed.num_processes=2"]
 
 
 def _run_mesh_runner(base) -> dict:
@@ -48,8 +48,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_pair(workdir, extra_env=None) -> list[tuple[int, str]]:
-    """`gpt_jax.main` as processes 0 and 1 of a jax.distributed run on localhost; (exit code, stderr) of each."""
+def _run_pair(workdir, extra_env=None) -> list[tuple[int, str, str]]:
+    """`gpt_jax.main` as processes 0 and 1 of a jax.distributed run on localhost; (exit code, stderr, stdout) of
+    each."""
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", **(extra_env or {})}
     procs = [subprocess.Popen(
@@ -64,14 +65,14 @@ def _run_pair(workdir, extra_env=None) -> list[tuple[int, str]]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return [(p.returncode, err) for p, (_, err) in zip(procs, outputs, strict=True)]
+    return [(p.returncode, err, out) for p, (out, err) in zip(procs, outputs, strict=True)]
 
 
 def _run_two_processes(workdir) -> tuple[list, list | None]:
     """Both processes die right after the step-10 checkpoint (as a preempted job would); then, if they did, a second
     pair resumes to step 20. Returns the two pairs' (exit code, stderr) lists (None for a second pair not run)."""
     killed = _run_pair(workdir, {"GPT_JAX_SIGKILL_AFTER_STEP": "10"})
-    if any(code == 0 for code, _ in killed):
+    if any(code == 0 for code, _, _ in killed):
         return killed, None
     return killed, _run_pair(workdir)
 
@@ -138,9 +139,10 @@ def test_two_processes_train_like_one_with_eight_devices(background_runs, mesh_l
     workdir = background_runs["two_processes_workdir"]
     # Both die after the step-10 checkpoint: by their own SIGKILL, or (process 1) when the coordinator in process 0
     # goes first; the resumed pair below must then start from step 10.
-    assert all(code != 0 for code, _ in killed), [code for code, _ in killed]
-    assert all(code == 0 for code, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
+    assert all(code != 0 for code, _, _ in killed), [code for code, _, _ in killed]
+    assert all(code == 0 for code, _, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
     assert "resumed from" in results[0][1] and "at step 10" in results[0][1]
+    assert "--- sample\n" in results[0][2] and "--- sample" not in results[1][2]  # both sampled, 0 printed
     with open(workdir / "metrics.jsonl") as f:
         losses = {r["step"]: r["train_loss"] for r in map(json.loads, f) if "train_loss" in r}
     assert sorted(losses) == list(range(1, 21))
