@@ -155,13 +155,15 @@ def run(argv) -> None:
         outputs = decode.sample_workdir(_model_source(config), prompts, pick(_MAX_NEW, s.max_new_tokens),
                                         pick(_TEMPERATURE, s.temperature), pick(_TOP_K, s.top_k),
                                         pick(_TOP_P, s.top_p), num_samples=_NUM_SAMPLES.value, seed=_SEED.value)
-        if len(prompts) == 1 and _NUM_SAMPLES.value == 1:
-            sys.stdout.write(outputs[0][0])
+        if not any(text for texts in outputs for text in texts):
+            print("note: the model generated no text (it ended at once)", file=sys.stderr)
+        if len(prompts) == 1 and _NUM_SAMPLES.value == 1:  # stdout is the continuation, exactly
+            sys.stdout.write(outputs[0][0] + ("\n" if sys.stdout.isatty() else ""))
             sys.stdout.flush()
-        else:
-            for i, prompt in enumerate(prompts):
-                for j, text in enumerate(outputs[i]):
-                    print(f"--- prompt {i} sample {j}\n{prompt}{_separator(config)}{text}", flush=True)
+        else:  # each continuation under a header; the prompts are not repeated
+            for i, texts in enumerate(outputs):
+                for j, text in enumerate(texts):
+                    print(f"--- prompt {i} sample {j}\n{text}", flush=True)
     else:
         cli.require("serve", "fastapi", "uvicorn")
         from gpt_jax import serve

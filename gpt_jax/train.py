@@ -53,6 +53,7 @@ def _warm_start(config, workdir: str) -> dict:
     for side, source in (("encoder", m.encoder_from), ("decoder", m.decoder_from)):
         if not source:
             continue
+        progress(f"loading model.{side}_from={source}")
         stack = bert.load_stack(source, side, max_seq_len=max_len)
         _set(m[side], {k: v for k, v in vars(stack.cfg).items() if k in m[side]})
         stack.tokenizer.save(workdir_lib.tokenizer_dir(workdir, "source" if side == "encoder" else "target"))
@@ -78,6 +79,7 @@ def prepare_run(config, workdir: str):
     elif encdec:
         pretrained = _warm_start(config, workdir) or None
     elif config.init_from:
+        progress(f"loading init_from={config.init_from}")
         loaded = workdir_lib.load(config.init_from)
         _set(config.model, {k: v for k, v in vars(loaded.model_cfg).items() if k in config.model})
         if config.seq_len > loaded.model_cfg.max_seq_len:
@@ -86,8 +88,11 @@ def prepare_run(config, workdir: str):
         loaded.tokenizer.save(workdir_lib.tokenizer_dir(workdir))
         pretrained = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
     if config.lora.rank and pretrained is None:  # LoRA checkpoints hold adapters; the base is init_from
+        progress(f"loading the LoRA base init_from={config.init_from}")
         pretrained = nnx.to_pure_dict(nnx.state(workdir_lib.load(config.init_from).model, nnx.Param))
+    start = time.perf_counter()
     data = data_lib.load_data(config, workdir_lib.tokenizer_dir(workdir))
+    progress(f"data ready in {time.perf_counter() - start:.1f}s")
     sides = {"encoder": data.source_tokenizer, "decoder": data.tokenizer} if encdec else {"": data.tokenizer}
     for side, tokenizer in sides.items():
         node = config.model[side] if side else config.model
@@ -296,6 +301,8 @@ def compile_report(config) -> dict:
         step_fn = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0),
                           in_shardings=(run.shardings, batch_sharding), out_shardings=(run.shardings, None),
                           donate_argnums=(0,))
+        progress(f"compiling the train step of {config.model.n_layer} layers for {mesh.size} device(s) "
+                 f"(minutes for a large model) ...")
         t = time.perf_counter()
         compiled = step_fn.lower(state_in, batch).compile()
         compile_seconds = time.perf_counter() - t
@@ -330,8 +337,25 @@ def compile_report(config) -> dict:
              f"  step temporaries      {report['temp_bytes'] / gib:.3f} GiB (per device)",
              f"  FLOPs / step          {report['flops_per_step_compiled']:.3e} (compiled, per device); "
              f"{report['flops_per_step_model']:.3e} (6N + attention, whole batch)"]
+    needed = report["argument_bytes"] + report["output_bytes"] + report["temp_bytes"]
+    available = device_memory_bytes()
+    if available and needed > available:
+        lines.append(f"warning: the step needs {needed / gib:.1f} GiB per device, more than the device's "
+                     f"{available / gib:.1f} GiB: use a smaller batch_size (or grad_accum_steps), model.remat, or "
+                     "more devices (mesh.fsdp)")
     print("\n".join(lines), flush=True)
     return report
+
+
+def device_memory_bytes() -> int:
+    """Memory of one device: an accelerator's own, or the host's RAM for CPU devices (0 when unknown)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
 
 
 def _fault_injection_hook(ckpt: checkpoint_lib.Checkpointer, step: int) -> None:

@@ -181,6 +181,17 @@ def test_rating_over_http_and_double_submit(server):
     assert "1 rating(s)" in _get(url + "/report")
 
 
+def test_an_empty_output_says_so(tmp_path):
+    from gpt_jax.human_eval import app
+
+    db = str(tmp_path / "empty.sqlite")
+    conn = store.connect(db)
+    store.add_pairs(conn, ["a prompt"], "model_a", [""], "model_b", ["some text"], seed=0)
+    conn.close()
+    page = app.App(db).rate_page("ann").decode()
+    assert page.count("(empty output)") == 1 and "some text" in page
+
+
 def test_bad_posts_leave_the_database_as_it_was(server):
     url, db = server
     form = _form(_get(url + "/"))

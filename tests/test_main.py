@@ -72,13 +72,19 @@ def test_train_then_sample_and_eval(tmp_path):
                  "--config.sample.max_new_tokens=20", "--config.sample.prompt=the")
     assert r.returncode == 0, r.stderr
     assert "--- sample\nthe" in r.stdout
-    # the two samples and the evaluation only read the workdir: they run as three processes at once
-    sample = ["--mode=sample", *common, "--prompt=the quick", "--max_new_tokens=9", "--temperature=0"]
+    # the samples and the evaluation only read the workdir: they run as three processes at once
+    sample = ["--mode=sample", *common, "--max_new_tokens=9", "--temperature=0"]
+    (tmp_path / "prompts.txt").write_text("the quick\nthe lazy\n")
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        r, r2, r_eval = pool.map(lambda args: run_main(*args), [sample, sample, ["--mode=eval", *common]])
+        r, r2, r_eval = pool.map(lambda args: run_main(*args), [
+            [*sample, "--prompt=the quick"], [*sample, f"--prompt_file={tmp_path / 'prompts.txt'}", "--num_samples=2"],
+            ["--mode=eval", *common]])
     assert r.returncode == 0, r.stderr
     assert len(r.stdout) == 9 and not r.stdout.startswith("the quick")
-    assert r2.stdout == r.stdout  # greedy is deterministic
+    # several prompts or samples: each continuation under its header, the prompts not repeated; greedy repeats itself
+    blocks = r2.stdout.split("--- prompt ")[1:]
+    assert [b.split("\n", 1)[0] for b in blocks] == ["0 sample 0", "0 sample 1", "1 sample 0", "1 sample 1"]
+    assert blocks[0] == blocks[1].replace("sample 1", "sample 0") == f"0 sample 0\n{r.stdout}\n"
     r = r_eval
     assert r.returncode == 0, r.stderr
     import json

@@ -31,7 +31,8 @@ TWO_PROCESS_FLAGS = [
     "--config.batch_size=8", "--config.seq_len=32", "--config.warmup_steps=5",
     "--config.learning_rate=3e-3", "--config.eval_every=0", "--config.final_eval_full=false",
     "--config.eval_steps=1", "--config.log_every=1", "--config.checkpoint_every=10", "--config.model.n_layer=1",
-    "--config.model.n_head=4", "--config.model.d_model=32", "--config.train_steps=20", "--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.distributed.num_processes=2"]
+    "--config.model.n_head=4", "--config.model.d_model=32", "--config.train_steps=20", "--config.mesh.data=8",
+    "--config.mesh.fsdp=1", "--config.distributed.num_processes=2"]
 
 
 def _run_mesh_runner(base) -> dict:

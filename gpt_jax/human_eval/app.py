@@ -53,6 +53,11 @@ def _page(title: str, body: str) -> bytes:
             f"<body>{body}</body></html>").encode()
 
 
+def _shown(output: str) -> str:
+    """An output as HTML; an empty one says so rather than showing a blank box."""
+    return html.escape(output) if output.strip() else "<span class=muted>(empty output)</span>"
+
+
 class BadRequest(Exception):
     def __init__(self, status: HTTPStatus, message: str):
         super().__init__(message)
@@ -93,8 +98,8 @@ class App:
 <form method=post action="/rate" id=rate-form>
 <div class=prompt><div class=muted>Prompt</div><pre id=prompt>{html.escape(pair.prompt)}</pre></div>
 <div class=outputs>
-  <div class=output><h2>A</h2><pre id=output-a>{html.escape(pair.left_output)}</pre></div>
-  <div class=output><h2>B</h2><pre id=output-b>{html.escape(pair.right_output)}</pre></div>
+  <div class=output><h2>A</h2><pre id=output-a>{_shown(pair.left_output)}</pre></div>
+  <div class=output><h2>B</h2><pre id=output-b>{_shown(pair.right_output)}</pre></div>
 </div>
 <div class=choices>
   <button type=submit name=choice value=a id=choose-a>A is better</button>
