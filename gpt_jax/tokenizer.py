@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import os
+import sys
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -89,7 +90,8 @@ class SentencePieceTokenizer:
               model_type: str = "bpe") -> SentencePieceTokenizer:
         """Trains on `texts` (documents or lines) and writes the model into `directory`. One thread and a model
         written through a writer (not a path, which the trainer would record in the model): the same texts give
-        the same bytes in any directory. DataError when SentencePiece cannot reach `vocab_size` on them."""
+        the same bytes in any directory. A `vocab_size` the texts cannot support gives the largest they do, with a
+        warning on stderr."""
         import sentencepiece as spm
 
         writer = io.BytesIO()
@@ -99,7 +101,7 @@ class SentencePieceTokenizer:
                 byte_fallback=True, character_coverage=0.9995, pad_id=-1, unk_id=0, bos_id=-1, eos_id=1,
                 split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
                 add_dummy_prefix=False, normalization_rule_name="identity", max_sentence_length=1 << 16,
-                num_threads=1, minloglevel=2)
+                num_threads=1, minloglevel=2, hard_vocab_limit=False)
         except RuntimeError as e:
             raise DataError(f"vocab_size={vocab_size}: SentencePiece cannot train it on this text "
                             f"({str(e).splitlines()[-1].split('] ')[-1].strip()})") from None
@@ -109,6 +111,9 @@ class SentencePieceTokenizer:
             f.write(writer.getvalue())
         tok = cls(path)
         tok.save(directory)
+        if tok.vocab_size < vocab_size:
+            print(f"warning: vocab_size={vocab_size} is more than this text supports: the SentencePiece model has "
+                  f"{tok.vocab_size} pieces", file=sys.stderr, flush=True)
         return tok
 
     def encode(self, text: str) -> list[int]:

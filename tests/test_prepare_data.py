@@ -10,6 +10,7 @@ import pytest
 
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.data import clean, corpus, shards
+from gpt_jax.data import text as text_lib
 from gpt_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,3 +215,32 @@ def test_cli_prepares_data_that_trains(tmp_path):
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [line["step"] for line in lines if "train_loss" in line] == [2, 4]
     assert tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer")).vocab_size == 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_files", [1, 5])
+def test_a_few_files_with_default_flags_get_a_validation_split_that_trains(tmp_path, num_files):
+    """One book or five (a file per document, the default): too few documents for a whole one to be held out at
+    --val_fraction=0.05, so each gives the tail of its lines to validation; the default --vocab_size=32768 is more
+    than this text supports and is clamped with a warning. A short run trains and evaluates on the result."""
+    text = text_lib.load_corpus("")[0][:150_000]
+    os.makedirs(tmp_path / "in")
+    for i in range(num_files):
+        (tmp_path / "in" / f"book{i}.txt").write_text(text[i * len(text) // num_files:(i + 1) * len(text) // num_files])
+    out = tmp_path / "data"
+    result = _run_tool(f"--input={tmp_path / 'in' / '*.txt'}", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = shards.read_manifest(str(out))
+    assert manifest["documents"]["val"] == num_files and manifest["documents"]["train"] == num_files
+    assert 0.03 < manifest["bytes"]["val"] / sum(manifest["bytes"].values()) < 0.07
+    assert manifest["tokenizer"]["vocab_size"] < 32768 and "warning: --vocab_size=32768" in result.stdout
+
+    from gpt_jax import config as config_lib
+    from gpt_jax import train
+
+    config = config_lib.base_config()
+    config.update_from_flattened_dict({"data.path": str(out), "train_steps": 2, "batch_size": 4, "seq_len": 32,
+                                       "eval_every": 0, "log_every": 1, "model.n_layer": 1, "model.d_model": 32,
+                                       "model.n_head": 2, "sample.max_new_tokens": 0})
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert np.isfinite(result["val_loss"]) and result["val_tokens"] > 1000

@@ -117,6 +117,10 @@ def summary(manifest: dict, seconds: float) -> str:
         lines.append(f"{split:<8}{manifest['documents'][split]:>12,}{manifest['tokens'][split]:>14,}"
                      f"{manifest['bytes'][split]:>14,}{n_shards:>8}")
     tok = manifest["tokenizer"]
+    asked = manifest["options"]["vocab_size"]
+    if tok["kind"] == "sentencepiece" and tok["vocab_size"] < asked:
+        lines.append(f"warning: --vocab_size={asked} is more than this corpus supports; the tokenizer has "
+                     f"{tok['vocab_size']:,} pieces")
     lines.append("")
     lines.append(f"tokenizer: {tok['kind']}{' ' + tok.get('model_type', '') if tok['kind'] != 'char' else ''}, "
                  f"vocabulary {tok['vocab_size']:,}, eos_id {tok['eos_id']}")

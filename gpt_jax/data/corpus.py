@@ -21,7 +21,9 @@ Deduplication keeps the document with the smallest id of each group:
 Only ids and signatures travel through the deduplication shuffles; the text is joined back once at the end.
 
 Split: a document is validation when a keyed hash of its text falls below `val_fraction` (or when it comes from
-`val_inputs`). The tokenizer (SentencePiece BPE/unigram with byte fallback, or characters) is trained on a
+`val_inputs`), and the document with the smallest hash always is, so a split never comes out empty. A corpus of
+so few documents that fewer than one would be expected in validation (one book, five books) is split inside each
+document instead: its last `val_fraction` of lines (at a line start) is validation. The tokenizer (SentencePiece BPE/unigram with byte fallback, or characters) is trained on a
 deterministic hash-selected sample of the training documents. Shards: document → shard by a hash of its id,
 documents sorted by id inside a shard, written through a temporary file and a rename, so the same inputs give
 byte-identical shards and manifest on any number of workers.
@@ -319,11 +321,26 @@ def _drop_removed(item):
         yield (item[0], *docs[0])
 
 
-def _assign_split(doc, val_fraction: float, key: bytes):
+_TAIL_ID = 1 << 62  # added to a document's id for its validation tail
+
+
+def _assign_split(doc, val_fraction: float, key: bytes, n_docs: int, smallest: float):
+    """(split, id, text) of a document: whole by its keyed hash, or, when n_docs × val_fraction < 1, its head for
+    training and its tail (from a line start; the last fraction of its text) for validation."""
     doc_id, text, is_val = doc
-    if is_val or (val_fraction > 0 and _keyed_unit(text, key) < val_fraction):
-        return "val", doc_id, text
-    return "train", doc_id, text
+    if is_val or not val_fraction:
+        yield "val" if is_val else "train", doc_id, text
+        return
+    if n_docs * val_fraction < 1:
+        cut = text.find("\n", int(len(text) * (1.0 - val_fraction))) + 1 or text.rfind(" ") + 1
+        if 0 < cut < len(text):
+            yield "train", doc_id, text[:cut]
+            yield "val", doc_id + _TAIL_ID, text[cut:]
+        else:  # a one-line document without a space: nothing to cut
+            yield "train", doc_id, text
+        return
+    u = _keyed_unit(text, key)
+    yield "val" if u < val_fraction or u == smallest else "train", doc_id, text
 
 
 def _train_tokenizer(sample: list, opts: CorpusOptions) -> dict:
@@ -472,7 +489,11 @@ def build(p: beam.Pipeline, opts: CorpusOptions, files: list[str], val_files: li
 
     split_key = b"split" + opts.seed.to_bytes(8, "little")
     val_fraction = 0.0 if val_files else opts.val_fraction
-    docs = docs | "Split" >> beam.Map(_assign_split, val_fraction, split_key)
+    n_docs = _count(docs, "Kept")
+    smallest = docs | "Units" >> beam.Map(lambda d: _keyed_unit(d[1], split_key)) | "Smallest" >> beam.CombineGlobally(
+        lambda units: min(units, default=1.0))
+    docs = docs | "Split" >> beam.FlatMap(_assign_split, val_fraction, split_key, pvalue.AsSingleton(n_docs),
+                                          pvalue.AsSingleton(smallest))
     train_docs = docs | "TrainOnly" >> beam.Filter(lambda d: d[0] == "train")
     if opts.tokenizer == "char":
         sample = (docs | "Chars" >> beam.Map(lambda d: "".join(sorted(set(d[2]))))
