@@ -174,8 +174,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         result, step = {}, start_step
         try:
             for step in range(start_step + 1, config.train_steps + 1):
+                host_batch = next(batches)
+                log.count_tokens(host_batch)
                 batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
-                                     next(batches))
+                                     host_batch)
                 run.state, step_metrics = train_step(run.state, batch, *run.frozen)
                 out_of_time = bool(config.time_limit_s) and log.elapsed() > config.time_limit_s
                 last = step == config.train_steps or out_of_time
@@ -241,7 +243,14 @@ class _Log:
         self.schedule = optim.learning_rate_schedule(config)
         self.nonfinite_seen = 0
         self.start = self.last_time = time.perf_counter()
-        self.last_step = start_step
+        self.last_step, self.tokens, self.total_tokens = start_step, 0, 0
+
+    def count_tokens(self, batch: dict) -> None:
+        """Adds the positions a batch runs through the model (all processes'; an encoder-decoder's padded to its
+        length bucket)."""
+        rows, length = (batch["tokens"].shape[0], batch["tokens"].shape[1] - 1) if "tokens" in batch else \
+            batch["target_in"].shape
+        self.tokens += rows * length * jax.process_count()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -250,7 +259,8 @@ class _Log:
         c = self.config
         values, health = jax.device_get((step_metrics, health))
         now = time.perf_counter()
-        tokens_per_sec = (step - self.last_step) * c.batch_size * c.seq_len / max(now - self.last_time, 1e-9)
+        tokens_per_sec = self.tokens / max(now - self.last_time, 1e-9)
+        self.total_tokens, self.tokens = self.total_tokens + self.tokens, 0
         mfu = self.flops_per_token * tokens_per_sec / self.peak
         eta = (c.train_steps - step) * (now - self.start) / max(step - self.start_step, 1)
         lr, loss = float(self.schedule(step - 1)), float(values["train_loss"])
@@ -276,8 +286,7 @@ class _Log:
         elapsed = self.elapsed()
         if step > self.start_step:
             progress(f"trained steps {self.start_step + 1}-{step} in {elapsed:.1f}s "
-                     f"({(step - self.start_step) * self.config.batch_size * self.config.seq_len / elapsed:,.0f} "
-                     "tok/s)")
+                     f"({(self.total_tokens + self.tokens) / elapsed:,.0f} tok/s)")
 
 
 def compile_report(config) -> dict:

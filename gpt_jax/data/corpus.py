@@ -23,8 +23,9 @@ Only ids and signatures travel through the deduplication shuffles; the text is j
 Split: a document is validation when a keyed hash of its text falls below `val_fraction` (or when it comes from
 `val_inputs`), and the document with the smallest hash always is, so a split never comes out empty. A corpus of
 so few documents that fewer than one would be expected in validation (one book, five books) is split inside each
-document instead: its last `val_fraction` of lines (at a line start) is validation. The tokenizer (SentencePiece BPE/unigram with byte fallback, or characters) is trained on a
-deterministic hash-selected sample of the training documents. Shards: document → shard by a hash of its id,
+document instead: its last `val_fraction` of lines (at a line start) is validation. The tokenizer (SentencePiece
+BPE/unigram with byte fallback, or characters) is trained on a deterministic hash-selected sample of the training
+documents. Shards: document → shard by a hash of its id,
 documents sorted by id inside a shard, written through a temporary file and a rename, so the same inputs give
 byte-identical shards and manifest on any number of workers.
 """
