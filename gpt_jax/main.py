@@ -130,12 +130,13 @@ def run(argv) -> None:
         from gpt_jax import decode, train
 
         try:
-            train.train_and_evaluate(config, _WORKDIR.value)
+            result = train.train_and_evaluate(config, _WORKDIR.value)
         except train.TrainingError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         s = config.sample
-        if s.max_new_tokens > 0:  # every process samples (none waits at the exit barrier); process 0 prints
+        if s.max_new_tokens > 0 and result["step"] >= config.train_steps:  # not after a SIGTERM stop
+            # every process samples (none waits at the exit barrier while another works); process 0 prints
             text = decode.sample_workdir(_WORKDIR.value, [s.prompt], s.max_new_tokens, s.temperature, s.top_k,
                                          s.top_p, num_samples=1, seed=config.seed)[0][0]
             if jax.process_index() == 0:

@@ -149,7 +149,8 @@ class _StopSignal:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains (resuming from the latest good checkpoint in `workdir/checkpoints`), evaluates every `eval_every`
-    steps and at the end; returns the last evaluation's metrics. SIGTERM checkpoints and returns early."""
+    steps and at the end; returns the last evaluation's metrics and the last step. SIGTERM checkpoints and returns
+    early."""
     config, data, pretrained = prepare_run(config, workdir)
     model_cfg = model_lib.model_config(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -186,6 +187,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if evaluator.quick and ((config.eval_every and step % config.eval_every == 0) or last):
                     result = evaluator(run.state["params"], step, full=last and config.final_eval_full)
                     log.eval(step, result, full=last and config.final_eval_full)
+                if os.environ.get("GPT_JAX_SIGTERM_AFTER_STEP") == str(step):  # a preemption notice, for the tests
+                    os.kill(os.getpid(), signal.SIGTERM)
                 stopping = not last and stop.should_stop()
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or last or stopping:
                     ckpt.save(step, run.state["params"], run.state["opt_state"],
@@ -204,7 +207,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             stop.restore()
             ckpt.close()
         log.done(step)
-        return result
+        return {**result, "step": step}
 
 
 def run_frozen_shardings(run: steps.TrainSetup) -> tuple:

@@ -49,15 +49,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_pair(workdir, extra_env=None) -> list[tuple[int, str, str]]:
+def _run_pair(workdir, env_of_process_1=None) -> list[tuple[int, str, str]]:
     """`gpt_jax.main` as processes 0 and 1 of a jax.distributed run on localhost; (exit code, stderr, stdout) of
     each."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", **(extra_env or {})}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "gpt_jax.main", *TWO_PROCESS_FLAGS, f"--workdir={workdir}",
          f"--config.distributed.coordinator_address=localhost:{port}", f"--config.distributed.process_id={i}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        cwd=ROOT, env={**env, **(env_of_process_1 or {})} if i else env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:  # both pipes are read at once, so that neither process blocks on a full pipe while the other is waited for
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             outputs = list(pool.map(lambda p: p.communicate(timeout=600), procs))
@@ -70,12 +71,13 @@ def _run_pair(workdir, extra_env=None) -> list[tuple[int, str, str]]:
 
 
 def _run_two_processes(workdir) -> tuple[list, list | None]:
-    """Both processes die right after the step-10 checkpoint (as a preempted job would); then, if they did, a second
-    pair resumes to step 20. Returns the two pairs' (exit code, stderr) lists (None for a second pair not run)."""
-    killed = _run_pair(workdir, {"GPT_JAX_SIGKILL_AFTER_STEP": "10"})
-    if any(code == 0 for code, _, _ in killed):
-        return killed, None
-    return killed, _run_pair(workdir)
+    """Process 1 gets SIGTERM after step 10 (a preemption notice, which may reach one host first): both processes
+    must agree to stop there, save and exit 0; then, if they did, a second pair resumes to step 20. Returns the two
+    pairs' (exit code, stderr, stdout) lists (None for a second pair not run)."""
+    stopped = _run_pair(workdir, {"GPT_JAX_SIGTERM_AFTER_STEP": "10"})
+    if any(code != 0 for code, _, _ in stopped):
+        return stopped, None
+    return stopped, _run_pair(workdir)
 
 
 _RUNS: dict = {}  # the session's background runs, once started
@@ -135,12 +137,13 @@ def test_checkpoint_restores_under_another_mesh(mesh_losses, run):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_with_eight_devices(background_runs, mesh_losses):
-    """jax.distributed on localhost, 4 CPU devices per process: 10 steps, then a resumed run to step 20."""
-    killed, results = background_runs["two_processes"].result()
+    """jax.distributed on localhost, 4 CPU devices per process: SIGTERM to one process after step 10 stops both
+    there with a checkpoint and exit code 0; a second pair resumes to step 20 and ends with the default sample."""
+    stopped, results = background_runs["two_processes"].result()
     workdir = background_runs["two_processes_workdir"]
-    # Both die after the step-10 checkpoint: by their own SIGKILL, or (process 1) when the coordinator in process 0
-    # goes first; the resumed pair below must then start from step 10.
-    assert all(code != 0 for code, _, _ in killed), [code for code, _, _ in killed]
+    assert all(code == 0 for code, _, _ in stopped), stopped[0][1][-2000:] + stopped[1][1][-2000:]
+    assert "SIGTERM: saved a checkpoint at step 10" in stopped[0][1]
+    assert "--- sample" not in stopped[0][2]  # a stopped run does not sample
     assert all(code == 0 for code, _, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
     assert "resumed from" in results[0][1] and "at step 10" in results[0][1]
     assert "--- sample\n" in results[0][2] and "--- sample" not in results[1][2]  # both sampled, 0 printed
