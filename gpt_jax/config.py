@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_clip = 1.0
     c.grad_accum_steps = 1
     c.label_smoothing = 0.0  # the training loss's targets smoothed towards uniform by this much
+    c.loss_chunk = 2048  # the output layer and loss go this many tokens at a time (0 = all at once)
     c.eval_every = 250
     c.eval_steps = 20
     c.final_eval_full = True  # the last evaluation covers the whole validation split
@@ -213,7 +214,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if _get(config, key) < 1:
             raise ConfigError(f"{key}={_get(config, key)} must be at least 1")
     for key in ("eval_every", "checkpoint_every", "warmup_steps", "keep_checkpoints", "learning_rate",
-                "min_learning_rate", "weight_decay", "time_limit_s"):
+                "min_learning_rate", "weight_decay", "time_limit_s", "loss_chunk"):
         if _get(config, key) < 0:
             raise ConfigError(f"{key}={_get(config, key)} must not be negative")
     if not 0.0 <= config.label_smoothing < 1.0:

@@ -312,14 +312,17 @@ class Transformer(nnx.Module):
             x = self.final_norm(x)
         if return_hidden:
             return x
-        x = x.reshape(batch * seq, -1)
-        if self.mlm_head:
-            x = self.head_norm(_ACTIVATIONS[cfg.activation](self.head_dense(x)))
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = ops.matmul(x, head, cfg.dtype)
-        if self.mlm_head:
-            logits = logits + self.head_bias[...].astype(jnp.float32)
+        logits = self.logits(x.reshape(batch * seq, -1))
         return logits.reshape(batch, seq, -1), (None if cache is None else new_cache)
+
+    def logits(self, hidden):
+        """The output head: final hidden states [tokens, d_model] → logits [tokens, vocab] in float32 (the matmul
+        in the compute dtype)."""
+        if self.mlm_head:
+            hidden = self.head_norm(_ACTIVATIONS[self.cfg.activation](self.head_dense(hidden)))
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = ops.matmul(hidden, head, self.cfg.dtype)
+        return logits + self.head_bias[...].astype(jnp.float32) if self.mlm_head else logits
 
     def _blocks_functional(self, x, positions, cross_kv, kwargs, deterministic, rngs):
         """The blocks as a pure function of their parameters, for rematerialization and `lax.scan` over layers.
@@ -389,11 +392,14 @@ class EncoderDecoder(nnx.Module):
                               return_hidden=True)
         return memory if self.bridge is None else self.bridge(memory)
 
-    def __call__(self, source_ids, target_ids, source_valid=None, *, deterministic=True, rngs=None):
-        """Teacher-forced logits [batch, tgt, vocab] (float32) of the decoder inputs target_ids [batch, tgt]."""
+    def __call__(self, source_ids, target_ids, source_valid=None, *, deterministic=True, rngs=None,
+                 return_hidden=False):
+        """Teacher-forced logits [batch, tgt, vocab] (float32) of the decoder inputs target_ids [batch, tgt] (with
+        return_hidden the decoder's final hidden states)."""
         memory = self.encode(source_ids, source_valid, deterministic=deterministic, rngs=rngs)
-        return self.decoder(target_ids, memory=memory, memory_valid=source_valid, deterministic=deterministic,
-                            rngs=rngs)[0]
+        out = self.decoder(target_ids, memory=memory, memory_valid=source_valid, deterministic=deterministic,
+                           rngs=rngs, return_hidden=return_hidden)
+        return out if return_hidden else out[0]
 
 
 def model_config(config) -> ModelConfig | EncDecConfig:

@@ -17,6 +17,8 @@ from gpt_jax import lora as lora_lib
 from gpt_jax import model as model_lib
 from gpt_jax import optim, sharding
 
+LOSS_CHUNK = 2048  # tokens per chunk of the output layer and loss (the `loss_chunk` config key)
+
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     """Cross-entropy per position of logits [..., vocab] (float32) against integer labels, the target distribution
@@ -27,20 +29,37 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def token_losses(graphdef, params, batch: dict, *, label_smoothing: float = 0.0, dropout_key=None):
+def chunked_cross_entropy(logits_fn, hidden, labels, label_smoothing: float = 0.0, chunk: int = LOSS_CHUNK):
+    """cross_entropy(logits_fn(hidden), labels) for hidden [tokens, d_model] and labels [tokens], `chunk` tokens at
+    a time: the [tokens, vocab] float32 logits are never held whole, in the forward or (each chunk's logits are
+    recomputed there) the backward pass. chunk 0, or at least the token count, computes them at once."""
+    n = labels.shape[0]
+    if not chunk or chunk >= n:
+        return cross_entropy(logits_fn(hidden), labels, label_smoothing)
+    pad = -n % chunk
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, hidden.shape[-1])
+    labels = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
+    one_chunk = jax.checkpoint(lambda h, y: cross_entropy(logits_fn(h), y, label_smoothing))
+    return jax.lax.map(lambda xs: one_chunk(*xs), (hidden, labels)).reshape(-1)[:n]
+
+
+def token_losses(graphdef, params, batch: dict, *, label_smoothing: float = 0.0, dropout_key=None,
+                 chunk: int = LOSS_CHUNK):
     """(losses [batch, seq] in float32, labels [batch, seq]) of a batch: {"tokens": [batch, seq+1]} (next-token
     prediction) for a decoder-only model; {"source", "source_valid", "target_in", "target_out"} for an
-    encoder-decoder. Dropout is on when a `dropout_key` is given."""
+    encoder-decoder. Dropout is on when a `dropout_key` is given; the loss goes `chunk` tokens at a time."""
     model = nnx.merge(graphdef, params)
     train = dict(deterministic=dropout_key is None,
-                 rngs=None if dropout_key is None else nnx.Rngs(dropout=dropout_key))
+                 rngs=None if dropout_key is None else nnx.Rngs(dropout=dropout_key), return_hidden=True)
     if isinstance(model, model_lib.EncoderDecoder):
-        logits = model(batch["source"], batch["target_in"], batch["source_valid"], **train)
-        labels = batch["target_out"]
+        hidden = model(batch["source"], batch["target_in"], batch["source_valid"], **train)
+        labels, head = batch["target_out"], model.decoder
     else:
-        logits, _ = model(batch["tokens"][:, :-1], **train)
-        labels = batch["tokens"][:, 1:]
-    return cross_entropy(logits, labels, label_smoothing), labels
+        hidden = model(batch["tokens"][:, :-1], **train)
+        labels, head = batch["tokens"][:, 1:], model
+    losses = chunked_cross_entropy(head.logits, hidden.reshape(labels.size, -1), labels.reshape(-1),
+                                   label_smoothing, chunk)
+    return losses.reshape(labels.shape), labels
 
 
 @dataclasses.dataclass
@@ -104,7 +123,8 @@ def setup(config, model_cfg, mesh, pretrained_params=None, abstract: bool = Fals
     return TrainSetup(graphdef, tx, state, shardings, p_shardings, base, spec)
 
 
-def make_train_step(run: TrainSetup, grad_accum_steps: int, use_dropout: bool, label_smoothing: float = 0.0):
+def make_train_step(run: TrainSetup, grad_accum_steps: int, use_dropout: bool, label_smoothing: float = 0.0,
+                    loss_chunk: int = LOSS_CHUNK):
     """train_step(state, batch, *run.frozen) → (state, metrics), to be jitted with the state donated.
 
     A batch's targets count where its optional "loss_mask" is 1. A step whose loss or gradients are not finite
@@ -113,8 +133,8 @@ def make_train_step(run: TrainSetup, grad_accum_steps: int, use_dropout: bool, l
     inject_nan_at = int(os.environ.get("GPT_JAX_INJECT_NAN_AT_STEP", "0"))  # fault injection for tests
 
     def loss_fn(params, micro, key, step, base):
-        losses, _ = token_losses(run.graphdef, run.model_params(params, base), micro,
-                                 label_smoothing=label_smoothing, dropout_key=key if use_dropout else None)
+        losses, _ = token_losses(run.graphdef, run.model_params(params, base), micro, label_smoothing=label_smoothing,
+                                 dropout_key=key if use_dropout else None, chunk=loss_chunk)
         if inject_nan_at:
             losses = losses * jnp.where(step + 1 == inject_nan_at, jnp.nan, 1.0)
         mask = micro["loss_mask"].astype(jnp.float32) if "loss_mask" in micro else jnp.ones_like(losses)
@@ -174,14 +194,14 @@ def nonfinite_report(health) -> str:
             f"non-finite gradients in: {where}")
 
 
-def make_eval_step(graphdef, byte_lengths: np.ndarray, model_params=None):
+def make_eval_step(graphdef, byte_lengths: np.ndarray, model_params=None, loss_chunk: int = LOSS_CHUNK):
     """eval_step(params, batch, *frozen) → sums of (nll, targets, target bytes) over the targets where
     batch["loss_mask"] is 1; `model_params(params, *frozen)` turns trained parameters into the model's (LoRA)."""
     byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
     def eval_step(params, batch, *frozen):
         params = model_params(params, *frozen) if model_params is not None else params
-        losses, labels = token_losses(graphdef, params, batch)
+        losses, labels = token_losses(graphdef, params, batch, chunk=loss_chunk)
         mask = batch["loss_mask"].astype(jnp.float32)
         return {"nll": jnp.sum(losses * mask), "tokens": jnp.sum(mask), "bytes": jnp.sum(byte_lengths[labels] * mask)}
 

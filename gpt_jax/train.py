@@ -164,7 +164,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         start_step, data_state = _restore(ckpt, run, mesh, config, pretrained)
         batch_sharding = sharding.batch_sharding(mesh)
         train_step = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0,
-                                                   config.label_smoothing),
+                                                   config.label_smoothing, config.loss_chunk),
                              in_shardings=(run.shardings, batch_sharding) + run_frozen_shardings(run),
                              out_shardings=(run.shardings, None), donate_argnums=(0,))
         evaluator = evaluate.Evaluator(config, data, run, batch_sharding, workdir)
@@ -310,7 +310,8 @@ def compile_report(config) -> dict:
                                                 sharding=batch_sharding)}
         state_in = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), run.state,
                                 run.shardings)
-        step_fn = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0),
+        step_fn = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0,
+                                                config.label_smoothing, config.loss_chunk),
                           in_shardings=(run.shardings, batch_sharding), out_shardings=(run.shardings, None),
                           donate_argnums=(0,))
         progress(f"compiling the train step of {config.model.n_layer} layers for {mesh.size} device(s) "

@@ -100,6 +100,40 @@ def test_grad_accumulation_matches_one_big_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama_untied", "encoder_decoder"])
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients(kind):
+    """The loss `loss_chunk` tokens at a time (the logits of a chunk recomputed in the backward pass) is the loss of
+    the whole [tokens, vocab] logits: the same sum, gradients within float32 rounding; label smoothing on."""
+    from flax import nnx
+
+    from gpt_jax import model as model_lib
+    from gpt_jax import steps
+
+    tokens = jax.random.randint(jax.random.key(1), (3, 41), 3, 97)  # 120 targets: 7 chunks of 16, the last ragged
+    if kind == "encoder_decoder":
+        stack = model_lib.ModelConfig(vocab_size=97, n_layer=1, n_head=2, n_kv_head=2, d_model=32, d_ff=64,
+                                      max_seq_len=64, head="mlm", layout="post", activation="gelu")
+        model = model_lib.EncoderDecoder(model_lib.EncDecConfig(stack, stack, 1, 2), rngs=nnx.Rngs(0))
+        batch = {"source": tokens[:, :20], "source_valid": jnp.ones((3, 20), bool), "target_in": tokens[:, :-1],
+                 "target_out": tokens[:, 1:]}
+    else:
+        shape = {} if kind == "gpt2" else dict(tie_embeddings=False, pos_embedding="rope", norm="rmsnorm",
+                                               mlp="swiglu", use_bias=False)
+        cfg = model_lib.ModelConfig(vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, d_model=32, d_ff=64,
+                                    max_seq_len=64, **shape)
+        model, batch = model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), {"tokens": tokens}
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p, chunk):
+        return jnp.sum(steps.token_losses(graphdef, p, batch, label_smoothing=0.1, chunk=chunk)[0])
+
+    (plain, plain_grads), (chunked, chunked_grads) = [
+        jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, chunk) for chunk in (0, 16)]
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(chunked_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
 # ---- faults: SIGTERM, a truncated checkpoint, a non-finite step -------------------------------------------------
 
 
