@@ -3,8 +3,9 @@
 A targeted kernel W [in, out] gains A [in, rank] (small random) and B [rank, out] (zeros, so training starts from
 the base model exactly); the model then computes with W + (alpha / rank)·A@B. The adapters live in a pytree that
 mirrors the parameters down to each targeted module (`{"blocks": {0: {"attn": {"query": {"lora_a", "lora_b"}}}}}`);
-`merge_params` folds them into the base parameters as a pure function, so the train step merges inside jit while
-the base stays a frozen input and the model code knows nothing of LoRA.
+Training attaches them to the base parameters as factored kernels (`attach`: x@W + scale·(x@A)@B in
+`ops.matmul`, so the frozen W is never copied or differentiated and the model code knows nothing of LoRA);
+`merge_params` folds them into W for a model that stands alone.
 
 A LoRA run's workdir loads as a model wherever a workdir does (`--mode=eval|sample|serve`, tools/evaluate.py,
 `tools/convert.py --to=hf`): `workdir.load_workdir` merges its adapters into the `init_from` base, which must
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt_jax import config as config_lib
+from gpt_jax import ops
 from gpt_jax.errors import ConfigError
 
 
@@ -91,6 +93,18 @@ def merge_params(base_params: dict, adapters: dict, scale: float) -> dict:
             kernel = base["kernel"]
             delta = jnp.dot(adapter["lora_a"], adapter["lora_b"], preferred_element_type=jnp.float32) * scale
             return {**base, "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
+        return {**base, **{key: walk(base[key], value) for key, value in adapter.items()}}
+
+    return walk(base_params, adapters)
+
+
+def attach(base_params: dict, adapters: dict, scale: float) -> dict:
+    """The base parameters with each adapted kernel as an `ops.LowRankUpdate` (W + scale·A@B kept factored): what
+    training runs, so the frozen W is neither copied nor differentiated."""
+
+    def walk(base, adapter):
+        if "lora_a" in adapter:
+            return {**base, "kernel": ops.LowRankUpdate(base["kernel"], adapter["lora_a"], adapter["lora_b"], scale)}
         return {**base, **{key: walk(base[key], value) for key, value in adapter.items()}}
 
     return walk(base_params, adapters)

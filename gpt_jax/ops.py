@@ -9,6 +9,8 @@ of the full square at seq 256.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -37,8 +39,26 @@ def _matmul_bwd(residuals, g):
 _matmul_low_precision.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LowRankUpdate:
+    """A kernel W + scale·A@B kept factored (LoRA): matmul computes x@W + scale·(x@A)@B, so W is never copied and
+    its gradient never formed; only A [k, rank] and B [rank, n] are differentiated. It stands where a kernel array
+    does (`kernel[...]` gives itself)."""
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True))
+
+    def __getitem__(self, key):
+        return self
+
+
 def matmul(x, w, dtype: str):
     """x [m, k] @ w [k, n] → float32 [m, n], with inputs cast to the compute dtype (float32 | bfloat16 | float16)."""
+    if isinstance(w, LowRankUpdate):
+        return matmul(x, w.base, dtype) + w.scale * matmul(matmul(x, w.a, dtype), w.b, dtype)
     if DTYPES[dtype] == jnp.float32:
         return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
     return _matmul_low_precision(x.astype(DTYPES[dtype]), w.astype(DTYPES[dtype]))

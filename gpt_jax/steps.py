@@ -75,8 +75,8 @@ class TrainSetup:
     lora: lora_lib.LoraSpec | None
 
     def model_params(self, params, base=None):
-        """The model's parameters from the trained ones: LoRA adapters merged into the base, or themselves."""
-        return params if self.lora is None else lora_lib.merge_params(base, params, self.lora.scale)
+        """The model's parameters from the trained ones: LoRA adapters attached to the base, or themselves."""
+        return params if self.lora is None else lora_lib.attach(base, params, self.lora.scale)
 
     @property
     def frozen(self) -> tuple:
