@@ -247,6 +247,7 @@ class _Log:
         self.nonfinite_seen = 0
         self.start = self.last_time = time.perf_counter()
         self.last_step, self.tokens, self.total_tokens = start_step, 0, 0
+        self.eta_from = None  # (time, step) of the first log
 
     def count_tokens(self, batch: dict) -> None:
         """Adds the positions a batch runs through the model (all processes'; an encoder-decoder's padded to its
@@ -265,12 +266,15 @@ class _Log:
         tokens_per_sec = self.tokens / max(now - self.last_time, 1e-9)
         self.total_tokens, self.tokens = self.total_tokens + self.tokens, 0
         mfu = self.flops_per_token * tokens_per_sec / self.peak
-        eta = (c.train_steps - step) * (now - self.start) / max(step - self.start_step, 1)
+        if self.eta_from is None:  # the first steps include compiling: the ETA counts from the first log on
+            self.eta_from = (now, step)
+        done = step - self.eta_from[1]
+        eta = metrics.fmt_time((c.train_steps - step) * (now - self.eta_from[0]) / done) if done else "-"
         lr, loss = float(self.schedule(step - 1)), float(values["train_loss"])
         self.writer.write(step, {"train_loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
                                  "grad_norm": float(values["grad_norm"])})
         progress(f"step {step}/{c.train_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_sec:,.0f} tok/s  "
-                 f"mfu {mfu:.1%}  eta {metrics.fmt_time(eta)}")
+                 f"mfu {mfu:.1%}  eta {eta}")
         if int(health["count"]) > self.nonfinite_seen:
             self.nonfinite_seen = int(health["count"])
             progress("warning: " + steps.nonfinite_report(health))
