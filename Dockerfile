@@ -3,7 +3,10 @@
 #   docker run --rm -p 127.0.0.1:8000:8000 -v "$PWD/runs/tiny:/model:ro" gpt-jax
 # The model is whatever is mounted at /model: a gpt_jax workdir or an HF model directory; for a GGUF file mount it
 # and name it: docker run ... -v "$PWD/m.gguf:/models/m.gguf:ro" gpt-jax --config.init_from=/models/m.gguf
-FROM python:3.11-slim
+# No registry (or an intercepting HTTPS proxy)? tools/build_image.sh --local-base builds FROM a Debian base made
+# on this machine; any base with `python` (3.11 or newer) and pip on the PATH will do.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -13,8 +16,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY setup.cfg pyproject.toml README.md ./
+# The dependencies (TensorFlow among them: minutes) in a layer of their own, installed for an empty stand-in package,
+# so that a change to the code rebuilds only the last, small layer
+RUN mkdir gpt_jax && touch gpt_jax/__init__.py && pip install ".[serve,convert]" && pip uninstall -y gpt_jax \
+    && rm -rf gpt_jax build gpt_jax.egg-info
 COPY gpt_jax ./gpt_jax
-RUN pip install ".[serve,convert]" jinja2
+RUN pip install --no-deps . && rm -rf build gpt_jax.egg-info
 
 RUN useradd --create-home --uid 1000 gptjax
 USER gptjax
