@@ -105,6 +105,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ""  # host:port of process 0; "auto" = detect (TPU pod, SLURM, MPI)
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
+
+    # lm-evaluation-harness tasks run at each evaluation (decoder-only; needs `pip install -e '.[harness]'`),
+    # their metrics logged as harness/TASK/METRIC; tasks under harness_include_path or lm-eval's own
+    c.eval = ml_collections.ConfigDict()
+    c.eval.harness_tasks = ""  # comma list; empty = none
+    c.eval.harness_limit = 0  # documents per task (0 = all)
+    c.eval.harness_include_path = ""  # a directory of task YAMLs
+    c.eval.harness_num_fewshot = -1  # -1 = each task's own
     return c
 
 
@@ -156,7 +164,7 @@ def encdec_config() -> ml_collections.ConfigDict:
     c.data.val_jsonl = ""
     c.data.max_source_len = 0  # tokens, specials included; longer sources are cut; 0 = seq_len
     c.data.length_buckets = "16,24,32,48,64"  # both sides of a batch are padded to the first that fits
-    c.eval = ml_collections.ConfigDict()  # translation of the validation sources for BLEU and chrF
+    # translation of the validation sources for BLEU and chrF (the harness_* keys of base_config stay, unused)
     c.eval.max_new_tokens = 96
     c.eval.batch_size = 128
     c.eval.limit = 0  # translate only the first N validation pairs (0 = all)
@@ -217,6 +225,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "min_learning_rate", "weight_decay", "time_limit_s", "loss_chunk"):
         if _get(config, key) < 0:
             raise ConfigError(f"{key}={_get(config, key)} must not be negative")
+    if config.eval.harness_limit < 0:
+        raise ConfigError(f"eval.harness_limit={config.eval.harness_limit} must not be negative")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ConfigError(f"label_smoothing={config.label_smoothing} must be in [0, 1)")
     m = config.model

@@ -11,6 +11,11 @@ Sampling: temperature (0 = greedy), top-k, top-p, per request; a request's rando
 sequence (on text), or `max_tokens`. Updates (new tokens and the text that is safe to
 show) go to a per-request callback as they are produced, for streaming.
 
+Log-probabilities (`Request.logprobs`): each generated token's log-probability and the most likely alternatives,
+from the float32 logits the step computes anyway (log-softmax before temperature and filtering);
+`Request.score_prompt` adds the prompt's tokens, scored in the same prefill that fills the cache (one forward over
+the prompt), so `max_tokens=0` scores a text without generating.
+
 `generate` runs a batch of prompts to completion on an `Engine`; `sample_workdir` does the same from a model
 directory. A text longer than the context slides there: when a row's cache is full its last half is
 prefilled again and decoding goes on.
@@ -34,6 +39,7 @@ from gpt_jax.model import ModelConfig, init_cache
 PROMPT_BUCKET = 16  # smallest prompt bucket; buckets double up to the cache length
 CACHE_BUCKET = 64  # smallest cache capacity; capacities double up to the cache length
 PREFILL_CHUNK = 256  # prompts are prefilled this many tokens at a time (bounds the logits held in memory)
+MAX_LOGPROBS = 5  # most likely alternatives a request may ask for per token (OpenAI's limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,23 +105,36 @@ def _sample_packed(logits, ints, floats):
     return sample_tokens(logits, keys, floats[:, _F_TEMPERATURE], ints[:, _I_TOP_K], floats[:, _F_TOP_P])
 
 
+def token_logprobs(logits, tokens, top: int = MAX_LOGPROBS):
+    """(log-probability of each of `tokens` [...], the `top` best (log-probabilities, token ids) [..., top]) under
+    logits [..., vocab] (float32): one log-softmax feeds both, so a token that is the most likely one has exactly
+    the value at the top of the list."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    top_values, top_ids = jax.lax.top_k(logp, min(top, logp.shape[-1]))
+    return chosen, top_values, top_ids
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Jitted prefill and decode step, built once per model graph
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
-    """(prefill, step, sample, grow) jitted for one model graph; shapes pick the compiled variant. Sampling is
-    compiled on its own, once per batch size rather than once per prefill shape."""
+    """(prefill, step, sample, grow, logprobs) jitted for one model graph; shapes pick the compiled variant.
+    Sampling is compiled on its own, once per batch size rather than once per prefill shape."""
     last_position = cfg.max_seq_len - 1
 
-    def prefill(params, cache, tokens, slots, ints):
+    def prefill(params, cache, tokens, slots, ints, score: bool = False):
         """Prefills prompts tokens [batch, padded] (right-padded; ints[:, LENGTH] real tokens) into cache rows
-        `slots` (out-of-range slots are dropped), returns (logits after each prompt [batch, vocab], cache)."""
+        `slots` (out-of-range slots are dropped), returns (logits after each prompt [batch, vocab], cache, scores).
+        With `score`, scores are `token_logprobs` of every next prompt token ([batch, padded] and [batch, padded,
+        top]: position j scores token j + 1), else None."""
         batch, padded = tokens.shape
         chunk = min(padded, PREFILL_CHUNK)
         lengths = ints[:, _I_LENGTH]
         key_valid = jnp.arange(padded)[None, :] < lengths[:, None]  # [batch, padded]
+        next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
 
         def body(carry, start):
             small, last = carry
@@ -126,15 +145,19 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
             index = lengths - 1 - start
             picked = jnp.take_along_axis(logits, jnp.clip(index, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
             last = jnp.where(((index >= 0) & (index < chunk))[:, None], picked, last)
-            return (small, last), None
+            scores = token_logprobs(logits, jax.lax.dynamic_slice_in_dim(next_tokens, start, chunk, axis=1)) \
+                if score else None
+            return (small, last), scores
 
         small = init_cache(cfg, batch, padded, cache[0]["k"].dtype)
         last = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
-        (small, last), _ = jax.lax.scan(body, (small, last), jnp.arange(0, padded, chunk))
+        (small, last), scores = jax.lax.scan(body, (small, last), jnp.arange(0, padded, chunk))
+        if score:  # [chunks, batch, chunk, ...] → [batch, padded, ...]
+            scores = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, padded, *x.shape[3:]), scores)
         n = min(padded, cache[0]["k"].shape[1])
         cache = [{name: layer[name].at[slots, :n].set(new[name][:, :n], mode="drop") for name in ("k", "v")}
                  for layer, new in zip(cache, small, strict=True)]
-        return last, cache
+        return last, cache, scores
 
     def step(params, cache, ints):
         """Writes each row's token at its position: returns (next-token logits [rows, vocab], cache)."""
@@ -155,8 +178,8 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
         pad = ((0, 0), (0, capacity - cache[0]["k"].shape[1]), (0, 0), (0, 0))
         return [{name: jnp.pad(layer[name], pad) for name in ("k", "v")} for layer in cache]
 
-    return (jax.jit(prefill, donate_argnums=(1,)), jax.jit(step, donate_argnums=(1,)), jax.jit(_sample_packed),
-            jax.jit(grow, static_argnums=(1,)))
+    return (jax.jit(prefill, donate_argnums=(1,), static_argnames=("score",)), jax.jit(step, donate_argnums=(1,)),
+            jax.jit(_sample_packed), jax.jit(grow, static_argnums=(1,)), jax.jit(token_logprobs))
 
 
 def _bucket(n: int, smallest: int, largest: int) -> int:
@@ -171,6 +194,16 @@ def _bucket(n: int, smallest: int, largest: int) -> int:
 # Requests
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of the float32 logits, before temperature and
+    filtering) and the most likely tokens at its position, best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability)
+
+
 @dataclasses.dataclass
 class Update:
     """What a request produced in one engine iteration."""
@@ -178,6 +211,7 @@ class Update:
     token_ids: list[int]  # the new tokens (an end token that stopped the request is not included)
     text: str  # new text that is safe to show (held back while it may begin a stop sequence or a character)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" once the request is over
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # of the new tokens and an end token
 
 
 @dataclasses.dataclass
@@ -193,6 +227,8 @@ class Request:
     stop_token_ids: Sequence[int] = ()  # end tokens (not returned)
     slide: bool = False  # when the context is full: keep its last half and go on (else finish with "length")
     on_update: Callable[[Update], None] | None = None
+    logprobs: int | None = None  # each new token's log-probability and this many alternatives (≤ MAX_LOGPROBS)
+    score_prompt: bool = False  # the same for the prompt's tokens (with `logprobs`); max_tokens may then be 0
 
 
 class RequestState:
@@ -203,6 +239,8 @@ class RequestState:
         self.history = list(request.prompt)  # prompt + generated tokens
         self.token_ids: list[int] = []  # generated tokens
         self.text = ""  # generated text (cut at a stop sequence)
+        self.logprobs: list[TokenLogprob] = []  # with request.logprobs: per generated token, then an end token's
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # with score_prompt: None for the first token
         self.finish_reason: str | None = None
         self.cancelled = False
         self.done = threading.Event()
@@ -232,7 +270,7 @@ class Engine:
         self._device = jax.local_devices()[0]
         graphdef, params = nnx.split(model, nnx.Param)
         self.params = jax.device_put(params, self._device)
-        self._prefill, self._step, self._sample, self._grow = _compiled(graphdef, cfg)
+        self._prefill, self._step, self._sample, self._grow, self._logprobs = _compiled(graphdef, cfg)
         self._capacity = min(CACHE_BUCKET, self.max_len)
         self._cache = self._new_cache()
         self._rows: list[RequestState | None] = [None] * max_batch
@@ -251,10 +289,14 @@ class Engine:
             raise ValueError("the prompt needs at least one token")
         if request.stop and self.tokenizer is None:
             raise ValueError("stop sequences need an engine with a tokenizer")
-        if len(request.prompt) > self.max_len and not request.slide:
+        if len(request.prompt) > self.max_len and (not request.slide or request.score_prompt):
             raise ValueError(f"the prompt has {len(request.prompt)} tokens; the context holds {self.max_len}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs={request.logprobs} is not in [0, {MAX_LOGPROBS}]")
+        if request.score_prompt and request.logprobs is None:
+            raise ValueError("score_prompt needs logprobs (how many alternatives per token)")
         state = RequestState(request)
-        if request.max_tokens <= 0:
+        if request.max_tokens <= 0 and not request.score_prompt:
             self._finish(state, "length")
             return state
         with self._lock:
@@ -286,10 +328,11 @@ class Engine:
         self._ensure_capacity(needed)
         logits, self._cache = self._step(self.params, self._cache, self._ints)
         tokens = np.asarray(self._sample(logits, self._ints, self._floats))
+        scored = self._score_tokens(logits, tokens, self._rows)
         self.steps += 1
         for i in active:
             self._ints[i, _I_LENGTH] += 1
-            self._accept(i, int(tokens[i]))
+            self._accept(i, int(tokens[i]), scored[i])
 
     def run_until_done(self) -> None:
         while self.has_work():
@@ -341,11 +384,11 @@ class Engine:
             self._finish(state, "cancelled")
 
     def _admit(self) -> None:
-        jobs: list[tuple[int, RequestState, list[int]]] = []  # (row, state, context to prefill)
+        jobs: list[tuple[int, RequestState, list[int], bool]] = []  # (row, state, context to prefill, score it)
         for i in self._refill:
             state = self._rows[i]
             if state is not None:
-                jobs.append((i, state, state.history[-(self.max_len // 2):]))
+                jobs.append((i, state, state.history[-(self.max_len // 2):], False))
         self._refill.clear()
         free = [i for i, r in enumerate(self._rows) if r is None]
         with self._lock:
@@ -353,14 +396,14 @@ class Engine:
                 state = self._pending.popleft()
                 i = free.pop(0)
                 self._rows[i] = state
-                jobs.append((i, state, state.history[-self.max_len:]))
+                jobs.append((i, state, state.history[-self.max_len:], state.request.score_prompt))
         if not jobs:
             return
-        # one prefill call per prompt bucket
-        groups: dict[int, list[tuple[int, RequestState, list[int]]]] = {}
+        # one prefill call per prompt bucket (and whether its prompts are scored)
+        groups: dict[tuple[int, bool], list[tuple[int, RequestState, list[int], bool]]] = {}
         for job in jobs:
-            groups.setdefault(_bucket(len(job[2]), PROMPT_BUCKET, self.max_len), []).append(job)
-        for padded_len, group in sorted(groups.items()):
+            groups.setdefault((_bucket(len(job[2]), PROMPT_BUCKET, self.max_len), job[3]), []).append(job)
+        for (padded_len, score), group in sorted(groups.items()):
             self._ensure_capacity(padded_len)
             chunk = min(padded_len, PREFILL_CHUNK)
             padded = -(-padded_len // chunk) * chunk
@@ -370,16 +413,36 @@ class Engine:
             ints = np.zeros((batch, 6), np.int32)
             floats = np.zeros((batch, 2), np.float32)
             ints[:, _I_LENGTH] = 1
-            for b, (i, state, context) in enumerate(group):
+            for b, (i, state, context, _) in enumerate(group):
                 tokens[b, :len(context)] = context
                 slots[b] = i
                 self._set_row(i, state, len(context))
                 ints[b] = self._ints[i]
                 floats[b] = self._floats[i]
-            logits, self._cache = self._prefill(self.params, self._cache, tokens, slots, ints)
+            logits, self._cache, scores = self._prefill(self.params, self._cache, tokens, slots, ints, score=score)
             first = np.asarray(self._sample(logits, ints, floats))
-            for b, (i, _, _) in enumerate(group):
-                self._accept(i, int(first[b]))
+            scored = self._score_tokens(logits, first, [job[1] for job in group])
+            if score:
+                chosen, top_values, top_ids = (np.asarray(x) for x in scores)
+                for b, (_, state, context, _) in enumerate(group):
+                    k = state.request.logprobs
+                    state.prompt_logprobs = [None] + [
+                        _entry(context[j + 1], chosen[b, j], top_values[b, j], top_ids[b, j], k)
+                        for j in range(len(context) - 1)]
+            for b, (i, state, _, _) in enumerate(group):
+                if state.request.max_tokens <= 0:  # scoring the prompt was all it asked for
+                    self._release(i, "length")
+                else:
+                    self._accept(i, int(first[b]), scored[b])
+
+    def _score_tokens(self, logits, tokens: np.ndarray, states: list[RequestState | None]) -> list[TokenLogprob | None]:
+        """Per row, the sampled token's `TokenLogprob` where its request asks for logprobs, else None."""
+        wanted = [s is not None and s.request.logprobs is not None for s in states]
+        if not any(wanted):
+            return [None] * len(states)
+        chosen, top_values, top_ids = (np.asarray(x) for x in self._logprobs(logits, tokens))
+        return [_entry(int(tokens[b]), chosen[b], top_values[b], top_ids[b], states[b].request.logprobs)
+                if wanted[b] else None for b in range(len(states))]
 
     def _new_cache(self) -> list[dict]:
         return jax.device_put(init_cache(self.cfg, self.max_batch, self._capacity), self._device)
@@ -397,14 +460,16 @@ class Engine:
             self._cache = self._grow(self._cache, target)
             self._capacity = target
 
-    def _accept(self, i: int, token: int) -> None:
-        """Handles the token just sampled for row i: records it, emits an update, and stops the row or queues the
-        token to be written at the next step."""
+    def _accept(self, i: int, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Handles the token just sampled for row i (and its log-probability, when asked for): records it, emits an
+        update, and stops the row or queues the token to be written at the next step."""
         state = self._rows[i]
         req = state.request
         self._ints[i, _I_COUNTER] += 1
+        scored = [] if logprob is None else [logprob]
+        state.logprobs += scored
         if token in state._stop_set:
-            self._release(i, "stop")
+            self._release(i, "stop", logprobs=scored)
             return
         state.token_ids.append(token)
         state.history.append(token)
@@ -419,10 +484,10 @@ class Engine:
             else:
                 finish = "length"
         if finish is not None:
-            self._release(i, finish, new_tokens=[token])
+            self._release(i, finish, new_tokens=[token], logprobs=scored)
             return
         self._ints[i, _I_TOKEN] = token
-        self._emit(state, [token], final=False)
+        self._emit(state, [token], final=False, logprobs=scored)
 
     def _update_text(self, state: RequestState) -> str | None:
         text = self.tokenizer.decode(state.token_ids)
@@ -451,26 +516,40 @@ class Engine:
                     break
         return max(end - hold, state._shown)
 
-    def _emit(self, state: RequestState, tokens: list[int], final: bool) -> None:
+    def _emit(self, state: RequestState, tokens: list[int], final: bool,
+              logprobs: Sequence[TokenLogprob] = ()) -> None:
         end = len(state.text) if final else self._safe_end(state)
         delta = state.text[state._shown:end]
         state._shown = end
         if state.request.on_update is not None:
-            state.request.on_update(Update(tokens, delta, state.finish_reason))
+            state.request.on_update(Update(tokens, delta, state.finish_reason, list(logprobs)))
 
-    def _release(self, i: int, reason: str, new_tokens: Sequence[int] = ()) -> None:
+    def _release(self, i: int, reason: str, new_tokens: Sequence[int] = (),
+                 logprobs: Sequence[TokenLogprob] = ()) -> None:
         state = self._rows[i]
         self._rows[i] = None
         self._ints[i] = 0
         self._floats[i] = 0.0
         if i in self._refill:
             self._refill.remove(i)
-        self._finish(state, reason, new_tokens)
+        self._finish(state, reason, new_tokens, logprobs)
 
-    def _finish(self, state: RequestState, reason: str, new_tokens: Sequence[int] = ()) -> None:
+    def _finish(self, state: RequestState, reason: str, new_tokens: Sequence[int] = (),
+                logprobs: Sequence[TokenLogprob] = ()) -> None:
         state.finish_reason = reason
-        self._emit(state, list(new_tokens), final=True)
+        self._emit(state, list(new_tokens), final=True, logprobs=logprobs)
         state.done.set()
+
+
+def _entry(token: int, value, top_values, top_ids, k: int) -> TokenLogprob:
+    """A TokenLogprob from one position's scores; a token among the top ones takes its value from there, so a
+    greedy token's log-probability is the maximum, bit for bit."""
+    for t, v in zip(top_ids, top_values, strict=True):
+        if int(t) == token:
+            value = v
+            break
+    top = tuple((int(t), float(v)) for t, v in zip(top_ids[:k], top_values[:k], strict=True))
+    return TokenLogprob(int(token), float(value), top)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from flax import nnx
 
 from gpt_jax import config as config_lib
 from gpt_jax import data as data_lib
+from gpt_jax import model as model_lib
 from gpt_jax import steps
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax import workdir as workdir_lib
@@ -67,10 +68,20 @@ def translation_scores(loaded: LoadedModel, sources: Sequence[str], references: 
 
 class Evaluator:
     """Evaluation during training: the loss over a fixed random subset of `eval_steps` validation batches, or over
-    the whole validation split (`full`), where an encoder-decoder adds BLEU and chrF of its greedy translations."""
+    the whole validation split (`full`), where an encoder-decoder adds BLEU and chrF of its greedy translations.
+    A decoder-only run with `eval.harness_tasks` adds those lm-evaluation-harness tasks' metrics at every evaluation
+    (`harness/TASK/METRIC`)."""
 
     def __init__(self, config, data, run: steps.TrainSetup, batch_sharding, workdir: str):
         self.config, self.data, self.run, self.workdir = config, data, run, workdir
+        self.mesh = batch_sharding.mesh
+        self.harness_tasks = [t.strip() for t in config.eval.harness_tasks.split(",") if t.strip()] \
+            if config.model.kind != "encoder_decoder" else []
+        if self.harness_tasks:
+            from gpt_jax import cli
+
+            cli.require("harness", "lm_eval")
+            self._merge = jax.jit(run.model_params)  # LoRA: the adapters merged into the base
         self.step = jax.jit(steps.make_eval_step(run.graphdef, data.tokenizer.token_byte_lengths(), run.model_params),
                             in_shardings=(run.shardings["params"], batch_sharding) + (
                                 (run.param_shardings,) if run.base is not None else ()))
@@ -94,7 +105,29 @@ class Evaluator:
             scores = translation_scores(loaded, self.data.val_sources[:limit], self.data.val_targets[:limit],
                                         workdir_lib.path(self.workdir, "val_hypotheses.txt"))
             result.update(val_bleu=scores["bleu"], val_chrf=scores["chrf"])
+        if self.harness_tasks:
+            result.update(self._harness(params, step))
         return result
+
+    def _harness(self, params, step: int) -> dict:
+        """The harness tasks' metrics on the current parameters: scored on the training mesh where one process
+        runs; with several, every process gathers the parameters and runs them alone (the same documents)."""
+        from gpt_jax import harness
+
+        params = self._merge(params, *self.run.frozen) if self.run.lora else params
+        mesh = self.mesh
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            params = jax.device_get(multihost_utils.process_allgather(params, tiled=True))
+            mesh = None  # the local devices
+        e = self.config.eval
+        loaded = LoadedModel(nnx.merge(self.run.graphdef, params), model_lib.model_config(self.config),
+                             self.data.tokenizer, self.config, step, "")
+        metrics, _ = harness.evaluate(loaded, self.harness_tasks, include_path=e.harness_include_path or None,
+                                      limit=e.harness_limit or None, mesh=mesh,
+                                      num_fewshot=e.harness_num_fewshot if e.harness_num_fewshot >= 0 else None)
+        return harness.finite_metrics(metrics)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,9 +12,19 @@ decode steps.
 Chat prompts use the tokenizer's Jinja chat template when it has one, else a plain format: one `role: content` line
 per message, then `assistant:`; with that format a line starting with `user:` also ends the reply.
 
+Log-probabilities as OpenAI returns them: completions take `logprobs` (0-5 alternatives per token) and answer
+`choices[i].logprobs` = {tokens, token_logprobs, top_logprobs, text_offset} for the generated tokens (an end token
+that stopped the choice included), with `echo` for the prompt's tokens first (the very first one scores null);
+`max_tokens: 0` with `echo` scores a prompt without generating (what lm-evaluation-harness' `local-completions`
+sends). Chat completions take `logprobs: true` and `top_logprobs` (0-5) and answer `choices[i].logprobs.content`.
+Each token's log-probability and its alternatives come from one log-softmax of the model's float32 logits (before
+temperature), so a greedy token's value equals the best of its `top_logprobs` exactly. Prompts are scored in the
+prefill that fills the cache, batched with other requests; streams carry the logprobs of their chunks' tokens.
+Token strings are each token decoded alone; `text_offset` counts characters into the choice's `text`.
+
 Beyond OpenAI's parameters: `top_k` (0 = off). Accepted and ignored: `user`, `stream_options` other than
-`include_usage`, unknown fields. Rejected when set: `logprobs`, `logit_bias`, non-zero `presence_penalty` /
-`frequency_penalty`, `suffix`, `best_of` other than `n`.
+`include_usage`, unknown fields. Rejected when set: `logit_bias`, non-zero `presence_penalty` /
+`frequency_penalty`, `suffix`, `best_of` other than `n`, and logprobs of an encoder-decoder.
 """
 
 from __future__ import annotations
@@ -22,9 +32,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import hmac
 import json
 import logging
+import math
+import os
 import secrets
 import signal
 import threading
@@ -64,6 +77,11 @@ class APIError(Exception):
                  kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def _finite(value: float) -> float:
+    """A log-probability JSON can carry: -inf (a token the model rules out) as float32's lowest value."""
+    return value if value > -math.inf else -3.4028234663852886e38
 
 
 def _error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -119,8 +137,12 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
-    echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=5, description="Not supported.")
+    max_tokens: int | None = Field(None, ge=0, description="At most the context length minus the prompt; 0 only "
+                                   "with echo (the prompt alone, e.g. scored with logprobs). Default 16.")
+    echo: bool | None = Field(False, description="Return the prompt before the completion (and, with logprobs, "
+                              "its tokens' log-probabilities).")
+    logprobs: int | None = Field(None, ge=0, le=decode.MAX_LOGPROBS, description="Log-probability of each token "
+                                 "and of this many most likely alternatives.")
     best_of: int | None = Field(None, ge=1, le=16, description="Only equal to n.")
     suffix: str | None = Field(None, description="Not supported.")
 
@@ -143,7 +165,9 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = Field(None, description="Not supported.")
+    logprobs: bool | None = Field(None, description="Return each generated token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=decode.MAX_LOGPROBS, description="With logprobs: this many most "
+                                     "likely alternatives per token.")
 
 
 class Usage(BaseModel):
@@ -152,10 +176,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per token of `text` (the prompt's first with echo, whose log-probability
+    is null), and an end token that stopped the choice."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -173,10 +207,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -341,6 +389,7 @@ class Server:
         self.created = int(time.time())
         self.eos_id = getattr(self.tokenizer, "eos_id", None)
         self._mailbox: _Mailbox | None = None
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(lambda token: self.tokenizer.decode([token]))
 
     # -- validation ------------------------------------------------------------------------------------------
 
@@ -383,6 +432,11 @@ class Server:
 
     def _max_tokens(self, requested: int | None, default: int | None, prompt_len: int, param: str,
                     field: str = "max_tokens") -> int:
+        if requested == 0:  # the prompt alone (echo), which must fit the context
+            if not self.encdec and prompt_len > self.context:
+                raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
+                                    f"{prompt_len} tokens.", param, "context_length_exceeded")
+            return 0
         room = self.context - (0 if self.encdec else prompt_len)  # a translation's length does not include its source
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
@@ -399,7 +453,7 @@ class Server:
     # -- running ---------------------------------------------------------------------------------------------
 
     def _submit_all(self, choices: list[_Choice], body: _SamplingFields, max_tokens: list[int], stops: list[str],
-                    queue: asyncio.Queue) -> None:
+                    queue: asyncio.Queue, logprobs: int | None, score_prompt: bool) -> None:
         if self.engine.load()[1] + len(choices) > MAX_WAITING:
             raise APIError(429, "The server is overloaded; retry later.", None, "server_overloaded",
                            kind="server_error")
@@ -420,7 +474,8 @@ class Server:
             choice.state = self.runner.submit(decode.Request(
                 prompt=choice.prompt_ids, max_tokens=max_tokens[choice.index], sampling=sampling, seed=seed,
                 stream_id=choice.index % n, stop=stops,
-                stop_token_ids=() if self.eos_id is None else (self.eos_id,), on_update=on_update))
+                stop_token_ids=() if self.eos_id is None else (self.eos_id,), on_update=on_update,
+                logprobs=logprobs, score_prompt=score_prompt))
 
     async def _updates(self, choices: list[_Choice], queue: asyncio.Queue):
         """Yields lists of (choice index, Update), all that arrived since the last, until every choice has
@@ -451,8 +506,11 @@ class Server:
 
     async def completions(self, body: CompletionRequest):
         self._check_common(body)
-        if body.logprobs:
-            raise APIError(400, "logprobs is not supported.", "logprobs", "unsupported_parameter")
+        if body.logprobs is not None and self.encdec:
+            raise APIError(400, "logprobs is not supported for an encoder-decoder.", "logprobs",
+                           "unsupported_parameter")
+        if body.max_tokens == 0 and (not body.echo or self.encdec):
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo).", "max_tokens")
         if body.suffix:
             raise APIError(400, "suffix is not supported.", "suffix", "unsupported_parameter")
         n = body.n or 1
@@ -483,15 +541,17 @@ class Server:
             for _ in range(n):
                 choices.append(_Choice(len(choices), ids, text if body.echo else ""))
                 max_tokens.append(limit)
-        return await self._run(choices, body, max_tokens, stops, chat=False)
+        score_prompt = bool(body.echo) and body.logprobs is not None
+        return await self._run(choices, body, max_tokens, stops, chat=False, logprobs=body.logprobs,
+                               score_prompt=score_prompt)
 
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_common(body)
         if self.encdec:
             raise APIError(400, "This model is an encoder-decoder (a translation model): use /v1/completions with "
                                 "the source as the prompt.", "messages", "unsupported_model")
-        if body.logprobs:
-            raise APIError(400, "logprobs is not supported.", "logprobs", "unsupported_parameter")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true.", "top_logprobs")
         n = body.n or 1
         messages = [{"role": m.role, "content": _message_text(m)} for m in body.messages]
         try:
@@ -505,18 +565,20 @@ class Server:
         if body.max_completion_tokens is not None:  # the newer name wins; both must fit
             limit = self._max_tokens(body.max_completion_tokens, None, len(ids), "messages", "max_completion_tokens")
         choices = [_Choice(i, ids) for i in range(n)]
-        return await self._run(choices, body, [limit] * n, stops, chat=True)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await self._run(choices, body, [limit] * n, stops, chat=True, logprobs=logprobs)
 
     async def _run(self, choices: list[_Choice], body: _SamplingFields, max_tokens: list[int], stops: list[str],
-                   chat: bool):
+                   chat: bool, logprobs: int | None = None, score_prompt: bool = False):
         queue: asyncio.Queue = asyncio.Queue()
-        self._submit_all(choices, body, max_tokens, stops, queue)
+        self._submit_all(choices, body, max_tokens, stops, queue, logprobs, score_prompt)
         request_id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
         prompt_tokens = sum(len(c.prompt_ids) for c in choices[::body.n or 1])
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._stream(choices, queue, request_id, created, prompt_tokens, include_usage, chat)
+            events = self._stream(choices, queue, request_id, created, prompt_tokens, include_usage, chat,
+                                  logprobs is not None, score_prompt)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         reasons: dict[int, str | None] = {}
@@ -531,17 +593,81 @@ class Server:
             out = ChatCompletionResponse(
                 id=request_id, created=created, model=self.name, usage=usage,
                 choices=[ChatChoice(index=c.index, message=AssistantMessage(content=texts[c.index]),
+                                    logprobs=self._chat_logprobs(c.state.logprobs[:len(c.state.token_ids)])
+                                    if logprobs is not None else None,
                                     finish_reason=reasons[c.index]) for c in choices])
         else:
             out = CompletionResponse(
                 id=request_id, created=created, model=self.name, usage=usage,
                 choices=[CompletionChoice(index=c.index, text=texts[c.index],
+                                          logprobs=self._choice_logprobs(c, score_prompt)
+                                          if logprobs is not None else None,
                                           finish_reason=reasons[c.index]) for c in choices])
         return JSONResponse(out.model_dump())
 
+    # -- log-probabilities -----------------------------------------------------------------------------------
+
+    def _pieces(self, ids: list[int], start: int) -> list[str]:
+        """The text each token of ids[start:] adds to the decoded text, decoding a few tokens before it along (a
+        character split over tokens, a tokenizer's leading-space rule)."""
+        pieces = []
+        for i in range(start, len(ids)):
+            first = max(0, i - 4)
+            before = self.tokenizer.decode(ids[first:i]) if i > first else ""
+            upto = self.tokenizer.decode(ids[first:i + 1])
+            pieces.append(upto[len(os.path.commonprefix([before, upto])):])
+        return pieces
+
+    def _legacy_logprobs(self, ids: list[int], start: int, entries: list, offset: int) -> tuple[dict, int]:
+        """OpenAI's legacy logprobs of the tokens ids[start:] (`entries`: their decode.TokenLogprob, None for one
+        without a score) with text offsets from `offset`; and the offset after them."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, entry, piece in zip(ids[start:], entries, self._pieces(ids, start), strict=True):
+            out["tokens"].append(self._token_text(token))
+            out["text_offset"].append(offset)
+            offset += len(piece)
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            top: dict[str, float] = {}
+            for t, value in (*entry.top, (entry.token, entry.logprob)):  # the alternatives and the token itself
+                key = self._token_text(t)
+                top[key] = max(top.get(key, -math.inf), _finite(value))
+            out["token_logprobs"].append(_finite(entry.logprob))
+            out["top_logprobs"].append(top)
+        return out, offset
+
+    def _choice_logprobs(self, choice: _Choice, echo: bool) -> CompletionLogprobs:
+        """A finished completion's logprobs: with echo the prompt's tokens first, then the generated ones."""
+        state = choice.state
+        ids = list(choice.prompt_ids) + [e.token for e in state.logprobs]
+        parts = []
+        if echo:
+            parts.append(self._legacy_logprobs(ids[:len(choice.prompt_ids)], 0, state.prompt_logprobs, 0)[0])
+        parts.append(self._legacy_logprobs(ids, len(choice.prompt_ids), state.logprobs, len(choice.prefix))[0])
+        end = len(choice.prefix) + len(state.text)
+        merged = {key: [x for part in parts for x in part[key]] for key in parts[0]}
+        merged["text_offset"] = [min(o, end) for o in merged["text_offset"]]
+        return CompletionLogprobs(**merged)
+
+    def _chat_logprobs(self, entries: list) -> ChatLogprobs:
+        def item(token: int, value: float) -> dict:
+            text = self._token_text(token)
+            return {"token": text, "logprob": _finite(value), "bytes": list(text.encode("utf-8"))}
+
+        return ChatLogprobs(content=[
+            ChatTokenLogprob(**item(e.token, e.logprob), top_logprobs=[TopLogprob(**item(t, v)) for t, v in e.top])
+            for e in entries])
+
     async def _stream(self, choices: list[_Choice], queue: asyncio.Queue, request_id: str, created: int,
-                      prompt_tokens: int, include_usage: bool, chat: bool):
+                      prompt_tokens: int, include_usage: bool, chat: bool, logprobs: bool = False,
+                      score_prompt: bool = False):
         kind = "chat.completion.chunk" if chat else "text_completion"
+        # per choice: the tokens so far (for the text offsets of the next ones) and the text offset reached
+        ids = {c.index: list(c.prompt_ids) for c in choices}
+        offsets = {c.index: len(c.prefix) for c in choices}
+        unechoed = {c.index: c for c in choices if c.prefix and score_prompt}  # echo once the prompt is scored
 
         def event(choice_list: list[dict], usage: dict | None = None) -> str:
             chunk: dict[str, Any] = {"id": request_id, "object": kind, "created": created, "model": self.name,
@@ -550,32 +676,56 @@ class Server:
                 chunk["usage"] = usage
             return f"data: {json.dumps(chunk)}\n\n"
 
-        def piece(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+        def scores(index: int, entries: list) -> dict | None:
+            if not logprobs:
+                return None
+            if chat:
+                return self._chat_logprobs(entries).model_dump()
+            start = len(ids[index])
+            ids[index] += [e.token for e in entries]
+            scored, offsets[index] = self._legacy_logprobs(ids[index], start, entries, offsets[index])
+            return scored
+
+        def piece(index: int, text: str | None, finish: str | None, role: bool = False, entries=()) -> dict:
             if not chat:
-                return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+                return {"index": index, "text": text or "", "logprobs": scores(index, list(entries)),
+                        "finish_reason": finish}
             delta: dict[str, str] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": scores(index, list(entries)) if entries else None,
+                    "finish_reason": finish}
+
+        def echo(c: _Choice) -> str:
+            prompt, _ = self._legacy_logprobs(c.prompt_ids, 0, c.state.prompt_logprobs, 0)
+            return event([{"index": c.index, "text": c.prefix, "logprobs": prompt, "finish_reason": None}])
 
         for c in choices:
             if chat:
                 yield event([piece(c.index, "", None, role=True)])
-            elif c.prefix:
-                yield event([piece(c.index, c.prefix, None)])
+            elif c.prefix and c.index not in unechoed:
+                yield event([{"index": c.index, "text": c.prefix, "logprobs": None, "finish_reason": None}])
         try:
             async for batch in self._updates(choices, queue):
-                out, texts = [], {}  # a backlog of updates goes out as one chunk per choice
+                out, pending = [], {}  # a backlog of updates goes out as one chunk per choice
                 for index, update in batch:
+                    if index in unechoed:
+                        out.append(echo(unechoed.pop(index)))
+                    texts, entries = pending.setdefault(index, ([], []))
                     if update.text:
-                        texts.setdefault(index, []).append(update.text)
+                        texts.append(update.text)
+                    if logprobs:  # a chat's content has no end token
+                        entries += update.logprobs[:len(update.token_ids)] if chat else update.logprobs
                     finish = self._finish_reason(update.finish_reason)
                     if finish is not None:
-                        text = "".join(texts.pop(index, []))
-                        if chat and text:
-                            out.append(event([piece(index, text, None)]))
-                        out.append(event([piece(index, None if chat else text, finish)]))
-                out += [event([piece(index, "".join(parts), None)]) for index, parts in texts.items()]
+                        texts, entries = pending.pop(index)
+                        text = "".join(texts)
+                        if chat and (text or entries):
+                            out.append(event([piece(index, text, None, entries=entries)]))
+                        out.append(event([piece(index, None if chat else text, finish,
+                                                entries=() if chat else entries)]))
+                out += [event([piece(index, "".join(texts), None, entries=entries)])
+                        for index, (texts, entries) in pending.items() if texts or entries]
                 yield "".join(out)
         except APIError as e:
             body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}

@@ -200,3 +200,59 @@ def test_steady_traffic_does_not_recompile(gpt2):
     sizes = [f._cache_size() for f in (engine._prefill, engine._step, engine._sample, engine._grow)]
     traffic()
     assert [f._cache_size() for f in (engine._prefill, engine._step, engine._sample, engine._grow)] == sizes
+
+
+def test_logprobs_of_prompts_and_generated_tokens_equal_the_uncached_forward(model_and_cfg):
+    """`logprobs` and `score_prompt`: every token's log-probability (the prompt's from the prefill, one forward over
+    it; the generated ones' from each step) is the log-softmax of one uncached forward over the whole sequence; the
+    alternatives are the best ones in order, a greedy token's value exactly the first; max_tokens=0 only scores;
+    an end token that stops a request carries its log-probability too; the batch changes nothing."""
+    model, cfg = model_and_cfg
+    engine = decode.Engine(model, cfg, max_batch=4)
+    prompts = _prompts([3, 21, 9, 40], seed=3)
+    graphdef, state = nnx.split(model)
+
+    def reference(tokens: list[int]) -> np.ndarray:
+        padded = np.zeros((1, cfg.max_seq_len), np.int32)
+        padded[0, :len(tokens)] = tokens
+        return np.asarray(jax.nn.log_softmax(_forward(graphdef)(state, padded)[0], axis=-1))
+
+    def run(requests):
+        states = [engine.submit(r) for r in requests]
+        engine.run_until_done()
+        return states
+
+    requests = [decode.Request(p, max_tokens=(0, 6)[i % 2], sampling=GREEDY, logprobs=2, score_prompt=True)
+                for i, p in enumerate(prompts)]
+    together = run(requests)
+    for prompt, request, got in zip(prompts, requests, together, strict=True):
+        tokens = prompt + got.token_ids
+        expected = reference(tokens)
+        assert len(got.token_ids) == request.max_tokens and len(got.logprobs) == request.max_tokens
+        assert got.prompt_logprobs[0] is None and len(got.prompt_logprobs) == len(prompt)
+        entries = got.prompt_logprobs[1:] + got.logprobs
+        assert [e.token for e in entries] == tokens[1:]
+        np.testing.assert_allclose([e.logprob for e in entries], [expected[j, t] for j, t in enumerate(tokens[1:])],
+                                   atol=2e-5)
+        for j, e in enumerate(entries):
+            assert [t for t, _ in e.top] == np.argsort(-expected[j])[:2].tolist()
+            np.testing.assert_allclose([v for _, v in e.top], np.sort(expected[j])[::-1][:2], atol=2e-5)
+        assert all(e.logprob == e.top[0][1] for e in got.logprobs)  # greedy: the best, bit for bit
+    alone = run([requests[1]])[0]
+    assert alone.logprobs == together[1].logprobs
+    np.testing.assert_allclose([e.logprob for e in alone.prompt_logprobs[1:]],
+                               [e.logprob for e in together[1].prompt_logprobs[1:]], atol=1e-6)
+
+    # no logprobs asked: none computed; an end token's log-probability comes with the update that stops
+    plain = run([decode.Request(prompts[1], 6, GREEDY)])[0]
+    assert plain.token_ids == together[1].token_ids and plain.logprobs == [] and plain.prompt_logprobs is None
+    ids = together[1].token_ids
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])  # a token that ends the request there
+    updates: list[decode.Update] = []
+    ended = run([decode.Request(prompts[1], 6, GREEDY, stop_token_ids=[ids[k]], logprobs=0,
+                                on_update=updates.append)])[0]
+    assert ended.finish_reason == "stop" and ended.token_ids == ids[:k]
+    assert [e.token for e in ended.logprobs] == ids[:k + 1] and ended.logprobs[0].top == ()
+    assert [e for u in updates for e in u.logprobs] == ended.logprobs
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.submit(decode.Request(prompts[0], 1, GREEDY, logprobs=6))

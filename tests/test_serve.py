@@ -13,6 +13,9 @@ import threading
 import time
 
 import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -120,6 +123,73 @@ def test_stop_n_seed_and_echo(served, client):
     assert batch.choices[0].text == text[:5] and len(batch.choices) == 2
 
 
+def _model_logprobs(served, ids: list[int]) -> np.ndarray:
+    """log-softmax of the tiny model's logits over `ids` in one forward pass, no cache: [len(ids), vocab]."""
+    logits = served.loaded.model(jnp.asarray([ids]))[0][0]
+    return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+
+
+def test_logprobs_and_echo_in_openai_legacy_shape(served, client):
+    """`logprobs` + `echo` on /v1/completions (what lm-evaluation-harness sends), streamed and not, and chat's
+    `logprobs` + `top_logprobs`: log-probabilities of the model's own forward pass, the first prompt token null,
+    offsets into the text, a greedy token's value the best of its alternatives exactly."""
+    name, tok = served.model.name, served.loaded.tokenizer
+    # the prompt alone, scored (max_tokens 0): one entry per character of the char-level model
+    scored = client.completions.create(model=name, prompt="ROMEO:", max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    lp = choice.logprobs
+    assert choice.text == "ROMEO:" and scored.usage.completion_tokens == 0
+    assert lp.tokens == list("ROMEO:") and lp.text_offset == list(range(6))
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ids = tok.encode("ROMEO:")
+    reference = _model_logprobs(served, ids)
+    np.testing.assert_allclose(lp.token_logprobs[1:], [reference[j, ids[j + 1]] for j in range(5)], atol=1e-5)
+    for j, top in enumerate(lp.top_logprobs[1:]):
+        best = np.argsort(-reference[j])[:2]
+        assert set(top) == {tok.decode([int(t)]) for t in best} | {lp.tokens[j + 1]}
+        np.testing.assert_allclose(max(top.values()), reference[j].max(), atol=1e-5)
+
+    # lm-evaluation-harness' local-completions payload: token-id prompts, one greedy token after each
+    prompts = [tok.encode("KING:"), tok.encode("First Citizen:")]
+    body = {"model": name, "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    with httpx.Client(base_url=served.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        out = http.post("/v1/completions", json=body).json()
+        assert [c["index"] for c in out["choices"]] == [0, 1]
+        for prompt, c in zip(prompts, out["choices"], strict=True):
+            lp = c["logprobs"]
+            assert len(lp["token_logprobs"]) == len(lp["tokens"]) == len(lp["top_logprobs"]) == len(prompt) + 1
+            generated = tok.encode(c["text"][len(tok.decode(prompt)):])
+            reference = _model_logprobs(served, prompt + generated)
+            expected = [reference[j, t] for j, t in enumerate((prompt + generated)[1:])]
+            np.testing.assert_allclose(lp["token_logprobs"][1:], expected, atol=1e-5)
+            assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())  # greedy: exactly the best
+            assert c["text"].startswith(tok.decode(prompt)) and lp["text_offset"][-1] == len(tok.decode(prompt))
+
+        # generated tokens, streamed or not: the same logprobs
+        body = {"model": name, "prompt": "KING:", "max_tokens": 8, "temperature": 0, "logprobs": 3, "echo": True}
+        whole = http.post("/v1/completions", json=body).json()["choices"][0]
+        lines = http.post("/v1/completions", json={**body, "stream": True}).text.splitlines()
+        chunks = [json.loads(x[6:])["choices"][0] for x in lines if x.startswith("data: {")]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    streamed = {key: [x for c in chunks if c["logprobs"] for x in c["logprobs"][key]] for key in whole["logprobs"]}
+    assert streamed == whole["logprobs"] and len(whole["logprobs"]["tokens"]) == 5 + 8
+    assert whole["logprobs"]["tokens"][5:] == [tok.decode([t]) for t in tok.encode(whole["text"][5:])]
+    assert all(len(top) <= 4 for top in whole["logprobs"]["top_logprobs"][1:])
+
+    messages = [{"role": "user", "content": "Who are you?"}]
+    chat = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy
+    stream = list(client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    assert [c.token for s in stream if s.choices and s.choices[0].logprobs
+            for c in s.choices[0].logprobs.content] == [c.token for c in content]
+
+
 def test_invalid_requests_get_openai_style_4xx(served, client):
     name = served.model.name
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -136,7 +206,11 @@ def test_invalid_requests_get_openai_style_4xx(served, client):
         ("POST", "/v1/completions", {"model": name, "prompt": "hi", "n": 0}, auth, 400),
         ("POST", "/v1/completions", {"model": name, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, auth, 400),
         ("POST", "/v1/completions", {"model": name, "prompt": [10**6]}, auth, 400),
-        ("POST", "/v1/completions", {"model": name, "prompt": "hi", "logprobs": 2}, auth, 400),
+        ("POST", "/v1/completions", {"model": name, "prompt": "hi", "logprobs": 6}, auth, 400),
+        ("POST", "/v1/completions", {"model": name, "prompt": "hi", "max_tokens": 0, "logprobs": 1}, auth, 400),
+        ("POST", "/v1/completions", {"model": name, "prompt": long_prompt, "max_tokens": 0, "echo": True}, auth, 400),
+        ("POST", "/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": "hi"}],
+                                          "top_logprobs": 2}, auth, 400),
         ("POST", "/v1/completions", {"model": name, "prompt": long_prompt}, auth, 400),
         ("POST", "/v1/chat/completions", {"model": name, "messages": [{"role": "user", "content": long_prompt}]},
          auth, 400),

@@ -5,6 +5,8 @@
     python tools/evaluate.py bleu --hyp=FILE --ref=FILE[,FILE...]
     python tools/evaluate.py translate --model=DIR --src=FILE [--ref=FILE] [--output=HYP_FILE]
     python tools/evaluate.py gsm8k --model=DIR --data=FILE.jsonl [--limit=N] [--output=PREDICTIONS.jsonl]
+    python tools/evaluate.py harness --model=PATH --tasks=T1,T2 [--include_path=DIR] [--limit=N] [--num_fewshot=K]
+        [--batch_size=B] [--output_path=DIR]
     python tools/evaluate.py table A.json B.json ...
 
 Each command but `table` prints one JSON object on stdout (and writes it to --json_out when given); `table`
@@ -14,10 +16,16 @@ Perplexity windows follow HF's recipe: a window of --window tokens (default: the
 every --stride tokens (default: half the context) and scores only the tokens the previous window did not.
 `ppl` is per token, `bpb` is bits per UTF-8 byte of the scored tokens, `word_ppl` is exp(total NLL / whitespace
 words of the text): the last two compare models with different tokenizers.
+
+`harness` runs EleutherAI's lm-evaluation-harness in this process (`pip install -e '.[harness]'`) on the model
+(gpt_jax.harness) and prints {task: {metric: value}}; --output_path keeps lm-eval's whole output (results and
+every sample). Offline, a task's data can be local files: a task YAML with `dataset_path: json` and
+`dataset_kwargs: {data_files: ...}` in --include_path, run with HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -36,7 +44,8 @@ flags.DEFINE_string("split", "val", "perplexity: train or val, with --data or th
 flags.DEFINE_integer("window", None, "perplexity: tokens per window (default: the model's context + 1)")
 flags.DEFINE_integer("stride", None, "perplexity: tokens between window starts (default: half the context)")
 flags.DEFINE_integer("batch_size", None, "perplexity: windows per forward pass (default 0: automatic); translate, "
-                     "gsm8k: prompts decoded together (default 8)")
+                     "gsm8k: prompts decoded together (default 8); harness: sequences per forward pass and prompts "
+                     "decoded together (default 8)")
 flags.DEFINE_string("hyp", None, "bleu: hypotheses, one per line")
 flags.DEFINE_string("ref", None, "bleu: references, one per line, comma-separated for several sets; translate: "
                     "reference translations, one per line")
@@ -46,7 +55,12 @@ flags.DEFINE_string("output", None, "translate: write the translations here, one
 flags.DEFINE_string("template", None, "translate: prompt template with {source}; gsm8k: with {question}")
 flags.DEFINE_string("prefix_file", None, "translate, gsm8k: text put before every prompt, e.g. few-shot examples")
 flags.DEFINE_integer("max_new_tokens", None, "translate (default 64), gsm8k (default 256): tokens to generate")
-flags.DEFINE_integer("limit", 0, "translate, gsm8k: only the first N examples (0: all)")
+flags.DEFINE_integer("limit", 0, "translate, gsm8k, harness: only the first N examples (of each task; 0: all)")
+flags.DEFINE_string("tasks", None, "harness: comma-separated lm-eval task (or group) names")
+flags.DEFINE_string("include_path", None, "harness: a directory of task YAMLs beside lm-eval's own")
+flags.DEFINE_integer("num_fewshot", None, "harness: few-shot examples per prompt (default: each task's own)")
+flags.DEFINE_string("output_path", None, "harness: write lm-eval's results and samples under this directory")
+flags.DEFINE_integer("bootstrap_iters", 1000, "harness: bootstrap resamples for standard errors (0: none)")
 flags.DEFINE_string("json_out", None, "every command but table: also write the result to this file")
 flags.DEFINE_string("columns", None, "table: comma-separated columns (default: every key)")
 
@@ -151,6 +165,25 @@ def cmd_gsm8k(args) -> dict:
     return {**metrics, "model": loaded.name}
 
 
+def cmd_harness(args) -> dict:
+    from gpt_jax import harness, workdir
+
+    if not os.path.exists(args.model):
+        raise UserError(f"--model {args.model} does not exist")
+    if not workdir.is_workdir(args.model):  # HF directories and GGUF files carry `tokenizers` tokenizers
+        cli.require("convert", "tokenizers")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks names no task")
+    _positive("batch_size", args.batch_size)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the result alone
+        # (the tasks are looked up before the model loads, so a wrong name fails fast)
+        metrics, _ = harness.evaluate(args.model, tasks, include_path=args.include_path, limit=args.limit or None,
+                                      num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                                      output_path=args.output_path, bootstrap_iters=args.bootstrap_iters)
+    return metrics
+
+
 def cmd_table(args) -> str:
     from gpt_jax import evaluate
 
@@ -179,21 +212,25 @@ COMMANDS = {
                                                     "batch_size", "limit", "json_out")),
     "gsm8k": (cmd_gsm8k, ("model", "data"), ("output", "template", "prefix_file", "max_new_tokens", "batch_size",
                                              "limit", "json_out")),
+    "harness": (cmd_harness, ("model", "tasks"), ("include_path", "limit", "num_fewshot", "batch_size",
+                                                  "output_path", "bootstrap_iters", "json_out")),
     "table": (cmd_table, (), ("columns",)),
 }
 _DEFAULTS = {"perplexity": {"batch_size": 0}, "translate": {"batch_size": 8, "max_new_tokens": 64},
-             "gsm8k": {"batch_size": 8, "max_new_tokens": 256}}
+             "gsm8k": {"batch_size": 8, "max_new_tokens": 256}, "harness": {"batch_size": 8}}
 
 
 def main(argv: list[str]) -> int:
     """Runs the command in argv[1] with the flags; prints its result."""
     command, args = cli.subcommand(argv, COMMANDS, __name__, _DEFAULTS, takes_files=("table",))
-    for name in ("batch_size", "max_new_tokens", "limit"):
+    for name in ("batch_size", "max_new_tokens", "limit", "num_fewshot", "bootstrap_iters"):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise UserError(f"--{name}={value} must not be negative")
     if command == "bleu" or (command == "translate" and args.ref):
         cli.require("eval", "sacrebleu")
+    if command == "harness":
+        cli.require("harness", "lm_eval")
     result = COMMANDS[command][0](args)
     if isinstance(result, str):
         sys.stdout.write(result)
