@@ -1,5 +1,5 @@
 """README.md is tested: every command of its ```bash blocks and its ```python snippet runs, as written, in a temporary
-folder laid out like a checkout (`configs/` and `tools/` link to this repository's), with only step counts, model
+folder laid out like a checkout (`configs/`, `tools/` and `experiments/` link to this repository's), with only step counts, model
 sizes of configs/small.py and paths shortened by the table below.
 
 Every command parsed from README.md (backslash continuations joined, comments dropped) must match exactly one
@@ -112,10 +112,23 @@ STEPS = (
          kind=WEB, after="train_tiny"),
     Step("human_eval_report", "python tools/human_eval.py report --db=ratings.sqlite", "as written; 1 rating",
          after="human_eval_serve"),
+    Step("make_tasks", "python experiments/lm_eval_smollm2/make_tasks.py --out=lm_eval_tasks",
+         "as written (without ../shared/data: the two tasks made here)", after="train_tiny"),
+    Step("harness", "python tools/evaluate.py harness --model=runs/tiny --tasks=made_lastword,made_choice "
+         "--include_path=lm_eval_tasks", "as written", after="make_tasks"),
+    Step("export_tiny_hf", "python tools/convert.py --input=runs/tiny --output=tiny_hf --to=hf", "as written",
+         after="make_tasks"),
+    Step("lm_eval_server",
+         "HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model local-completions --tasks made_lastword "
+         "--include_path lm_eval_tasks --model_args model=tiny,base_url=http://127.0.0.1:8000/v1/completions,"
+         "tokenizer=tiny_hf,tokenizer_backend=huggingface,tokenized_requests=True,max_length=64",
+         "run while serve_tiny is up, port 8000 → its port", (("127.0.0.1:8000", "127.0.0.1:{port}"),),
+         kind=SNIPPET, after="serve_tiny"),
     Step("pip_serve", "pip install -e '.[serve]'", "the test environment's own install", kind=NOT_RUN),
     Step("serve_tiny", "python -m gpt_jax.main --mode=serve --workdir=runs/tiny",
-         "on a free port instead of 8000; the python snippet runs against it; SIGTERM stops it",
-         (("--workdir=runs/tiny", "--workdir=runs/tiny --port={port}"),), kind=SERVER, after="train_tiny"),
+         "on a free port instead of 8000; the python snippet and lm_eval's local-completions run against it; "
+         "SIGTERM stops it",
+         (("--workdir=runs/tiny", "--workdir=runs/tiny --port={port}"),), kind=SERVER, after="export_tiny_hf"),
     Step("serve_smollm2",
          f"python -m gpt_jax.main --mode=serve --workdir=/tmp/smol --config.init_from={GGUF_PATH}",
          "/tmp/smol → smol in the test's folder, the GGUF → the fixture's file, on a free port; a chat "
@@ -196,7 +209,7 @@ def test_the_table_covers_every_readme_command_once():
     for step in STEPS:
         for old, _ in step.subs:
             assert old in step.readme, f"{step.key}: {old!r} is not in its command"
-        assert step.after is None or keys.index(step.after) < keys.index(step.key), step.key
+        assert step.after is None or step.kind == SNIPPET or keys.index(step.after) < keys.index(step.key), step.key
         assert step.key not in LONGEST or step.after is None, step.key  # started first: needs nothing
     for step in STEPS:
         if step.kind not in (NOT_RUN, SNIPPET):
@@ -335,7 +348,7 @@ class Runner:
 
 def _write_user_files(folder: str) -> None:
     """What the README's commands expect the user to have, small."""
-    for name in ("configs", "tools"):
+    for name in ("configs", "tools", "experiments"):
         os.symlink(os.path.join(ROOT, name), os.path.join(folder, name))
     with open(SHAKESPEARE, encoding="utf-8") as f:
         text = f.read()
@@ -417,6 +430,15 @@ def check_export_hf(ran: Ran) -> None:
     assert {"config.json", "model.safetensors"} <= set(os.listdir(os.path.join(ran.dir, "hf_export")))
 
 
+def check_harness(ran: Ran) -> None:
+    result = json.loads(ran.out)
+    assert set(result) == {"made_lastword", "made_choice"} and 0 <= result["made_choice"]["acc"] <= 1, result
+
+
+def check_export_tiny_hf(ran: Ran) -> None:
+    assert os.path.isfile(os.path.join(ran.dir, "tiny_hf", "tokenizer.json"))
+
+
 def check_eval_tiny(ran: Ran) -> None:
     assert _read_json(ran.dir, "runs", "tiny", "eval.json")["step"] == 20
     assert os.path.isfile(os.path.join(ran.dir, "runs", "tiny", "eval.md"))
@@ -451,10 +473,12 @@ def check_human_eval_report(ran: Ran) -> None:
     assert "1 rating(s) by 1 rater(s)" in ran.out and "95% CI" in ran.out
 
 
-def exercise_serve_tiny(ran: Ran, runner: Runner, snippet: Step) -> None:
+def exercise_serve_tiny(ran: Ran, runner: Runner, snippet: Step, lm_eval: Step) -> None:
     assert [m["id"] for m in _http(ran.url + "/v1/models")["data"]] == ["tiny"]
     printed = runner.run(snippet, [sys.executable, "-c", _command(snippet, "", runner.ports[snippet.after])])
     assert printed.out.strip("\n"), "the snippet printed no text"
+    scored = runner.run(lm_eval, ["bash", "-c", _command(lm_eval, "", runner.ports[lm_eval.after])])
+    assert "made_lastword" in scored.out and "acc" in scored.out, scored.out[-2000:]
 
 
 def exercise_serve_smollm2(ran: Ran) -> None:
@@ -487,7 +511,8 @@ def test_every_readme_command_runs(tmp_path, request):
         if step.kind == RUN:
             ran = runner.run(step)
         elif step.key == "serve_tiny":
-            ran = runner.serve(step, lambda ran: exercise_serve_tiny(ran, runner, steps["openai_snippet"]))
+            ran = runner.serve(step, lambda ran: exercise_serve_tiny(ran, runner, steps["openai_snippet"],
+                                                                     steps["lm_eval_server"]))
         else:
             ran = runner.serve(step, globals()[f"exercise_{step.key}"])
         CHECKS.get(step.key, lambda ran: None)(ran)

@@ -3,6 +3,8 @@ data beside the repository (../shared/data, or --data_dir); nothing is copied in
 
     python experiments/lm_eval_smollm2/make_tasks.py --out=/tmp/lm_eval_tasks [--data_dir=../shared/data]
 
+Without the shared data (a clone of the repository alone) it writes the two tasks made here.
+
 Tasks:
 - ptb_lastword (loglikelihood; acc, perplexity): the last word of PTB validation sentences given the rest, as
   LAMBADA is scored: sentences of 8-30 words without `<unk>` or the `N` number token.
@@ -18,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
+
+from gpt_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _OUT = flags.DEFINE_string("out", "/tmp/lm_eval_tasks", "folder to write the task YAMLs and data into")
@@ -109,6 +113,9 @@ def main(argv):
     del argv
     out, data, n = _OUT.value, _DATA.value, _DOCS.value
     made_tasks(out)
+    if not os.path.isfile(os.path.join(data, "ptb", "ptb.valid.txt")):
+        print(f"wrote made_lastword, made_choice into {out} ({data} has no PTB and GSM8K data for the other tasks)")
+        return
     with open(os.path.join(data, "ptb", "ptb.valid.txt")) as f:
         sentences = [" ".join(line.split()) for line in f]
     clean = [s for s in sentences if 8 <= len(s.split()) <= 30 and "<unk>" not in s and " N " not in f" {s} "]
@@ -122,4 +129,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
