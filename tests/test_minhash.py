@@ -47,3 +47,26 @@ def test_detection_precision_recall_at_the_default_threshold():
     assert found[0.9] >= 0.98 and found[0.8] >= 0.9
     assert found[0.7] <= 0.1 and found[0.5] == 0.0
     assert table["precision"] >= 0.95 and table["recall"] >= 0.95
+
+
+def test_batched_signatures_equal_one_at_a_time():
+    """signatures() of a batch (shingles never straddle two texts; texts shorter than a shingle, empty ones) gives
+    each text's own signature; equal bands get equal band hashes."""
+    rng = np.random.default_rng(4)
+    texts = [" ".join(f"w{x}" for x in rng.integers(0, 30, int(rng.integers(0, 30)))) for _ in range(200)]
+    texts += ["", "a", "a b c d", "a b c d e", "\u00e9 x y z q r"]
+    hasher = minhash.MinHasher(num_perm=64, seed=2)
+    batch = hasher.signatures(texts)
+    assert batch.shape == (len(texts), 64) and batch.dtype == np.uint32
+    for text, sig in zip(texts, batch, strict=True):
+        shingles = minhash.shingle_hashes(minhash.word_hashes(text), 5)
+        expected = ((shingles[:, None] * hasher._mul + hasher._add) >> np.uint64(32)).min(axis=0) if len(shingles) \
+            else np.full(64, 0xFFFFFFFF)
+        np.testing.assert_array_equal(sig, expected.astype(np.uint32))
+    bands = minhash.band_hashes(batch, 8, 8)
+    assert bands.shape == (len(texts), 8) and bands.dtype == np.uint64
+    same = batch.copy()
+    same[1, 8:16] = batch[0, 8:16]
+    hashed = minhash.band_hashes(same, 8, 8)
+    assert hashed[0, 1] == hashed[1, 1] and hashed[0, 0] != hashed[1, 0]
+    assert hashed[0, 1] != minhash.band_hashes(same[:, 8:], 7, 8)[0, 0]  # the band's index is part of its hash

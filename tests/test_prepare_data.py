@@ -1,5 +1,6 @@
 """tools/prepare_data.py and the Beam pipeline behind it (DirectRunner, real Beam, tiny data made here)."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -76,6 +77,105 @@ def test_clean_text():
     assert clean.split_documents("a\n\nb\n", "line") == ["a", "b"]
     assert clean.split_document_bytes(b"ok\n\n\xe9\xff\n", "paragraph") == [b"ok", b"\xe9\xff\n"]
     assert clean.normalize_for_dedup(" A  b\nC ") == "a b c"
+
+
+def test_streamed_reading_gives_the_whole_file_documents(tmp_path):
+    """Files are read in chunks: the documents (and line-break normalization) come out as from the whole text,
+    wherever the chunks are cut, for UTF-8 text, undecodable bytes and gzip."""
+    rng = np.random.default_rng(0)
+    alphabet = ["a", "b", " ", "\t", "\n", "\r", "\r\n", "\u2028", "\x0b", "\u00e9", "  \n", "\n\n"]
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet, int(rng.integers(0, 40))))
+        cuts = np.sort(rng.integers(0, len(text) + 1, int(rng.integers(0, 5)))).tolist()
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        normalized = clean.normalize_line_breaks(text)
+        assert "".join(clean.iter_normalize_line_breaks(chunks)) == normalized
+        for mode in clean.DOC_SPLITS:
+            chunks = [normalized[a:b] for a, b in zip([0, *cuts], [*cuts, len(normalized)], strict=True)]
+            assert list(clean.iter_split_documents(chunks, mode)) == clean.split_documents(normalized, mode)
+            raw = text.encode()
+            raw_chunks = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+            assert list(clean.iter_split_document_bytes(raw_chunks, mode)) == clean.split_document_bytes(raw, mode)
+    text = "para one\r\n\r\nt\u00e9xt two\n \n\nthree" * 3000
+    for name, data in (("a.txt", text.encode()), ("b.txt", text.encode() + b"\n\n\xff\xfe bad"),
+                       ("c.txt.gz", gzip.compress(text.encode()))):
+        (tmp_path / name).write_bytes(data)
+        whole = list(corpus.read_text_file(gzip.decompress(data) if name.endswith(".gz") else data, "paragraph", False))
+        for size in (7, 4096):
+            corpus._CHUNK_BYTES = size
+            assert list(corpus.text_file_documents(str(tmp_path / name), "paragraph", False)) == whole, (name, size)
+    corpus._CHUNK_BYTES = 1 << 22
+
+
+def test_every_removal_reason_is_counted_and_documents_are_conserved(tmp_path):
+    """A corpus with all six removal reasons: read = kept + removed for each reason, and every kept document is
+    in exactly one shard (train or validation), also with the dedup groups cut into several buckets."""
+    rng = np.random.default_rng(3)
+    texts = [_document(rng, 80) for _ in range(40)]
+    near = texts[7].split(" ")
+    near[11] = "changed"
+    rows = [json.dumps({"text": t}) for t in texts]
+    rows += [json.dumps({"text": texts[4]}), json.dumps({"text": texts[9]}),  # exact duplicates
+             json.dumps({"text": " ".join(near)}),  # a near duplicate
+             json.dumps({"text": "tiny"}), json.dumps({"body": texts[1]}), '{"text": ', "[1, 2"]
+    (tmp_path / "a.jsonl").write_text("\n".join(rows[::2]) + "\n")
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(("\n".join(rows[1::2]) + "\n").encode() +
+                                                        b'{"text": "\xff\xfe no"}\n'))
+    outputs = []
+    for buckets in (0, 3):
+        out = tmp_path / f"out{buckets}"
+        opts = corpus.CorpusOptions(output_dir=str(out), inputs=[str(tmp_path / "*.jsonl*")], format="jsonl",
+                                    tokenizer="char", val_fraction=0.2, num_shards=2)
+        manifest = corpus.prepare(opts, buckets=buckets)
+        assert manifest["removed"] == {"not_utf8": 1, "bad_json": 2, "no_text_field": 1, "too_short": 1,
+                                       "exact_duplicate": 2, "near_duplicate": 1}
+        assert manifest["documents_read"] == len(rows) + 1
+        assert manifest["documents_read"] == manifest["documents_kept"] + sum(manifest["removed"].values())
+        assert manifest["documents"]["train"] + manifest["documents"]["val"] == manifest["documents_kept"] == 40
+        assert 0 < manifest["documents"]["val"] < 20
+        kept = [t for i, t in enumerate(texts) if i != 7] + [" ".join(near)]  # the copy has the smaller id
+        assert sorted(_kept_texts(out)) == sorted(clean.clean_text(t) for t in kept)
+        assert not os.path.exists(out / corpus.WORK_DIR)
+        outputs.append({p.name: p.read_bytes() for p in out.iterdir() if p.is_file()})
+    assert outputs[0] == outputs[1]
+
+
+def test_validation_files_are_all_validation(tmp_path):
+    rng = np.random.default_rng(5)
+    texts = [_document(rng, 50) for _ in range(8)]
+    for i, text in enumerate(texts):
+        (tmp_path / ("val" if i >= 6 else "train") / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / ("val" if i >= 6 else "train") / f"{i}.txt").write_text(text)
+    out = tmp_path / "out"
+    manifest = corpus.prepare(corpus.CorpusOptions(
+        output_dir=str(out), inputs=[str(tmp_path / "train" / "*.txt")], val_inputs=[str(tmp_path / "val" / "*.txt")],
+        tokenizer="char", val_fraction=0.5))
+    assert manifest["documents"] == {"train": 6, "val": 2} and manifest["documents_kept"] == 8
+    val = next(s for s in manifest["shards"] if s["split"] == "val")
+    tok = tokenizer_lib.load_tokenizer(str(out / "tokenizer"))
+    values, lengths = shards.read_documents([str(out / val["path"])])
+    decoded = [tok.decode(d) for d in np.split(values, np.cumsum(lengths)[:-1])]
+    assert decoded == [clean.clean_text(t) for t in texts[6:]]
+
+
+def test_progress_lines_on_stderr(tmp_path, capsys):
+    _fixture(tmp_path / "in", num_docs=6)  # and 4 files that are removed
+    opts = corpus.CorpusOptions(output_dir=str(tmp_path / "out"), inputs=[str(tmp_path / "in" / "*.txt")],
+                                tokenizer="char", val_fraction=0.0)
+    corpus.prepare(opts, progress=0.2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prepare_data")]
+    assert lines and "read 10/10 inputs, 10 documents" in lines[-1], lines
+    assert "written 10/10 inputs, 6 documents kept, 6 records" in lines[-1] and "MB/s" in lines[-1]
+
+
+def test_every_core_by_default():
+    assert corpus.direct_runner_flags([], workers=2) == ["--direct_running_mode=multi_processing",
+                                                         "--direct_num_workers=2"]
+    assert corpus.direct_runner_flags([], workers=1) == []
+    assert corpus.direct_runner_flags(["--direct_num_workers=1"]) == []
+    assert corpus.direct_runner_flags(["--direct_num_workers=3"]) == ["--direct_running_mode=multi_processing"]
+    assert corpus.direct_runner_flags(["--direct_running_mode=in_memory"]) == []
+    assert corpus.direct_runner_flags(["--runner=DataflowRunner"]) == []
 
 
 def test_removed_documents_are_counted_and_kept_text_is_unchanged(tmp_path):

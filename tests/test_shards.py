@@ -112,3 +112,22 @@ def test_two_processes_read_disjoint_windows_that_cover_the_data(tmp_path, num_s
     assert not (seen[0] | seen[1]) - all_tokens
     # only the tail of each group (one shard per group here) that does not fill a window is left out
     assert len(missing) <= num_shards * 8
+
+
+def test_batched_records_and_concatenated_shards(tmp_path):
+    """tfrecords() gives tfrecord(encode_example(d)) for each document; a shard concatenated from fragment files
+    has the bytes and manifest entry of the same documents written in one go."""
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 2 ** int(rng.integers(1, 63)), int(rng.integers(0, 30))) for _ in range(100)]
+    docs += [np.array([], np.int64), [0, 127, 128, 16383, 16384], [2**40]]
+    assert shards.tfrecords(docs) == [shards.tfrecord(shards.encode_example(np.asarray(d, np.int64))) for d in docs]
+    whole = shards.write_shard(str(tmp_path), "train", 1, 2, docs)
+    fragments = []
+    for i, part in enumerate((docs[:40], docs[40:41], [], docs[41:])):
+        fragments.append(str(tmp_path / f"fragment{i}"))
+        with open(fragments[-1], "wb") as f:
+            f.write(b"".join(shards.tfrecords(part)))
+    expected = (tmp_path / whole["path"]).read_bytes()
+    joined = shards.concatenate_shard(str(tmp_path), "train", 1, 2, fragments, whole["documents"], whole["tokens"])
+    assert joined == whole and (tmp_path / whole["path"]).read_bytes() == expected
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

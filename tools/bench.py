@@ -1,6 +1,6 @@
 """Benchmarks, each a section printing a table of ratios against peers measured in the same run.
 
-    python tools/bench.py data [--mb=8] [--train_steps=3] [--workdir=DIR]
+    python tools/bench.py data [--mb=43,430] [--train_steps=3] [--workdir=DIR]
     python tools/bench.py train [--rounds=5] [--steps=20] [--shapes=shakespeare_char,cpu_medium]
         [--ablate_query_blocks]
     python tools/bench.py kernels [--rounds=5]
@@ -8,10 +8,11 @@
         [--gpu_activation_dtype=float32,bfloat16]   (on a GPU machine)
 
 Sections:
-- `data`: delivered tokens/s of the data pipeline (tools/prepare_data.py's Beam pipeline on a synthetic corpus,
-  and the shard reader feeding training at configs/small.py's sequence length) against the tokens/s that
-  configs/small.py's training step consumes on this machine (measured with a small batch), plus near-duplicate
-  detection precision/recall on synthetic pairs.
+- `data`: tools/prepare_data.py (the Beam pipeline, every core) on corpora generated from tinyshakespeare of the
+  `--mb` sizes: wall time, MB/s, CPU %, peak RSS (`/usr/bin/time -v`) and the summed RSS of all its processes; then
+  the shard reader feeding training at configs/small.py's sequence length against the tokens/s that
+  configs/small.py's training step consumes on this machine (measured with a small batch; --train_steps=0 skips
+  it), plus near-duplicate detection precision/recall on synthetic pairs.
 - `train`: training tokens/s of our jitted train step against transformers' GPT2LMHeadModel trained with
   torch.optim.AdamW on the same shapes and batch (interleaved rounds, median ratio), and CPU MFU against a float32
   matmul rate measured in the same rounds.
@@ -57,46 +58,143 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 # data
 
 
-def synthetic_corpus(directory: str, megabytes: float, seed: int = 0) -> None:
-    """Files of Zipf-distributed pseudo-words in paragraphs, with some exact and near-duplicate files."""
+def variants_corpus(directory: str, megabytes: float, seed: int = 0, speeches_per_paragraph: int = 6) -> int:
+    """A corpus of about `megabytes` MB made reproducibly from the bundled tinyshakespeare: file k is a variant of
+    the whole text with the words of every line shuffled by a seed of (seed, k), so dedup keeps them, and with
+    `speeches_per_paragraph` consecutive speeches per blank-line-separated paragraph (~900 bytes, the size of a
+    book's paragraph: the issue's books had 1,118 documents per MB). Every 25th file is an exact copy of the one
+    before it and the 25th after that a near copy (1% of words replaced), so both dedups have work. Returns the
+    bytes written; a directory already holding the corpus is kept."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
-    vocab = ["".join(rng.choice(letters, int(rng.integers(1, 10)))) for _ in range(30000)]
+    from gpt_jax.data import text as text_lib
+
+    marker = os.path.join(directory, ".complete")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            return int(f.read())
     os.makedirs(directory, exist_ok=True)
-    written, index, previous = 0, 0, []
+    speeches = [s for s in text_lib.load_corpus("")[0].split("\n\n") if s.strip()]
+    words, separators, line_of_word = [], [], []
+    for i, speech in enumerate(speeches):
+        lines = [line.split() for line in speech.split("\n")]
+        lines = [line for line in lines if line]
+        for j, line in enumerate(lines):
+            for w, word in enumerate(line):
+                words.append(word)
+                line_of_word.append(len(separators) - w)  # index of the line's first word: a key per line
+                last_line = j == len(lines) - 1
+                if w < len(line) - 1:
+                    separators.append(" ")
+                elif not last_line:
+                    separators.append("\n")
+                else:
+                    separators.append("\n\n" if (i + 1) % speeches_per_paragraph == 0 else "\n")
+    words, separators = np.array(words, object), np.array(separators, object)
+    line_of_word = np.array(line_of_word)
+    written, index, previous, previous_words = 0, 0, None, None
     while written < megabytes * 1e6:
-        if previous and index % 20 == 19:  # an exact copy of an earlier file
-            text = previous[int(rng.integers(len(previous)))]
-        elif previous and index % 20 == 9:  # a near copy: 1% of words replaced
-            words = previous[int(rng.integers(len(previous)))].split(" ")
-            for i in rng.integers(0, len(words), max(1, len(words) // 100)):
-                words[i] = vocab[int(rng.integers(len(vocab)))]
-            text = " ".join(words)
+        rng = np.random.default_rng([seed, index])
+        if previous is not None and index % 25 == 12:  # an exact copy of the file before
+            variant = previous
         else:
-            ids = np.minimum(rng.zipf(1.2, 4000), len(vocab)) - 1
-            words = [vocab[i] for i in ids]
-            text = "\n\n".join(" ".join(words[i:i + 80]) + "." for i in range(0, len(words), 80))
-            previous.append(text)
-        with open(os.path.join(directory, f"doc{index:05d}.txt"), "w") as f:
-            f.write(text)
-        written += len(text)
+            if previous_words is not None and index % 25 == 24:  # a near copy of the file before
+                shuffled = previous_words.copy()
+                swap = rng.choice(len(shuffled), len(shuffled) // 100, replace=False)
+                shuffled[swap] = words[rng.integers(0, len(words), len(swap))]
+            else:  # words shuffled within each line
+                shuffled = words[np.lexsort((rng.random(len(words)), line_of_word))]
+            out = np.empty(2 * len(words), object)
+            out[0::2], out[1::2] = shuffled, separators
+            variant = "".join(out.tolist()).strip() + "\n"
+            previous_words = shuffled
+        data = variant.encode("utf-8")[:max(0, int(megabytes * 1e6) - written)]
+        data = data[:data.rfind(b"\n\n") + 1] if len(data) < len(variant.encode("utf-8")) else data
+        with open(os.path.join(directory, f"variant{index:04d}.txt"), "wb") as f:
+            f.write(data)
+        written += len(data)
+        previous = variant
         index += 1
+        if len(data) < 1000:
+            break
+    with open(marker, "w") as f:
+        f.write(str(written))
+    return written
 
 
-def measure_prepare(input_dir: str, output_dir: str, beam_flags: list[str]) -> tuple[float, dict]:
-    """Wall seconds of one prepare_data run (in this process) and its manifest."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+class _TreeMemory:
+    """Samples the summed resident memory of a process and all its descendants (from /proc), keeping the peak:
+    /usr/bin/time reports the largest single process, and the DirectRunner's workers are processes of their own."""
 
-    from gpt_jax.data import corpus
+    def __init__(self, pid: int, interval: float = 0.25):
+        import threading
 
-    opts = corpus.CorpusOptions(output_dir=output_dir, inputs=[os.path.join(input_dir, "*.txt")],
-                                doc_split="paragraph", vocab_size=8192)
-    start = time.perf_counter()
-    options = PipelineOptions(["--runner=DirectRunner", "--default_sdk_harness_log_level=WARNING", *beam_flags])
-    manifest = corpus.prepare(opts, options, overwrite=True)
-    return time.perf_counter() - start, manifest
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree_rss(self) -> int:
+        children: dict[int, list[int]] = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(name))
+        total, todo = 0, [self.pid]
+        while todo:
+            pid = todo.pop()
+            todo += children.get(pid, [])
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._tree_rss())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_prepare_data(input_dir: str, output_dir: str, extra: list[str]) -> dict:
+    """tools/prepare_data.py on a corpus (paragraph documents, exact and near dedup, vocabulary 8000, the tool's
+    default runner) in a process of its own under `/usr/bin/time -v`: wall seconds, CPU %, the largest process's
+    peak RSS, the process tree's summed peak RSS, and the manifest."""
+    import json
+    import re
+    import subprocess
+
+    command = ["/usr/bin/time", "-v", sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"),
+               f"--input={os.path.join(input_dir, '*.txt')}", f"--output_dir={output_dir}", "--doc_split=paragraph",
+               "--dedup=exact,near", "--vocab_size=8000", "--overwrite", "--progress=30", *extra]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": ROOT})
+    tree = _TreeMemory(process.pid)
+    out, err = process.communicate()
+    tree_peak = tree.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"prepare_data failed:\n{err[-3000:]}")
+
+    def field(name: str) -> str:
+        return re.search(rf"{re.escape(name)}: (.+)", err).group(1).strip()
+
+    wall = 0.0
+    for part in field("Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":"):
+        wall = wall * 60 + float(part)
+    with open(os.path.join(output_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    return {"wall": wall, "cpu": int(field("Percent of CPU this job got").rstrip("%")),
+            "rss": int(field("Maximum resident set size (kbytes)")) * 1024, "tree_rss": tree_peak,
+            "manifest": manifest, "progress": [line for line in err.splitlines() if line.startswith("prepare_data")]}
 
 
 def measure_reader(data_dir: str, batch_size: int, seq_len: int, batches: int) -> float:
@@ -134,27 +232,40 @@ def measure_small_training(data_dir: str, batch_size: int, steps: int, vocab_siz
 
 
 def bench_data(args) -> list[str]:
-    from gpt_jax.data import minhash
+    """tools/prepare_data.py on generated corpora of the `--mb` sizes (table: size, documents, wall, MB/s, CPU %,
+    peak RSS), then, unless --train_steps=0, the shard reader and configs/small.py's consumption, and
+    near-duplicate detection on synthetic pairs."""
+    from gpt_jax.data import corpus, minhash
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
-    corpus_dir, out_dir = os.path.join(work, "corpus"), os.path.join(work, "prepared")
-    if not os.path.isdir(corpus_dir):
-        synthetic_corpus(corpus_dir, args.mb)
-    lines = [f"data: synthetic corpus {args.mb} MB in {corpus_dir}"]
-    runs = [("prepare_data, DirectRunner in_memory", [])]
-    if args.multi_processing:
-        runs.append(("prepare_data, DirectRunner 2 processes",
-                     ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]))
-    rows = []
-    for name, beam_flags in runs:
-        seconds, manifest = measure_prepare(corpus_dir, out_dir, beam_flags)
-        tokens = sum(manifest["tokens"].values())
-        rows.append([name, tokens / seconds])
-        lines.append(f"{name}: {tokens:,} tokens ({sum(manifest['bytes'].values()) / 1e6:.1f} MB kept of "
-                     f"{manifest['documents_read']:,} documents read, removed {manifest['removed']}) in "
-                     f"{seconds:.1f}s")
-    rows.append(["shard reader, batch 8 x 1024", measure_reader(out_dir, 8, 1024, args.reader_batches)])
-    consumption = measure_small_training(out_dir, args.train_batch, args.train_steps, 32768)
+    workers = corpus.direct_runner_flags([])
+    lines = [f"## data: tools/prepare_data.py --doc_split=paragraph --dedup=exact,near --vocab_size=8000 "
+             f"({' '.join(workers) or 'DirectRunner in one process'}; {os.cpu_count()} cores; load average "
+             f"{os.getloadavg()[0]:.1f} at the start)",
+             f"command: python tools/bench.py data --mb={args.mb}",
+             "corpus: variants of tinyshakespeare (words shuffled within lines, 6 speeches per paragraph; every 25th "
+             "file an exact copy, every 25th another a near copy)"]
+    rows, out_dir = [], ""
+    for mb in [float(m) for m in str(args.mb).split(",")]:
+        corpus_dir = os.path.join(work, f"corpus-{mb:g}MB")
+        size = variants_corpus(corpus_dir, mb)
+        out_dir = os.path.join(work, f"prepared-{mb:g}MB")
+        result = run_prepare_data(corpus_dir, out_dir, [])
+        m = result["manifest"]
+        removed = ", ".join(f"{k} {v:,}" for k, v in m["removed"].items() if v) or "nothing"
+        rows.append([f"{size / 1e6:,.1f} MB", m["documents_read"], m["documents_kept"], f"{result['wall']:.1f}",
+                     f"{size / 1e6 / result['wall']:.2f}", f"{result['cpu']}%", f"{result['rss'] / 2**20:,.0f}",
+                     f"{result['tree_rss'] / 2**20:,.0f}"])
+        lines.append(f"{size / 1e6:,.1f} MB: removed {removed}; tokens {sum(m['tokens'].values()):,} in "
+                     f"{len(m['shards'])} shards; load average {os.getloadavg()[0]:.1f} at the end")
+    lines += [""] + table(["corpus", "documents", "kept", "wall s", "MB/s", "CPU", "peak RSS MiB",
+                           "all processes MiB"], rows)
+    lines.append("(peak RSS: /usr/bin/time -v, the largest process; all processes: the sum over the tool and its "
+                 "worker processes, sampled every 0.25 s)")
+    if args.train_steps <= 0:
+        return lines
+    rows = [["shard reader, batch 8 x 1024", measure_reader(out_dir, 8, 1024, args.reader_batches)]]
+    consumption = measure_small_training(out_dir, args.train_batch, args.train_steps, 8000)
     rows.append([f"configs/small.py train step (batch {args.train_batch} x 1024, CPU)", consumption])
     lines += [""] + table(["stage", "tokens/s", "x small.py consumption"],
                           [[name, rate, f"{rate / consumption:,.0f}x"] for name, rate in rows])
@@ -462,8 +573,7 @@ def bench_gpu(args) -> list[str]:
 SECTIONS = {"data": bench_data, "train": bench_train, "kernels": bench_kernels, "gpu": bench_gpu}
 
 flags.DEFINE_string("workdir", "", "keep inputs and outputs here (default: a temporary directory)")
-flags.DEFINE_float("mb", 8.0, "data: size of the synthetic corpus in MB")
-flags.DEFINE_bool("multi_processing", False, "data: also run with 2 Beam processes")
+flags.DEFINE_string("mb", "43,430", "data: comma-separated sizes in MB of the generated corpora")
 flags.DEFINE_integer("reader_batches", 200, "data: batches timed for the reader")
 flags.DEFINE_integer("train_batch", 1, "data: batch of the small.py step timing")
 flags.DEFINE_integer("train_steps", 3, "data: small.py steps timed")

@@ -4,10 +4,12 @@
         [--format=text|jsonl] [--text_field=text] [--tfds=NAME:SPLIT] [--tokenizer=sentencepiece|char]
         [--vocab_size=N] [--val_fraction=F] [--dedup=exact,near] [Beam pipeline options, e.g. --runner=DirectRunner]
 
-Writes DIR/tokenizer/, DIR/train-*.tfrecord, DIR/val-*.tfrecord and DIR/manifest.json, and prints a summary. Train
-on it with `python -m gpt_jax.main --config=... --config.data.path=DIR`. Flags this tool does not know are Apache
-Beam pipeline options (DirectRunner by default; e.g. --direct_num_workers=2 --direct_running_mode=multi_processing).
-Exit codes: 0 success, 2 a bad flag or input (one `error: ...` line on stderr), 1 anything else.
+Writes DIR/tokenizer/, DIR/train-*.tfrecord, DIR/val-*.tfrecord and DIR/manifest.json, and prints a summary; while
+it runs, a progress line on stderr every --progress seconds. Train on it with `python -m gpt_jax.main --config=...
+--config.data.path=DIR`. Flags this tool does not know are Apache Beam pipeline options: by default the
+DirectRunner with one worker process per core (--direct_running_mode=multi_processing --direct_num_workers=CORES;
+--direct_num_workers=1 runs in this process). Exit codes: 0 success, 2 a bad flag or input (one `error: ...` line
+on stderr), 1 anything else.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ flags.DEFINE_integer("vocab_size", _D.vocab_size, "SentencePiece vocabulary size
 flags.DEFINE_string("model_type", _D.model_type, "SentencePiece model: bpe | unigram")
 flags.DEFINE_integer("tokenizer_sample_chars", _D.tokenizer_sample_chars,
                      "about how many characters of training text the tokenizer is trained on")
-flags.DEFINE_integer("num_shards", _D.num_shards, "training shards (0: one per ~16M tokens, power of 2)")
+flags.DEFINE_integer("num_shards", _D.num_shards,
+                     "training shards (0: one per ~64 MB of text, about 16M tokens; a power of 2)")
 flags.DEFINE_integer("val_shards", _D.val_shards, "validation shards (0: automatic)")
 flags.DEFINE_integer("seed", _D.seed, "salts the split, the tokenizer sample and MinHash")
+flags.DEFINE_float("progress", 5.0, "seconds between progress lines on stderr (0: none)")
 flags.mark_flag_as_required("output_dir")
 
 
@@ -97,8 +101,9 @@ def beam_options(args: list[str]):
     options = PipelineOptions(args)
     if options.view_as(DirectOptions).direct_running_mode == "multi_threading":
         raise DataError("--direct_running_mode=multi_threading loses documents (a DirectRunner race); use "
-                        "in_memory (the default) or multi_processing")
+                        "multi_processing (the default) or in_memory")
     defaults = [] if any(a.startswith("--runner") for a in args) else ["--runner=DirectRunner"]
+    defaults += corpus.direct_runner_flags(args)  # every core, unless the flags say otherwise
     if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
         defaults.append("--default_sdk_harness_log_level=WARNING")  # multi_processing workers log at INFO
     return PipelineOptions([*defaults, *args])
@@ -151,7 +156,8 @@ def main(argv: list[str]) -> None:
     opts = corpus_options()
     start = time.perf_counter()
     try:
-        manifest = corpus.prepare(opts, beam_options(argv[1:]), overwrite=flags.FLAGS.overwrite)
+        manifest = corpus.prepare(opts, beam_options(argv[1:]), overwrite=flags.FLAGS.overwrite,
+                                  progress=flags.FLAGS.progress)
     except Exception as e:  # a user error raised in a Beam worker comes back wrapped
         message = _user_message(e)
         if message is None:
