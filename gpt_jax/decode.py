@@ -4,7 +4,8 @@ The `Engine` holds `max_batch` cache rows ("slots"); each request owns one row w
 position, so requests join and leave between steps (continuous batching) and prompts of different lengths never
 pad one another. Each iteration prefills newly admitted prompts (jitted, in chunks) and then runs one jitted decode
 step over all rows. Shapes come from a few buckets — prompt length and cache capacity in powers of two, the batch
-of new prompts in powers of two up to `max_batch` — so steady traffic reuses compiled functions.
+of new prompts 1 or `max_batch` (a short prompt's prefill is bound by reading the weights, so padded rows cost
+little, and half as many shapes compile) — so steady traffic reuses compiled functions.
 
 Sampling: temperature (0 = greedy), top-k, top-p, per request; a request's random stream depends only on its
 `seed`, `stream_id` and token index, not on what else shares the batch. Requests stop at an end token, a stop
@@ -350,11 +351,11 @@ class Engine:
         self._refill.clear()
 
     def warmup(self, prompt_len: int = PROMPT_BUCKET) -> None:
-        """Compiles the decode step at the smallest capacity, sampling, and the prefill for every batch bucket and
-        every prompt bucket up to `prompt_len`, so early requests don't wait for the compiler."""
+        """Compiles the decode step at the smallest capacity, sampling, and the prefill of one prompt and of
+        `max_batch` prompts for every prompt bucket up to `prompt_len`, so early requests don't wait for the
+        compiler."""
         prompt_len = min(prompt_len, self.max_len)
-        batch = 1
-        while True:
+        for batch in sorted({1, self.max_batch}):
             length = min(PROMPT_BUCKET, prompt_len)
             while True:
                 for _ in range(batch):
@@ -363,9 +364,6 @@ class Engine:
                 if length >= prompt_len:
                     break
                 length = min(length * 2, prompt_len)
-            if batch >= self.max_batch:
-                break
-            batch = min(batch * 2, self.max_batch)
         self.step()  # idle: the cache shrinks back
 
     # -- internals -------------------------------------------------------------------------------------------
@@ -407,7 +405,7 @@ class Engine:
             self._ensure_capacity(padded_len)
             chunk = min(padded_len, PREFILL_CHUNK)
             padded = -(-padded_len // chunk) * chunk
-            batch = _bucket(len(group), 1, self.max_batch)
+            batch = 1 if len(group) == 1 else self.max_batch
             tokens = np.zeros((batch, padded), np.int32)
             slots = np.full(batch, self.max_batch, np.int32)  # out of range: dropped
             ints = np.zeros((batch, 6), np.int32)

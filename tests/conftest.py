@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # as gpt_jax/cli.py sets it for the commands: no Keras import
 
 # One XLA compilation cache for the processes the tests start (they inherit the environment), in a temporary folder:
 # a program compiled again (by a resumed run, the other sample of a pair, the same model in another test's process) is

@@ -231,17 +231,6 @@ def _sample_cli(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_smollm2_workdir_sample_cli(tmp_path, smollm2_converted):
-    """The converted workdir (what tools/convert.py writes) samples " Paris." through gpt_jax.main."""
-    workdir = str(tmp_path / "smollm2")
-    convert.write_workdir(smollm2_converted, workdir)
-    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "tokenizer"]
-    result = _sample_cli(f"--workdir={workdir}")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(" Paris."), result.stdout
-
-
-@pytest.mark.slow
 def test_smollm2_sample_cli_init_from(tmp_path, smollm2_gguf):
     result = _sample_cli(f"--workdir={tmp_path / 'empty'}", f"--config.init_from={smollm2_gguf}")
     assert result.returncode == 0, result.stderr
