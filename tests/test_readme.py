@@ -1,6 +1,6 @@
 """README.md is tested: every command of its ```bash blocks and its ```python snippet runs, as written, in a temporary
-folder laid out like a checkout (`configs/`, `tools/` and `experiments/` link to this repository's), with only step counts, model
-sizes of configs/small.py and paths shortened by the table below.
+folder laid out like a checkout (`configs/`, `tools/` and `experiments/` link to this repository's), with only step
+counts, model sizes of configs/small.py and paths shortened by the table below.
 
 Every command parsed from README.md (backslash continuations joined, comments dropped) must match exactly one
 entry of STEPS, and every entry must match a command: a command added to the README fails this test until it is
