@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = True
     c.model.dtype = "float32"  # matmul inputs
     c.model.activation_dtype = "float32"  # residual stream and the tensors between matmuls
-    c.model.param_dtype = "float32"
+    c.model.param_dtype = "float32"  # bfloat16: weights stored and read by the matmuls as bf16
+    c.model.quantize = "none"  # int8: sampling, eval and serving with int8 weights, a scale per output channel
     c.model.remat = "none"  # none | full | dots
     c.model.scan_layers = False
     c.model.attention_block = 64  # CPU: causal attention by query blocks of this many positions (0 = full square)
@@ -182,6 +183,7 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "activation_dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
+    "quantize": ("none", "int8"),
 }
 
 
@@ -230,7 +232,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ConfigError(f"label_smoothing={config.label_smoothing} must be in [0, 1)")
     m = config.model
-    for key in ("remat", "dtype", "activation_dtype", "param_dtype"):
+    for key in ("remat", "dtype", "activation_dtype", "param_dtype", "quantize"):
         if m[key] not in _CHOICES[key]:
             raise ConfigError(f"model.{key}={m[key]!r} is not one of {', '.join(_CHOICES[key])}")
     if not 0.0 <= m.dropout < 1.0:

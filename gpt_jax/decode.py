@@ -3,9 +3,10 @@
 The `Engine` holds `max_batch` cache rows ("slots"); each request owns one row while it decodes, with its own
 position, so requests join and leave between steps (continuous batching) and prompts of different lengths never
 pad one another. Each iteration prefills newly admitted prompts (jitted, in chunks) and then runs one jitted decode
-step over all rows. Shapes come from a few buckets — prompt length and cache capacity in powers of two, the batch
-of new prompts 1 or `max_batch` (a short prompt's prefill is bound by reading the weights, so padded rows cost
-little, and half as many shapes compile) — so steady traffic reuses compiled functions.
+step over all rows (over row 0 alone when a single request decodes: it takes the lowest free row). Shapes come from
+a few buckets — prompt length and cache capacity in powers of two, the batch of new prompts and the rows of a step
+1 or `max_batch` (a short prompt's prefill is bound by reading the weights, so padded rows cost little, and half as
+many shapes compile) — so steady traffic reuses compiled functions.
 
 Sampling: temperature (0 = greedy), top-k, top-p, per request; a request's random stream depends only on its
 `seed`, `stream_id` and token index, not on what else shares the batch. Requests stop at an end token, a stop
@@ -160,8 +161,9 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
                  for layer, new in zip(cache, small, strict=True)]
         return last, cache, scores
 
-    def step(params, cache, ints):
-        """Writes each row's token at its position: returns (next-token logits [rows, vocab], cache)."""
+    def step(params, cache, ints, rows: int):
+        """Writes the token of each of the first `rows` rows at its position: returns (next-token logits [rows,
+        vocab], cache). Rows past those are left as they are, so one stream in row 0 multiplies one row."""
         capacity = cache[0]["k"].shape[1]
 
         def one_row(token, length, row_cache):
@@ -173,13 +175,17 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
                                       key_valid=key_valid)
             return logits[0, 0], [{name: layer[name][0] for name in ("k", "v")} for layer in row_cache]
 
-        return jax.vmap(one_row)(ints[:, _I_TOKEN], ints[:, _I_LENGTH], cache)
+        head = [{name: layer[name][:rows] for name in ("k", "v")} for layer in cache]
+        logits, head = jax.vmap(one_row)(ints[:rows, _I_TOKEN], ints[:rows, _I_LENGTH], head)
+        return logits, [{name: layer[name].at[:rows].set(new[name]) for name in ("k", "v")}
+                        for layer, new in zip(cache, head, strict=True)]
 
     def grow(cache, capacity: int):
         pad = ((0, 0), (0, capacity - cache[0]["k"].shape[1]), (0, 0), (0, 0))
         return [{name: jnp.pad(layer[name], pad) for name in ("k", "v")} for layer in cache]
 
-    return (jax.jit(prefill, donate_argnums=(1,), static_argnames=("score",)), jax.jit(step, donate_argnums=(1,)),
+    return (jax.jit(prefill, donate_argnums=(1,), static_argnames=("score",)),
+            jax.jit(step, donate_argnums=(1,), static_argnames=("rows",)),
             jax.jit(_sample_packed), jax.jit(grow, static_argnums=(1,)), jax.jit(token_logprobs))
 
 
@@ -327,9 +333,10 @@ class Engine:
             return
         needed = int(self._ints[active, _I_LENGTH].max()) + 1
         self._ensure_capacity(needed)
-        logits, self._cache = self._step(self.params, self._cache, self._ints)
-        tokens = np.asarray(self._sample(logits, self._ints, self._floats))
-        scored = self._score_tokens(logits, tokens, self._rows)
+        rows = 1 if active == [0] else self.max_batch  # one stream (it takes row 0) or all rows
+        logits, self._cache = self._step(self.params, self._cache, self._ints, rows=rows)
+        tokens = np.asarray(self._sample(logits, self._ints[:rows], self._floats[:rows]))
+        scored = self._score_tokens(logits, tokens, self._rows[:rows])
         self.steps += 1
         for i in active:
             self._ints[i, _I_LENGTH] += 1
@@ -583,9 +590,11 @@ def generate(model: nnx.Module, cfg: ModelConfig, prompts: Sequence[Sequence[int
 
 
 def sample_workdir(source: str, prompts: Sequence[str], max_new_tokens: int, temperature: float, top_k: int,
-                   top_p: float, num_samples: int = 1, seed: int = 0) -> list[list[str]]:
-    """Loads the model at `source` and returns, per prompt, `num_samples` generated continuations (text); an
-    encoder-decoder's are translations of the prompts."""
+                   top_p: float, num_samples: int = 1, seed: int = 0,
+                   weights: tuple[str, str] | None = None) -> list[list[str]]:
+    """Loads the model at `source` (its weights stored as `weights` = (param_dtype, quantize) when given) and
+    returns, per prompt, `num_samples` generated continuations (text); an encoder-decoder's are translations of
+    the prompts."""
     from gpt_jax import workdir
     from gpt_jax.errors import UserError
 
@@ -599,7 +608,7 @@ def sample_workdir(source: str, prompts: Sequence[str], max_new_tokens: int, tem
         raise UserError(f"--top_k={top_k} must not be negative")
     if num_samples < 1:
         raise UserError(f"--num_samples={num_samples} must be at least 1")
-    loaded = workdir.load(source)
+    loaded = workdir.load(source, weights)
     if loaded.config.model.kind == "encoder_decoder":
         from gpt_jax import encdec_decode
 

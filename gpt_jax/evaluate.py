@@ -395,12 +395,14 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
 def evaluate_workdir(config, workdir: str) -> dict:
     """Evaluates the latest checkpoint in `workdir` (or `config.init_from` when it has none) on the whole
     validation split of the config's data; an encoder-decoder adds BLEU and chrF of its greedy translations of the
-    validation sources (val_hypotheses.txt). Writes eval.json and eval.md, returns the results. Decoder-only data is
+    validation sources (val_hypotheses.txt). The weights are stored as config.model.param_dtype and quantize say
+    (`workdir.with_weights`). Writes eval.json and eval.md, returns the results. Decoder-only data is
     tokenized with the model's own tokenizer: one from `init_from` is saved to `workdir/tokenizer` when that holds
     none, and a different tokenizer there is an error."""
     has_model = os.path.isfile(workdir_lib.path(workdir, workdir_lib.CONFIG)) and \
         (workdir_lib.has_checkpoint(workdir) or not config.init_from)
-    loaded = workdir_lib.load(workdir if has_model else (config.init_from or workdir))
+    loaded = workdir_lib.load(workdir if has_model else (config.init_from or workdir),
+                              (config.model.param_dtype, config.model.quantize))
     tokenizer_dir = workdir_lib.tokenizer_dir(workdir)
     encdec = loaded.config.model.kind == "encoder_decoder"
     if not encdec and not os.path.isfile(os.path.join(tokenizer_dir, tokenizer_lib.TOKENIZER_JSON)):

@@ -155,7 +155,8 @@ def run(argv) -> None:
         pick = lambda flag, default: default if flag.value is None else flag.value
         outputs = decode.sample_workdir(_model_source(config), prompts, pick(_MAX_NEW, s.max_new_tokens),
                                         pick(_TEMPERATURE, s.temperature), pick(_TOP_K, s.top_k),
-                                        pick(_TOP_P, s.top_p), num_samples=_NUM_SAMPLES.value, seed=_SEED.value)
+                                        pick(_TOP_P, s.top_p), num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
+                                        weights=(config.model.param_dtype, config.model.quantize))
         if not any(text for texts in outputs for text in texts):
             print("note: the model generated no text (it ended at once)", file=sys.stderr)
         if len(prompts) == 1 and _NUM_SAMPLES.value == 1:  # stdout is the continuation, exactly
@@ -171,7 +172,8 @@ def run(argv) -> None:
 
         serve.main(_model_source(config), host=_HOST.value, port=_PORT.value,
                    api_key=_API_KEY.value or os.environ.get("GPT_JAX_API_KEY"), max_batch=_MAX_BATCH.value,
-                   max_len=_MAX_LEN.value or None, name=_MODEL_NAME.value)
+                   max_len=_MAX_LEN.value or None, name=_MODEL_NAME.value,
+                   weights=(config.model.param_dtype, config.model.quantize))
 
 
 def _separator(config) -> str:

@@ -287,7 +287,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         act = _DTYPES[cfg.activation_dtype]
-        x = jnp.take(self.embed[...], token_ids, axis=0).astype(act)  # [batch, seq, d_model]
+        x = ops.take_rows(self.embed[...], token_ids).astype(act)  # [batch, seq, d_model]
         if cfg.pos_embedding == "learned":
             x = x + jnp.take(self.pos_embed[...], positions + cfg.position_offset, axis=0).astype(act)
         if cfg.type_vocab_size:

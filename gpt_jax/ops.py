@@ -55,10 +55,58 @@ class LowRankUpdate:
         return self
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Int8Kernel:
+    """A weight kept as int8 with one float32 scale per output channel (weight-only quantization, w ≈ q·scale):
+    `matmul` multiplies by q converted to the compute dtype and scales the product's columns, so no float copy of
+    w is kept. `channels` is the axis of q that holds the output channels: 1 for a kernel [in, out], 0 for an
+    embedding table [vocab, d] (its rows are the output channels of the tied head, `.T`). It stands where a
+    kernel array does (`kernel[...]` gives itself)."""
+
+    q: jax.Array
+    scale: jax.Array
+    channels: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+    def __getitem__(self, key):
+        return self
+
+    @property
+    def T(self) -> Int8Kernel:  # noqa: N802 (as an array's)
+        return Int8Kernel(self.q.T, self.scale, 1 - self.channels)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+
+def quantize_int8(w, channels: int = 1) -> Int8Kernel:
+    """Symmetric int8 with a scale per slice along `channels`: the largest magnitude maps to 127."""
+    w = jnp.asarray(w, jnp.float32)
+    scale = jnp.max(jnp.abs(w), axis=1 - channels) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.round(w / jnp.expand_dims(safe, 1 - channels))
+    return Int8Kernel(jnp.clip(q, -127, 127).astype(jnp.int8), scale, channels)
+
+
+def take_rows(table, ids):
+    """Rows `ids` of an embedding table (an array, or an `Int8Kernel` scaled per row) as float32 or its dtype."""
+    if isinstance(table, Int8Kernel):
+        return jnp.take(table.q, ids, axis=0).astype(jnp.float32) * jnp.take(table.scale, ids, axis=0)[..., None]
+    return jnp.take(table, ids, axis=0)
+
+
 def matmul(x, w, dtype: str):
-    """x [m, k] @ w [k, n] → float32 [m, n], with inputs cast to the compute dtype (float32 | bfloat16 | float16)."""
+    """x [m, k] @ w [k, n] → float32 [m, n], with inputs cast to the compute dtype (float32 | bfloat16 | float16).
+    A bfloat16 weight is read as it is: with a float32 compute dtype x is cast to bfloat16 instead (float32
+    accumulation either way), so the weight is never copied to float32."""
     if isinstance(w, LowRankUpdate):
         return matmul(x, w.base, dtype) + w.scale * matmul(matmul(x, w.a, dtype), w.b, dtype)
+    if isinstance(w, Int8Kernel):
+        assert w.channels == 1, "an embedding table is a head as .T"
+        return matmul(x, w.q, dtype) * w.scale
+    if w.dtype == jnp.bfloat16 and DTYPES[dtype] == jnp.float32:
+        dtype = "bfloat16"
     if DTYPES[dtype] == jnp.float32:
         return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
     return _matmul_low_precision(x.astype(DTYPES[dtype]), w.astype(DTYPES[dtype]))

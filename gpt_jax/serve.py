@@ -988,9 +988,11 @@ def log_config(level: str = "info") -> dict:
 
 
 def main(source: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-         max_batch: int = 8, max_len: int | None = None, name: str | None = None, log_level: str = "info") -> None:
-    """Loads the model at `source` (a gpt_jax workdir, an HF directory or a GGUF file) and serves it until
-    SIGINT/SIGTERM, then lets requests in flight finish (up to 30 s) before exiting."""
+         max_batch: int = 8, max_len: int | None = None, name: str | None = None, log_level: str = "info",
+         weights: tuple[str, str] | None = None) -> None:
+    """Loads the model at `source` (a gpt_jax workdir, an HF directory or a GGUF file; its weights stored as
+    `weights` = (param_dtype, quantize) when given) and serves it until SIGINT/SIGTERM, then lets requests in
+    flight finish (up to 30 s) before exiting."""
     import uvicorn
 
     from gpt_jax import workdir
@@ -999,7 +1001,7 @@ def main(source: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         raise UserError("nothing to serve: --workdir has no config.json and --config.init_from is empty")
     if max_batch < 1:
         raise UserError(f"max_batch={max_batch} must be at least 1")
-    loaded = workdir.load(source)
+    loaded = workdir.load(source, weights)
     server = Server(loaded, max_batch=max_batch, max_len=max_len, name=name)
     app = create_app(server, api_key=api_key)
     # uvicorn handles SIGINT/SIGTERM (stop accepting, finish requests in flight) and afterwards raises the signal

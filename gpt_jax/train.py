@@ -69,6 +69,9 @@ def prepare_run(config, workdir: str):
     config, the data source, pretrained parameters or None)."""
     config = ml_collections.ConfigDict(config.to_dict())
     encdec = config.model.kind == "encoder_decoder"
+    if config.model.get("quantize", "none") != "none":
+        raise ConfigError(f"model.quantize={config.model.quantize} is for sampling, eval and serving (weight-only); "
+                          "train with model.param_dtype=float32 or bfloat16")
     os.makedirs(workdir, exist_ok=True)
     pretrained = None
     if workdir_lib.has_checkpoint(workdir) and os.path.isfile(workdir_lib.path(workdir, workdir_lib.CONFIG)):

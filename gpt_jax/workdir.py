@@ -16,6 +16,7 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -23,6 +24,7 @@ from gpt_jax import checkpoint as checkpoint_lib
 from gpt_jax import config as config_lib
 from gpt_jax import lora as lora_lib
 from gpt_jax import model as model_lib
+from gpt_jax import ops
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.errors import UserError
 
@@ -85,9 +87,44 @@ class LoadedModel:
     source_tokenizer: object = None  # an encoder-decoder's source side
 
 
-def load(source: str) -> LoadedModel:
+def load(source: str, weights: tuple[str, str] | None = None) -> LoadedModel:
     """A model from `source`: a gpt_jax workdir, an HF model directory (config.json + *.safetensors + tokenizer
-    files) or a .gguf file. Imported models have step None and the run config `convert.run_config` gives."""
+    files) or a .gguf file. Imported models have step None and the run config `convert.run_config` gives.
+    `weights` = (param_dtype, quantize) stores the weights so for sampling, evaluation and serving (see
+    `with_weights`)."""
+    loaded = _load(source)
+    return loaded if weights is None else with_weights(loaded, *weights)
+
+
+def with_weights(loaded: LoadedModel, param_dtype: str, quantize: str = "none") -> LoadedModel:
+    """The model with its weights stored in `param_dtype` (float32 | bfloat16; a bfloat16 weight feeds its
+    matmuls as bfloat16, accumulation in float32), and with quantize=int8 every matmul weight and the embedding
+    table int8 with a float32 scale per output channel (`ops.Int8Kernel`; norms, biases and learned positions keep
+    param_dtype)."""
+    cfg = loaded.model_cfg
+    if loaded.config.model.kind == "encoder_decoder":
+        if (param_dtype, quantize) != (loaded.config.model.param_dtype, "none"):
+            raise UserError("model.param_dtype and model.quantize choose the weights of a decoder-only model; an "
+                            "encoder-decoder samples and serves with those it was trained with")
+        return loaded
+    if (param_dtype, quantize) == (cfg.param_dtype, "none"):
+        return loaded
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[param_dtype]
+    new_cfg = dataclasses.replace(cfg, param_dtype=param_dtype,
+                                  dtype="bfloat16" if param_dtype == "bfloat16" else cfg.dtype)
+
+    def convert(path, x):
+        name = path[-1].key
+        if quantize == "int8" and x.ndim == 2 and name in ("kernel", "embed", "lm_head"):
+            return jax.jit(ops.quantize_int8, static_argnums=1)(x, 0 if name == "embed" else 1)
+        return x.astype(dtype)
+
+    params = jax.tree_util.tree_map_with_path(convert, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_lib.create(new_cfg)), nnx.Param)
+    return dataclasses.replace(loaded, model=nnx.merge(graphdef, params), model_cfg=new_cfg)
+
+
+def _load(source: str) -> LoadedModel:
     if is_workdir(source):
         return load_workdir(source)
     from gpt_jax import convert

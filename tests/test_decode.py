@@ -239,7 +239,10 @@ def test_logprobs_of_prompts_and_generated_tokens_equal_the_uncached_forward(mod
             np.testing.assert_allclose([v for _, v in e.top], np.sort(expected[j])[::-1][:2], atol=2e-5)
         assert all(e.logprob == e.top[0][1] for e in got.logprobs)  # greedy: the best, bit for bit
     alone = run([requests[1]])[0]
-    assert alone.logprobs == together[1].logprobs
+    # alone, the request decodes in one row (matrix-vector products), so float32 sums round differently
+    assert [e.token for e in alone.logprobs] == [e.token for e in together[1].logprobs]
+    np.testing.assert_allclose([e.logprob for e in alone.logprobs], [e.logprob for e in together[1].logprobs],
+                               atol=1e-5)
     np.testing.assert_allclose([e.logprob for e in alone.prompt_logprobs[1:]],
                                [e.logprob for e in together[1].prompt_logprobs[1:]], atol=1e-6)
 

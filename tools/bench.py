@@ -4,6 +4,8 @@
     python tools/bench.py train [--rounds=5] [--steps=20] [--shapes=shakespeare_char,cpu_medium]
         [--ablate_query_blocks]
     python tools/bench.py kernels [--rounds=5]
+    python tools/bench.py finetune [--finetune_steps=5] [--finetune_batch=8]
+        [--finetune_configs=finetune_shakespeare_lora,finetune_shakespeare] [--nofinetune_peer]
     python tools/bench.py --gpu [--gpu_batch=16,32] [--gpu_steps=10] [--gpu_remat=none,dots]
         [--gpu_activation_dtype=float32,bfloat16]   (on a GPU machine)
 
@@ -17,6 +19,8 @@ Sections:
   torch.optim.AdamW on the same shapes and batch (interleaved rounds, median ratio), and CPU MFU against a float32
   matmul rate measured in the same rounds.
 - `kernels`: the float32 matmuls of those two models one at a time, XLA:CPU against torch, GFLOP/s each.
+- `finetune`: LoRA (and with --finetune_configs full) fine-tuning of SmolLM2-135M through `python -m gpt_jax.main`
+  against transformers + peft on the same GGUF: step tokens/s, first step after loading, peak RSS.
 
 Add a section by writing `def bench_NAME(args) -> list[str]` (the lines to print) and listing it in SECTIONS.
 """
@@ -52,6 +56,101 @@ def table(header: list[str], rows: list[list]) -> list[str]:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
 
     return [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]]
+
+
+def timed_process(command: list[str], marks: dict[str, str], env: dict | None = None) -> dict:
+    """Runs `command` under `/usr/bin/time -v`, reading its output as it comes: the seconds from start to the first
+    line containing each of `marks` (name → text), the output lines, and its peak RSS in bytes."""
+    import re
+    import subprocess
+
+    start = time.perf_counter()
+    process = subprocess.Popen(["/usr/bin/time", "-v", *command], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    seen, lines = {}, []
+    for line in process.stdout:
+        lines.append(line.rstrip("\n"))
+        for name, text in marks.items():
+            if name not in seen and text in line:
+                seen[name] = time.perf_counter() - start
+    if process.wait() != 0:
+        raise RuntimeError(f"{command[:4]} failed:\n" + "\n".join(lines[-40:]))
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", "\n".join(lines)).group(1)) * 1024
+    return {"marks": seen, "lines": lines, "rss": rss}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finetune
+
+_PEFT_STEP = """
+import sys, time, numpy as np, torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+gguf, steps, batch, seq, corpus = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+directory, name = gguf.rsplit("/", 1)
+tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+model.train()
+tokens = np.asarray(tokenizer(open(corpus).read()[:400000])["input_ids"])
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+rng = np.random.default_rng(0)
+print("loaded", flush=True)
+for step in range(1, steps + 1):
+    starts = rng.integers(0, len(tokens) - seq - 1, batch)
+    ids = torch.tensor(np.stack([tokens[s:s + seq + 1] for s in starts]))
+    t = time.perf_counter()
+    logits = model(input_ids=ids[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    print(f"peft step {step} loss {loss.item():.4f} seconds {time.perf_counter() - t:.3f}", flush=True)
+"""
+
+
+def bench_finetune(args) -> list[str]:
+    """LoRA fine-tuning of SmolLM2-135M (rank 8 on the seven projections, batch × 256 tokens, AdamW) as
+    configs/finetune_shakespeare_lora.py runs it through `python -m gpt_jax.main`, against transformers + peft in
+    float32 on the same GGUF, each in a process of its own under /usr/bin/time -v: step tokens/s (median over the
+    steps after the first), the first step's time after the model is loaded, peak RSS."""
+    import re
+
+    from gpt_jax.config import cached
+    from gpt_jax.data.text import BUNDLED_CORPUS
+
+    gguf = cached("SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(gguf):
+        raise UserError(f"{gguf} is missing (see configs/finetune_shakespeare.py)")
+    steps, batch, seq = args.finetune_steps, args.finetune_batch, 256
+    rows = []
+    for config in args.finetune_configs.split(","):
+        with tempfile.TemporaryDirectory() as workdir:
+            ours = timed_process(
+                [sys.executable, "-m", "gpt_jax.main", f"--config=configs/{config}.py", f"--workdir={workdir}",
+                 f"--config.train_steps={steps}", f"--config.batch_size={batch}", f"--config.seq_len={seq}",
+                 "--config.log_every=1", "--config.eval_every=0", "--config.eval_steps=1",
+                 "--config.checkpoint_every=0", "--config.final_eval_full=False", "--config.sample.max_new_tokens=0"],
+                {"loaded": "model: ", "first": "step 1/"})
+        rates = [float(re.search(r"  ([\d,]+) tok/s", line).group(1).replace(",", ""))
+                 for line in ours["lines"] if re.match(r"step \d+/", line)][1:]
+        rows.append([f"gpt_jax {config}", statistics.median(rates), ours["marks"]["first"] - ours["marks"]["loaded"],
+                     ours["rss"] / 2**30])
+    if args.finetune_peer:
+        cli.require("test", "torch", "transformers")
+        peer = timed_process([sys.executable, "-c", _PEFT_STEP, gguf, str(steps), str(batch), str(seq),
+                              BUNDLED_CORPUS], {"loaded": "loaded", "first": "peft step 1 "})
+        seconds = [float(line.rsplit(" ", 1)[1]) for line in peer["lines"] if line.startswith("peft step")][1:]
+        rows.append(["transformers + peft", statistics.median(batch * seq / s for s in seconds),
+                     peer["marks"]["first"] - peer["marks"]["loaded"], peer["rss"] / 2**30])
+    lines = [f"\nfinetune: SmolLM2-135M, batch {batch} x {seq}, {steps} steps each, one process each "
+             f"(/usr/bin/time -v); tokens/s: median over steps 2-{steps}; first step: seconds after loading",
+             *table(["run", "tokens/s", "first step s", "peak RSS GiB"], rows)]
+    if args.finetune_peer:
+        for row in rows[:-1]:
+            lines.append(f"{row[0]}: {row[1] / rows[-1][1]:.2f}x the tokens/s of transformers + peft")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,7 +669,8 @@ def bench_gpu(args) -> list[str]:
     return lines
 
 
-SECTIONS = {"data": bench_data, "train": bench_train, "kernels": bench_kernels, "gpu": bench_gpu}
+SECTIONS = {"data": bench_data, "train": bench_train, "kernels": bench_kernels, "finetune": bench_finetune,
+            "gpu": bench_gpu}
 
 flags.DEFINE_string("workdir", "", "keep inputs and outputs here (default: a temporary directory)")
 flags.DEFINE_string("mb", "43,430", "data: comma-separated sizes in MB of the generated corpora")
@@ -583,6 +683,11 @@ flags.DEFINE_string("shapes", ",".join(TRAIN_SHAPES), f"train: comma-separated, 
 flags.DEFINE_string("dtype", "float32", "train: gpt_jax model.dtype")
 flags.DEFINE_bool("ablate_query_blocks", False, "train: also time our step with CPU attention over the full causal "
                   "square (model.attention_block=0)")
+flags.DEFINE_integer("finetune_steps", 5, "finetune: steps per run")
+flags.DEFINE_integer("finetune_batch", 8, "finetune: sequences of 256 tokens per step")
+flags.DEFINE_string("finetune_configs", "finetune_shakespeare_lora", "finetune: comma-separated configs/NAME.py "
+                    "(e.g. finetune_shakespeare for full fine-tuning)")
+flags.DEFINE_bool("finetune_peer", True, "finetune: also run transformers + peft (needs `pip install peft`)")
 flags.DEFINE_bool("gpu", False, "run the gpu section (same as naming it)")
 flags.DEFINE_string("gpu_batch", "16", "gpu: comma-separated sequences of 1024 tokens per step")
 flags.DEFINE_integer("gpu_steps", 10, "gpu: timed steps")

@@ -1,0 +1,122 @@
+"""Weight formats for sampling, evaluation and serving: bfloat16 weights and weight-only int8 against float32."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpt_jax import config as config_lib
+from gpt_jax import decode, ops, workdir
+from gpt_jax.errors import ConfigError
+from gpt_jax.model import ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _loaded(style: str) -> workdir.LoadedModel:
+    """A small random model (gpt2: tied head, biases; llama: RoPE, GQA, SwiGLU, an untied head)."""
+    common = dict(vocab_size=61, n_layer=2, n_head=4, d_model=64, d_ff=128, max_seq_len=256)
+    cfg = ModelConfig(**common) if style == "gpt2" else ModelConfig(
+        **common, n_kv_head=2, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", use_bias=False,
+        tie_embeddings=False)
+    config = config_lib.base_config()
+    return workdir.LoadedModel(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, None, config, None, style)
+
+
+def _logits(loaded, tokens) -> np.ndarray:
+    graphdef, state = nnx.split(loaded.model)
+    return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, tokens))
+
+
+def test_int8_kernel_is_the_float_weight_within_half_a_step_per_channel():
+    w = jax.random.normal(jax.random.key(0), (48, 40)) * jnp.linspace(0.01, 3.0, 40)  # channels of every scale
+    w = w.at[:, 7].set(0.0)  # an all-zero channel
+    for channels, axis in ((1, 0), (0, 1)):
+        q = ops.quantize_int8(w if channels == 1 else w.T, channels)
+        back = q.q.astype(jnp.float32) * jnp.expand_dims(q.scale, axis)
+        step = jnp.expand_dims(q.scale, axis)
+        assert q.q.dtype == jnp.int8 and jnp.all(jnp.abs(back - (w if channels == 1 else w.T)) <= step / 2 + 1e-7)
+        assert jnp.max(jnp.abs(q.q)) == 127
+    x = jax.random.normal(jax.random.key(1), (5, 48))
+    q = ops.quantize_int8(w)
+    exact = x @ (q.q.astype(jnp.float32) * q.scale)
+    np.testing.assert_allclose(ops.matmul(x, q, "float32"), exact, rtol=1e-5, atol=1e-5)
+    # bf16 inputs (x rounded to 8 bits of mantissa): within 2% of the largest output
+    np.testing.assert_allclose(ops.matmul(x, q, "bfloat16"), exact, atol=0.02 * float(jnp.abs(exact).max()))
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_int8_and_bf16_logits_stay_close_to_float32(style):
+    """The stated tolerances, as fractions of the float32 logits' standard deviation: int8 (with float32 or bf16
+    elsewhere) differs by at most 5% and by 1% on average, bf16 by at most 2.5% and 0.5% on average (measured:
+    3.0–3.4% / 0.6–0.7% and 1.1–1.4% / 0.2%). The weights are what the format says."""
+    loaded = _loaded(style)
+    tokens = jax.random.randint(jax.random.key(2), (2, 48), 0, 61)
+    ref = _logits(loaded, tokens)
+    for weights, (most, mean) in ((("bfloat16", "none"), (0.025, 0.005)), (("float32", "int8"), (0.05, 0.01)),
+                                  (("bfloat16", "int8"), (0.05, 0.01))):
+        other = workdir.with_weights(loaded, *weights)
+        kernels = [x for x in jax.tree.leaves(nnx.state(other.model, nnx.Param),
+                                             is_leaf=lambda x: isinstance(x, ops.Int8Kernel))]
+        if weights[1] == "int8":
+            # 2 layers × (attention q, k, v, o + 2 or 3 MLP matrices) + the embedding (+ the llama head)
+            assert sum(isinstance(k, ops.Int8Kernel) for k in kernels) == (2 * 6 + 1 if style == "gpt2" else 2 * 7 + 2)
+        floats = {x.dtype for x in kernels if not isinstance(x, ops.Int8Kernel)}
+        assert floats == {jnp.dtype(weights[0])}, floats
+        out = _logits(other, tokens)
+        diff = np.abs(out - ref) / ref.std()
+        assert diff.max() < most and diff.mean() < mean, (weights, diff.max(), diff.mean())
+
+
+def test_int8_decoding_compiles_a_fixed_set_of_programs_over_a_long_generation():
+    """130 tokens after a 16-token prompt cross the cache capacities 64 and 128 into 256: the decode step compiles
+    once per capacity (3). The next prompts arrive while the cache still holds 256 positions, so their prefill
+    compiles once at that capacity; from then on nothing compiles."""
+    loaded = workdir.with_weights(_loaded("llama"), "float32", "int8")
+    engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=2)
+
+    def generate():
+        states = [engine.submit(decode.Request(list(range(1, 17)), 130, decode.SamplingParams(0.8), seed=s))
+                  for s in range(2)]
+        engine.run_until_done()
+        assert [len(s.token_ids) for s in states] == [130, 130]
+
+    jitted = (engine._prefill, engine._step, engine._sample, engine._grow)
+    generate()
+    first = [f._cache_size() for f in jitted]
+    assert first[1] == 3, first  # the step at capacities 64, 128, 256
+    generate()
+    second = [f._cache_size() for f in jitted]
+    assert second == [first[0] + 1, *first[1:]], (first, second)
+    generate()
+    assert [f._cache_size() for f in jitted] == second
+
+
+def test_sampling_with_int8_weights_from_the_command_line_and_bf16_in_process(tiny_workdir):
+    """`--mode=sample --config.model.quantize=int8` on a trained workdir, and `sample_workdir` with bf16 weights:
+    greedy text comes out, and its first characters are float32's (the trained model's first choices are far
+    from ties)."""
+    r = subprocess.run([sys.executable, "-m", "gpt_jax.main", "--mode=sample", f"--workdir={tiny_workdir}",
+                        "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=24", "--config.model.quantize=int8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    sample = lambda weights: decode.sample_workdir(tiny_workdir, ["ROMEO:"], 24, 0.0, 0, 1.0, weights=weights)[0][0]
+    f32, bf16 = sample(None), sample(("bfloat16", "none"))
+    assert len(f32) == len(bf16) == len(r.stdout) == 24, (f32, bf16, r.stdout)
+    assert bf16[:8] == f32[:8] and r.stdout[:8] == f32[:8], (f32, bf16, r.stdout)
+
+
+def test_training_refuses_int8():
+    from gpt_jax import train
+
+    config = config_lib.base_config()
+    config.model.quantize = "int8"
+    with pytest.raises(ConfigError, match="model.quantize=int8 is for sampling"):
+        train.prepare_run(config, "/nonexistent/never/created")
