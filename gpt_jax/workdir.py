@@ -90,8 +90,8 @@ class LoadedModel:
 def load(source: str, weights: tuple[str, str] | None = None) -> LoadedModel:
     """A model from `source`: a gpt_jax workdir, an HF model directory (config.json + *.safetensors + tokenizer
     files) or a .gguf file. Imported models have step None and the run config `convert.run_config` gives.
-    `weights` = (param_dtype, quantize) stores the weights so for sampling, evaluation and serving (see
-    `with_weights`)."""
+    `weights` = (param_dtype, quantize) stores the weights in that format, for sampling, evaluation and serving
+    (see `with_weights`)."""
     loaded = _load(source)
     return loaded if weights is None else with_weights(loaded, *weights)
 
