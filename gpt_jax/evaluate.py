@@ -82,7 +82,8 @@ class Evaluator:
 
             cli.require("harness", "lm_eval")
             self._merge = jax.jit(run.model_params)  # LoRA: the adapters merged into the base
-        self.step = jax.jit(steps.make_eval_step(run.graphdef, data.tokenizer.token_byte_lengths(), run.model_params),
+        self.step = jax.jit(steps.make_eval_step(run.graphdef, data.tokenizer.token_byte_lengths(), run.model_params,
+                                                 config.loss_chunk),
                             in_shardings=(run.shardings["params"], batch_sharding) + (
                                 (run.param_shardings,) if run.base is not None else ()))
         self.put = lambda batch: jax.device_put(batch, batch_sharding)
@@ -416,7 +417,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
             raise UserError(f"{tokenizer_dir} holds another tokenizer than {loaded.name}'s: evaluate into a new "
                             "workdir")
     graphdef, params = nnx.split(loaded.model, nnx.Param)
-    eval_step = jax.jit(steps.make_eval_step(graphdef, data.tokenizer.token_byte_lengths()))
+    eval_step = jax.jit(steps.make_eval_step(graphdef, data.tokenizer.token_byte_lengths(),
+                                             loss_chunk=config.loss_chunk))
     results = evaluate_batches(eval_step, nnx.to_pure_dict(params), batches)
     results.update({"step": loaded.step, "seq_len": seq_len, "model": loaded.name})
     if encdec:
