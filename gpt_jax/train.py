@@ -303,6 +303,10 @@ def compile_report(config) -> dict:
     """Compiles the train step of `config` for the current devices without training; returns (and prints) the
     per-device memory of parameters, optimizer state and the compiled step, and FLOPs per step."""
     config = ml_collections.ConfigDict(config.to_dict())
+    if config.init_from and config.model.kind == "decoder_only":  # the architecture is the pretrained model's
+        progress(f"loading init_from={config.init_from} for its architecture")
+        _set(config.model, {k: v for k, v in vars(workdir_lib.load(config.init_from).model_cfg).items()
+                            if k in config.model and k not in TRAINING_CHOICES})
     if not config.model.vocab_size:
         if config.data.tokenizer == "char":
             raise ConfigError("--mode=compile needs model.vocab_size (or a trained tokenizer's data.vocab_size)")
@@ -317,14 +321,16 @@ def compile_report(config) -> dict:
                                                 sharding=batch_sharding)}
         state_in = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), run.state,
                                 run.shardings)
+        frozen = tuple(jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), base,
+                                    run.param_shardings) for base in run.frozen)  # LoRA's base
         step_fn = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0,
                                                 config.label_smoothing, config.loss_chunk),
-                          in_shardings=(run.shardings, batch_sharding), out_shardings=(run.shardings, None),
-                          donate_argnums=(0,))
+                          in_shardings=(run.shardings, batch_sharding) + run_frozen_shardings(run),
+                          out_shardings=(run.shardings, None), donate_argnums=(0,))
         progress(f"compiling the train step of {config.model.n_layer} layers for {mesh.size} device(s) "
                  f"(minutes for a large model) ...")
         t = time.perf_counter()
-        compiled = step_fn.lower(state_in, batch).compile()
+        compiled = step_fn.lower(state_in, batch, *frozen).compile()
         compile_seconds = time.perf_counter() - t
 
     def per_device_bytes(tree, shardings_tree):
@@ -334,7 +340,7 @@ def compile_report(config) -> dict:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(run.state["params"]))
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(run.base or run.state["params"]))  # LoRA: base
     report = {
         "devices": mesh.size, "mesh": dict(mesh.shape), "parameters": n_params,
         "param_bytes_per_device": per_device_bytes(run.state["params"], run.shardings["params"]),

@@ -273,3 +273,18 @@ def test_lora_workdir_loads_as_its_merged_model(tmp_path):
     os.rename(base_dir, base_dir + "_moved")  # the adapters are nothing without their base
     with pytest.raises(UserError, match="init_from=.*base"):
         workdir_lib.load(run_dir)
+
+
+def test_compile_mode_reports_a_lora_step_with_the_base_architecture(tiny_workdir):
+    """`--mode=compile` with init_from takes the pretrained model's architecture (no model.* flags needed) and, with
+    LoRA, compiles the step with its frozen base: the model's parameters are counted, the optimizer holds the
+    adapters' moments only, and the step's arguments are smaller than full fine-tuning's."""
+    config = config_lib.base_config()
+    config.init_from, config.batch_size, config.seq_len = tiny_workdir, 4, 32
+    full = train.compile_report(config)
+    config.lora.rank, config.lora.targets = 4, "query,value"
+    adapted = train.compile_report(config)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(workdir_lib.load(tiny_workdir).model, nnx.Param)))
+    assert full["parameters"] == adapted["parameters"] == n_params
+    assert adapted["opt_state_bytes_per_device"] < full["opt_state_bytes_per_device"] / 20
+    assert adapted["argument_bytes"] < full["argument_bytes"] / 2
