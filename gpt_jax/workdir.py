@@ -113,10 +113,12 @@ def with_weights(loaded: LoadedModel, param_dtype: str, quantize: str = "none") 
     new_cfg = dataclasses.replace(cfg, param_dtype=param_dtype,
                                   dtype="bfloat16" if param_dtype == "bfloat16" else cfg.dtype)
 
+    quantize_int8 = jax.jit(ops.quantize_int8, static_argnums=1)
+
     def convert(path, x):
         name = path[-1].key
         if quantize == "int8" and x.ndim == 2 and name in ("kernel", "embed", "lm_head"):
-            return jax.jit(ops.quantize_int8, static_argnums=1)(x, 0 if name == "embed" else 1)
+            return quantize_int8(x, 0 if name == "embed" else 1)
         return x.astype(dtype)
 
     params = jax.tree_util.tree_map_with_path(convert, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
