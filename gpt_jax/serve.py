@@ -40,6 +40,9 @@ import math
 import os
 import secrets
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -985,6 +988,41 @@ def log_config(level: str = "info") -> dict:
                                      "stream": "ext://sys.stderr"}
     config["loggers"]["gpt_jax"] = {"handlers": ["gpt_jax"], "level": level.upper(), "propagate": False}
     return config
+
+
+def spawn(source: str, workdir: str, *flags: str) -> tuple[subprocess.Popen, str, str]:
+    """Starts `python -m gpt_jax.main --mode=serve --config.init_from=SOURCE` (with `flags`) on a free port of
+    127.0.0.1, its output in workdir/server.log; returns (process, URL, log path) at once: `wait_until_up` waits."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = os.path.join(workdir, "server.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gpt_jax.main", "--mode=serve", f"--workdir={workdir}",
+                                 f"--config.init_from={os.path.abspath(source)}", f"--port={port}", *flags],
+                                stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}", log_path
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, log_path: str, timeout: float = 600) -> None:
+    """Returns once the spawned server's /health answers; UserError with its last log line if it exits first, or
+    after `timeout` seconds (then it is killed)."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            with open(log_path, errors="replace") as f:
+                last = ([line.strip() for line in f if line.strip()] or [""])[-1]
+            raise UserError(f"the server exited with {proc.returncode}: {last}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise UserError(f"the server did not start in {timeout / 60:g} minutes")
 
 
 def main(source: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -101,34 +100,18 @@ class Server:
     def __init__(self, source: str, fmt: str, max_batch: int):
         import httpx
 
-        self.httpx = httpx
+        from gpt_jax import serve
+
+        self.httpx, self.serve = httpx, serve
         self.name, self.peer = f"gpt_jax server {fmt}", FORMATS[fmt][2]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
         param_dtype, quantize, _ = FORMATS[fmt]
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpt_jax.main", "--mode=serve", f"--workdir={tempfile.mkdtemp()}",
-             f"--config.init_from={source}", f"--config.model.param_dtype={param_dtype}",
-             f"--config.model.quantize={quantize}", f"--max_batch={max_batch}", f"--port={self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc, self.url, self.log = serve.spawn(source, tempfile.mkdtemp(), f"--max_batch={max_batch}",
+                                                    f"--config.model.param_dtype={param_dtype}",
+                                                    f"--config.model.quantize={quantize}")
 
     def wait_ready(self) -> None:
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            try:
-                if self.httpx.get(self.url + "/health").status_code == 200:
-                    self.model = self.httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
-                    return
-            except self.httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"{self.name} exited: {self.log.read().decode()[-2000:]}")
-            time.sleep(1)
-        raise RuntimeError(f"{self.name} did not start in 15 minutes")
+        self.serve.wait_until_up(self.proc, self.url, self.log, timeout=900)
+        self.model = self.httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
 
     def warm(self, batches: list[int], n: int) -> None:
         for b in batches:

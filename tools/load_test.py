@@ -17,9 +17,7 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -114,36 +112,6 @@ async def run_level(url: str, model: str, clients: int, requests: int, args, hea
             "latency_p50": latencies[len(latencies) // 2], "latency_p95": latencies[int(len(latencies) * 0.95)]}
 
 
-def _start_server(args, workdir: str) -> tuple[subprocess.Popen, str]:
-    """gpt_jax's server for --model on a free port, with an empty `workdir` (the model comes from init_from)."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = os.path.join(workdir, "server.log")  # its per-request log lines would drown the table
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gpt_jax.main", "--mode=serve", f"--workdir={workdir}",
-                                 f"--config.init_from={os.path.abspath(args.model)}", f"--port={port}",
-                                 f"--max_batch={args.max_batch}", f"--max_len={args.max_len}"],
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            with open(log_path, errors="replace") as f:
-                last = ([line.strip() for line in f if line.strip()] or [""])[-1]
-            raise UserError(f"the server exited with {proc.returncode}: {last}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise UserError("the server did not start in 10 minutes")
-
-
 def main(argv: list[str]) -> int:
     """Runs the load test the flags describe; prints a table per concurrency level."""
     if len(argv) > 1:
@@ -164,7 +132,11 @@ def main(argv: list[str]) -> int:
     proc, workdir = None, tempfile.mkdtemp(prefix="load_test_") if args.model else None
     try:
         if args.model:
-            proc, url = _start_server(args, workdir)
+            from gpt_jax import serve
+
+            proc, url, log_path = serve.spawn(args.model, workdir, f"--max_batch={args.max_batch}",
+                                              f"--max_len={args.max_len}")  # its request log would drown the table
+            serve.wait_until_up(proc, url, log_path)
         else:
             url = args.url.rstrip("/")
         try:
