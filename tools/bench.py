@@ -125,17 +125,20 @@ def bench_finetune(args) -> list[str]:
         raise UserError(f"{gguf} is missing (see configs/finetune_shakespeare.py)")
     steps, batch, seq = args.finetune_steps, args.finetune_batch, 256
     rows = []
-    for config in args.finetune_configs.split(","):
+    for entry in args.finetune_configs.split(","):
+        config, *overrides = entry.split(":")  # NAME:key=value:... runs configs/NAME.py with --config.key=value
         with tempfile.TemporaryDirectory() as workdir:
             ours = timed_process(
                 [sys.executable, "-m", "gpt_jax.main", f"--config=configs/{config}.py", f"--workdir={workdir}",
+                 *(f"--config.{o}" for o in overrides),
                  f"--config.train_steps={steps}", f"--config.batch_size={batch}", f"--config.seq_len={seq}",
                  "--config.log_every=1", "--config.eval_every=0", "--config.eval_steps=1",
                  "--config.checkpoint_every=0", "--config.final_eval_full=False", "--config.sample.max_new_tokens=0"],
                 {"loaded": "model: ", "first": "step 1/"})
         rates = [float(re.search(r"  ([\d,]+) tok/s", line).group(1).replace(",", ""))
                  for line in ours["lines"] if re.match(r"step \d+/", line)][1:]
-        rows.append([f"gpt_jax {config}", statistics.median(rates), ours["marks"]["first"] - ours["marks"]["loaded"],
+        rows.append([" ".join(["gpt_jax", config, *overrides]), statistics.median(rates),
+                     ours["marks"]["first"] - ours["marks"]["loaded"],
                      ours["rss"] / 2**30])
     if args.finetune_peer:
         cli.require("test", "torch", "transformers")
@@ -686,7 +689,8 @@ flags.DEFINE_bool("ablate_query_blocks", False, "train: also time our step with 
 flags.DEFINE_integer("finetune_steps", 5, "finetune: steps per run")
 flags.DEFINE_integer("finetune_batch", 8, "finetune: sequences of 256 tokens per step")
 flags.DEFINE_string("finetune_configs", "finetune_shakespeare_lora", "finetune: comma-separated configs/NAME.py "
-                    "(e.g. finetune_shakespeare for full fine-tuning)")
+                    "(e.g. finetune_shakespeare for full fine-tuning), each with optional :key=value config overrides "
+                    "(finetune_shakespeare_lora:model.remat=full)")
 flags.DEFINE_bool("finetune_peer", True, "finetune: also run transformers + peft (needs `pip install peft`)")
 flags.DEFINE_bool("gpu", False, "run the gpu section (same as naming it)")
 flags.DEFINE_string("gpu_batch", "16", "gpu: comma-separated sequences of 1024 tokens per step")
