@@ -13,6 +13,11 @@ from `init_from` again, so keep that file. For a model that stands alone (and an
 
     python tools/convert.py --input=/tmp/lora_shakespeare --output=/tmp/lora_shakespeare_merged
 
+Memory: as set here the step runs 30 unrolled layers and keeps every activation for the backward pass (7.3 GiB peak
+RSS on a 2-core CPU, 210 tokens/s). With little memory to spare, scan the layers and recompute each one's forward
+pass in the backward pass: `--config.model.scan_layers=True --config.model.remat=full` (3.7 GiB, 139 tokens/s; see
+BENCHMARKS.md).
+
 Everything but the LoRA keys, the learning rates and the checkpoints is configs/finetune_shakespeare.py's.
 """
 
