@@ -286,8 +286,11 @@ class Runner:
     def _popen(self, step: Step, argv: list[str]) -> tuple[subprocess.Popen, str, str]:
         out, err = (os.path.join(self.dir, "logs", f"{step.key}.{x}") for x in ("out", "err"))
         with open(out, "w") as stdout, open(err, "w") as stderr:
+            # Ctrl-C reaches a command run in a terminal: SIGINT at its default, even when pytest was started in the
+            # background of a script (where the shell ignores SIGINT for it and its children inherit that)
             proc = subprocess.Popen(argv, cwd=self.dir, env=self.env, stdout=stdout, stderr=stderr,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         return proc, out, err
 
     @staticmethod
