@@ -286,11 +286,8 @@ class Runner:
     def _popen(self, step: Step, argv: list[str]) -> tuple[subprocess.Popen, str, str]:
         out, err = (os.path.join(self.dir, "logs", f"{step.key}.{x}") for x in ("out", "err"))
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            # Ctrl-C reaches a command run in a terminal: SIGINT at its default, even when pytest was started in the
-            # background of a script (where the shell ignores SIGINT for it and its children inherit that)
             proc = subprocess.Popen(argv, cwd=self.dir, env=self.env, stdout=stdout, stderr=stderr,
-                                    stdin=subprocess.DEVNULL,
-                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                    stdin=subprocess.DEVNULL)
         return proc, out, err
 
     @staticmethod
@@ -523,6 +520,11 @@ def test_every_readme_command_runs(tmp_path, request):
     to_run = [s for s in STEPS if s.kind not in (NOT_RUN, SNIPPET) and (gguf or s.key not in NEEDS_GGUF)]
     start = time.perf_counter()
     futures: dict[str, concurrent.futures.Future] = {}
+    # Ctrl-C reaches a command run in a terminal. A pytest started in the background of a script inherits SIGINT
+    # ignored from the shell, and so would the commands; with a handler here they start with SIGINT at its default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(to_run)) as pool:
         # the longest first (mostly single-threaded XLA compiles), then README order, which submits what a step
         # needs before the step
