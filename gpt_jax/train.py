@@ -319,10 +319,10 @@ def compile_report(config) -> dict:
         batch_sharding = sharding.batch_sharding(mesh)
         batch = {"tokens": jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
                                                 sharding=batch_sharding)}
-        state_in = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), run.state,
-                                run.shardings)
-        frozen = tuple(jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), base,
-                                    run.param_shardings) for base in run.frozen)  # LoRA's base
+        placed = lambda tree, shardings: jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
+        state_in = placed(run.state, run.shardings)
+        frozen = tuple(placed(base, run.param_shardings) for base in run.frozen)  # LoRA's base
         step_fn = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0,
                                                 config.label_smoothing, config.loss_chunk),
                           in_shardings=(run.shardings, batch_sharding) + run_frozen_shardings(run),

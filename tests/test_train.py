@@ -226,7 +226,7 @@ def test_the_non_finite_guard_compiles_to_a_program_linear_in_the_layers():
     values. Kept as a `where` per array, XLA copied that reduction's chain of `and`s into each of them: a program
     that grew with the square of the array count (SmolLM2's LoRA step compiled for 6 minutes). With one `lax.cond`
     the `and`s grow linearly: 4x the layers (4x the arrays) gives fewer than 4x the `and` instructions (the old step
-    gave 13x from 2 to 8 layers)."""
+    gave 11x from 1 to 4 layers)."""
     from gpt_jax import model as model_lib
     from gpt_jax import sharding, steps
 
