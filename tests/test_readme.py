@@ -8,8 +8,9 @@ added here. `python tests/test_readme.py` prints the table as markdown.
 
 The commands run in README order where one needs another (sample after train, eval after train, convert then
 sample); the independent ones run concurrently, at most SLOTS processes at a time (servers count while they start).
-It prints each command's wall and CPU seconds: about 280 CPU seconds in all, most of them XLA compiling (the
-SmolLM2 server's warm-up, the encoder-decoder's train step), so some 2.5 minutes on 2 idle cores.
+They start with the session, in conftest.py's background thread (see start_in_background), and the test waits for
+them. It prints each command's wall and CPU seconds: about 270 CPU seconds in all, most of them XLA compiling (the
+SmolLM2 server's warm-up, the encoder-decoder's train step), some 2.5 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -492,18 +493,16 @@ def exercise_serve_smollm2(ran: Ran) -> None:
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
-@pytest.mark.slow
-def test_every_readme_command_runs(tmp_path, request):
-    print("\n" + table_markdown())
-    try:
-        gguf = request.getfixturevalue("smollm2_gguf")
-    except pytest.skip.Exception as e:
-        gguf, missing_gguf = "", str(e)
-    folder = str(tmp_path)
+TEST = "test_every_readme_command_runs"
+_RUN: dict = {}  # the session's run of the commands, once started
+
+
+def _run_commands(folder: str, gguf: str) -> tuple[dict, dict, float]:
+    """Every README command that runs here: (each command's (wall, CPU) seconds, each command's exception or None,
+    wall seconds in all)."""
     _write_user_files(folder)
     runner = Runner(folder, gguf)
     steps = {step.key: step for step in STEPS}
-    assert set(CHECKS) <= set(steps)
 
     def one(step: Step, before: concurrent.futures.Future | None) -> None:
         if before is not None and before.exception() is not None:
@@ -520,26 +519,45 @@ def test_every_readme_command_runs(tmp_path, request):
     to_run = [s for s in STEPS if s.kind not in (NOT_RUN, SNIPPET) and (gguf or s.key not in NEEDS_GGUF)]
     start = time.perf_counter()
     futures: dict[str, concurrent.futures.Future] = {}
-    # Ctrl-C reaches a command run in a terminal. A pytest started in the background of a script inherits SIGINT
-    # ignored from the shell, and so would the commands; with a handler here they start with SIGINT at its default.
-    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        request.addfinalizer(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(to_run)) as pool:
         # the longest first (mostly single-threaded XLA compiles), then README order, which submits what a step
         # needs before the step
         for step in sorted(to_run, key=lambda s: s.key not in LONGEST):
             futures[step.key] = pool.submit(one, step, futures.get(step.after))
-    failures = {k: f.exception() for k, f in futures.items() if f.exception() is not None}
-    times = sorted(runner.times.items(), key=lambda x: -x[1][1])
-    cpu = sum(c for _, c in runner.times.values())
-    print(f"\n{len(futures)} commands in {time.perf_counter() - start:.0f} s, {cpu:.0f} CPU seconds "
-          "(per command: wall/CPU s): " + ", ".join(f"{k} {w:.0f}/{c:.0f}" for k, (w, c) in times))
+    return runner.times, {k: f.exception() for k, f in futures.items()}, time.perf_counter() - start
+
+
+def start_in_background(request, tmp_path_factory, submit) -> None:
+    """Submits the commands' run (conftest.py runs it in the session's background thread), once per session."""
+    if _RUN or not any(getattr(item, "originalname", None) == TEST for item in request.session.items):
+        return
+    try:
+        gguf, _RUN["missing_gguf"] = request.getfixturevalue("smollm2_gguf"), ""
+    except pytest.skip.Exception as e:
+        gguf, _RUN["missing_gguf"] = "", str(e)
+    # Ctrl-C reaches a command run in a terminal. A pytest started in the background of a script inherits SIGINT
+    # ignored from the shell, and so would the commands; with a handler here they start with SIGINT at its default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    _RUN["result"] = submit(_run_commands, str(tmp_path_factory.mktemp("readme")), gguf)
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs(request, tmp_path_factory):
+    print("\n" + table_markdown())
+    assert set(CHECKS) <= {step.key for step in STEPS}
+    start_in_background(request, tmp_path_factory, concurrent.futures.ThreadPoolExecutor(1).submit)
+    times, outcomes, wall = _RUN["result"].result()
+    failures = {k: e for k, e in outcomes.items() if e is not None}
+    cpu = sum(c for _, c in times.values())
+    print(f"\n{len(outcomes)} commands in {wall:.0f} s, {cpu:.0f} CPU seconds (per command: wall/CPU s): "
+          + ", ".join(f"{k} {w:.0f}/{c:.0f}" for k, (w, c) in sorted(times.items(), key=lambda x: -x[1][1])))
     broken = [f"README command {k} failed: {e}" for k, e in failures.items() if not isinstance(e, DependencyFailed)]
     skipped = [f"{k} ({e})" for k, e in failures.items() if isinstance(e, DependencyFailed)]
     assert not failures, "\n\n".join(broken + skipped)
-    if not gguf:
-        pytest.skip(f"every other README command passed; not run: {sorted(NEEDS_GGUF)} ({missing_gguf})")
+    if _RUN["missing_gguf"]:
+        pytest.skip(f"every other README command passed; not run: {sorted(NEEDS_GGUF)} ({_RUN['missing_gguf']})")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ def close(a, b, rel=1e-5):
 
 
 # The mesh runner (one process of 8 CPU devices) and the two-process run (two processes of 4 devices, killed after
-# step 10 and resumed) run in threads as subprocesses. conftest.py starts them when the test session starts (see
-# start_in_background), so on a machine of two or more cores they overlap with the tests that come before this
-# module's and with each other, instead of adding a minute and a half to the session's wall time.
+# step 10 and resumed) run at the same time as subprocesses, in conftest.py's background thread from the start of the
+# session (see start_in_background), so on a machine of two or more cores they overlap with the tests that come before
+# this module's, instead of adding a minute and a half to the session's wall time.
 
 TWO_PROCESS_TEST = "test_two_processes_train_like_one_with_eight_devices"
 # mesh_runner.make_config((8, 1, 1), 20) as flags: tiny.py put back to the base config's adam_b2 and
@@ -83,23 +83,31 @@ def _run_two_processes(workdir) -> tuple[list, list | None]:
 _RUNS: dict = {}  # the session's background runs, once started
 
 
-def start_in_background(session, tmp_path_factory) -> dict:
-    """Starts the mesh runner, and the two-process run when its test is selected, once per session."""
+def _run_both(base, two_process_workdir) -> dict:
+    """The mesh runner and (with a workdir) the two-process run, at the same time: a future of each, done."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = {"meshes": pool.submit(_run_mesh_runner, base)}
+        if two_process_workdir is not None:
+            runs["two_processes"] = pool.submit(_run_two_processes, two_process_workdir)
+    return runs
+
+
+def start_in_background(request, tmp_path_factory, submit) -> dict:
+    """Submits the mesh runner, and the two-process run when its test is selected, once per session."""
     if not _RUNS:
-        pool = concurrent.futures.ThreadPoolExecutor(2)
-        _RUNS["meshes"] = pool.submit(_run_mesh_runner, tmp_path_factory.mktemp("meshes"))
-        if any(getattr(item, "originalname", None) == TWO_PROCESS_TEST for item in session.items):
+        workdir = None
+        if any(getattr(item, "originalname", None) == TWO_PROCESS_TEST for item in request.session.items):
             workdir = tmp_path_factory.mktemp("two_processes") / "mp"
-            _RUNS["two_processes"] = pool.submit(_run_two_processes, workdir)
-            _RUNS["two_processes_workdir"] = workdir
-        pool.shutdown(wait=False)  # the threads finish their runs; nothing else is submitted
+        _RUNS["both"] = submit(_run_both, tmp_path_factory.mktemp("meshes"), workdir)
+        _RUNS["two_processes_workdir"] = workdir
     return _RUNS
 
 
 @pytest.fixture(scope="module")
 def background_runs(request, tmp_path_factory):
     """Futures of the mesh runner's losses and of the two-process run (the latter only when its test is selected)."""
-    return start_in_background(request.session, tmp_path_factory)
+    runs = start_in_background(request, tmp_path_factory, concurrent.futures.ThreadPoolExecutor(1).submit)
+    return {**runs["both"].result(), "two_processes_workdir": runs["two_processes_workdir"]}
 
 
 @pytest.fixture(scope="module")

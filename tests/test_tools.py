@@ -155,3 +155,20 @@ def test_help_works_without_the_extra(hidden, argv, extra):
     """(tools/prepare_data.py's flags come from the Beam pipeline's options: without Beam it says so, help or not.)"""
     proc = _run_without(hidden, [*argv[:2 if argv[0] == "-m" else 1], "--help"])
     assert proc.returncode == 0 and "flags:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_commands_compile_through_a_persistent_cache_in_the_gpt_jax_cache_folder(tmp_path):
+    """Every command imports gpt_jax.cli before JAX, which points XLA's persistent compilation cache at
+    $GPT_JAX_CACHE/xla unless JAX_COMPILATION_CACHE_DIR is set; set to nothing, nothing is cached."""
+    snippet = ("import gpt_jax.cli, jax, jax.numpy as jnp; print(jax.config.jax_compilation_cache_dir); "
+               "jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((64, 64))).block_until_ready()")
+    env = {k: v for k, v in ENV.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # this compile is quicker than the default second
+    on = subprocess.run([sys.executable, "-c", snippet], env={**env, "GPT_JAX_CACHE": str(tmp_path / "on")},
+                        capture_output=True, text=True, timeout=120)
+    assert on.returncode == 0 and on.stdout.strip() == str(tmp_path / "on" / "xla"), on.stderr[-2000:]
+    assert os.listdir(tmp_path / "on" / "xla")
+    off = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120,
+                         env={**env, "GPT_JAX_CACHE": str(tmp_path / "off"), "JAX_COMPILATION_CACHE_DIR": ""})
+    assert off.returncode == 0 and off.stdout.strip() == "", off.stderr[-2000:]
+    assert not (tmp_path / "off").exists()

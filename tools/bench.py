@@ -114,7 +114,9 @@ def bench_finetune(args) -> list[str]:
     """LoRA fine-tuning of SmolLM2-135M (rank 8 on the seven projections, batch × 256 tokens, AdamW) as
     configs/finetune_shakespeare_lora.py runs it through `python -m gpt_jax.main`, against transformers + peft in
     float32 on the same GGUF, each in a process of its own under /usr/bin/time -v: step tokens/s (median over the
-    steps after the first), the first step's time after the model is loaded, peak RSS."""
+    steps after the first), the first step's time after the model is loaded, peak RSS. Each config runs twice on a
+    compilation cache of its own: "compiled" (empty: the first step includes compiling the train step) and "cached"
+    (a second run, as a resumed or repeated one: the step is read back)."""
     import re
 
     from gpt_jax.config import cached
@@ -127,19 +129,22 @@ def bench_finetune(args) -> list[str]:
     rows = []
     for entry in args.finetune_configs.split(","):
         config, *overrides = entry.split(":")  # NAME:key=value:... runs configs/NAME.py with --config.key=value
-        with tempfile.TemporaryDirectory() as workdir:
-            ours = timed_process(
-                [sys.executable, "-m", "gpt_jax.main", f"--config=configs/{config}.py", f"--workdir={workdir}",
-                 *(f"--config.{o}" for o in overrides),
-                 f"--config.train_steps={steps}", f"--config.batch_size={batch}", f"--config.seq_len={seq}",
-                 "--config.log_every=1", "--config.eval_every=0", "--config.eval_steps=1",
-                 "--config.checkpoint_every=0", "--config.final_eval_full=False", "--config.sample.max_new_tokens=0"],
-                {"loaded": "model: ", "first": "step 1/"})
-        rates = [float(re.search(r"  ([\d,]+) tok/s", line).group(1).replace(",", ""))
-                 for line in ours["lines"] if re.match(r"step \d+/", line)][1:]
-        rows.append([" ".join(["gpt_jax", config, *overrides]), statistics.median(rates),
-                     ours["marks"]["first"] - ours["marks"]["loaded"],
-                     ours["rss"] / 2**30])
+        # twice, on a compilation cache of its own: first empty (the train step compiles), then holding that step
+        with tempfile.TemporaryDirectory() as cache:
+            for run in ("compiled", "cached"):
+                with tempfile.TemporaryDirectory() as workdir:
+                    ours = timed_process(
+                        [sys.executable, "-m", "gpt_jax.main", f"--config=configs/{config}.py", f"--workdir={workdir}",
+                         *(f"--config.{o}" for o in overrides),
+                         f"--config.train_steps={steps}", f"--config.batch_size={batch}", f"--config.seq_len={seq}",
+                         "--config.log_every=1", "--config.eval_every=0", "--config.eval_steps=1",
+                         "--config.checkpoint_every=0", "--config.final_eval_full=False",
+                         "--config.sample.max_new_tokens=0"],
+                        {"loaded": "model: ", "first": "step 1/"}, env={"JAX_COMPILATION_CACHE_DIR": cache})
+                rates = [float(re.search(r"  ([\d,]+) tok/s", line).group(1).replace(",", ""))
+                         for line in ours["lines"] if re.match(r"step \d+/", line)][1:]
+                rows.append([" ".join(["gpt_jax", config, *overrides, f"({run})"]), statistics.median(rates),
+                             ours["marks"]["first"] - ours["marks"]["loaded"], ours["rss"] / 2**30])
     if args.finetune_peer:
         cli.require("test", "torch", "transformers")
         peer = timed_process([sys.executable, "-c", _PEFT_STEP, gguf, str(steps), str(batch), str(seq),
