@@ -84,8 +84,7 @@ class Evaluator:
             self._merge = jax.jit(run.model_params)  # LoRA: the adapters merged into the base
         self.step = jax.jit(steps.make_eval_step(run.graphdef, data.tokenizer.token_byte_lengths(), run.model_params,
                                                  config.loss_chunk),
-                            in_shardings=(run.shardings["params"], batch_sharding) + (
-                                (run.param_shardings,) if run.base is not None else ()))
+                            in_shardings=(run.shardings["params"], batch_sharding) + run.frozen_shardings)
         self.put = lambda batch: jax.device_put(batch, batch_sharding)
         self.quick = data.val_batches(config.batch_size, config.seq_len, config.eval_steps * config.batch_size,
                                       config.seed)

@@ -73,14 +73,50 @@ class TrainSetup:
     param_shardings: dict  # of the model's parameters
     base: dict | None  # LoRA: the frozen pretrained parameters (state["params"] holds the adapters)
     lora: lora_lib.LoraSpec | None
+    base_shardings: dict | None = None  # of `base`
 
     def model_params(self, params, base=None):
         """The model's parameters from the trained ones: LoRA adapters attached to the base, or themselves."""
-        return params if self.lora is None else lora_lib.attach(base, params, self.lora.scale)
+        return params if self.lora is None else lora_lib.attach(unstack_blocks(base), params, self.lora.scale)
 
     @property
     def frozen(self) -> tuple:
         return () if self.base is None else (self.base,)
+
+    @property
+    def frozen_shardings(self) -> tuple:
+        return () if self.base is None else (self.base_shardings,)
+
+
+def _is_layer_list(key, node) -> bool:
+    return key == "blocks" and isinstance(node, dict) and bool(node) and all(isinstance(i, int) for i in node)
+
+
+def stack_blocks(tree, leaf=lambda *layers: jnp.stack(layers)):
+    """`tree` with each `blocks` entry ({0: layer, 1: layer, ...}) as one layer's tree of `leaf(*its n_layer
+    leaves)`: stacked arrays [n_layer, ...] by default.
+
+    A scanned model stacks its layers' parameters inside the step (model.py), a copy of them every step. A frozen
+    LoRA base is stacked here once instead, and the step passes the model slices of it (`unstack_blocks`): XLA folds
+    the model's stack of those slices back into the stacked input, so no copy is made."""
+    if not isinstance(tree, dict):
+        return tree
+    return {key: jax.tree.map(leaf, *(node[i] for i in range(len(node)))) if _is_layer_list(key, node)
+            else stack_blocks(node, leaf) for key, node in tree.items()}
+
+
+def unstack_blocks(tree):
+    """The inverse of `stack_blocks` (a tree with no stacked `blocks` comes back as it is)."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, node in tree.items():
+        if key == "blocks" and isinstance(node, dict) and not _is_layer_list(key, node):
+            n_layer = jax.tree.leaves(node)[0].shape[0]
+            out[key] = {i: jax.tree.map(lambda x, i=i: x[i], node) for i in range(n_layer)}
+        else:
+            out[key] = unstack_blocks(node)
+    return out
 
 
 def initial_health(params) -> dict:
@@ -111,16 +147,21 @@ def setup(config, model_cfg, mesh, pretrained_params=None, abstract: bool = Fals
         params = jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x), sh), pretrained_params, p_shardings)
     else:
         params = jax.jit(init_params, out_shardings=p_shardings)()
-    base, trained_shardings = None, p_shardings
+    base, base_shardings, trained_shardings = None, None, p_shardings
     if spec is not None:
-        base = params
+        base, base_shardings = params, p_shardings
         params = lora_lib.init_adapters(base, spec, config.seed)
         trained_shardings = lora_lib.adapter_shardings(params, p_shardings)
         params = jax.device_put(params, trained_shardings)
+        if config.model.scan_layers:  # see stack_blocks
+            base_shardings = stack_blocks(p_shardings, lambda first, *_: jax.sharding.NamedSharding(
+                first.mesh, jax.sharding.PartitionSpec(None, *first.spec)))
+            base = jax.eval_shape(stack_blocks, base) if abstract else \
+                jax.jit(stack_blocks, out_shardings=base_shardings)(base)
     shardings = sharding.state_shardings(jax.eval_shape(make_state, params), trained_shardings, mesh)
     state = jax.eval_shape(make_state, params) if abstract else \
         jax.jit(make_state, out_shardings=shardings)(params)
-    return TrainSetup(graphdef, tx, state, shardings, p_shardings, base, spec)
+    return TrainSetup(graphdef, tx, state, shardings, p_shardings, base, spec, base_shardings)
 
 
 def make_train_step(run: TrainSetup, grad_accum_steps: int, use_dropout: bool, label_smoothing: float = 0.0,

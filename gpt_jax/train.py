@@ -168,7 +168,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         batch_sharding = sharding.batch_sharding(mesh)
         train_step = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0,
                                                    config.label_smoothing, config.loss_chunk),
-                             in_shardings=(run.shardings, batch_sharding) + run_frozen_shardings(run),
+                             in_shardings=(run.shardings, batch_sharding) + run.frozen_shardings,
                              out_shardings=(run.shardings, None), donate_argnums=(0,))
         evaluator = evaluate.Evaluator(config, data, run, batch_sharding, workdir)
         batches = data.train_batches(config.batch_size, config.seq_len, config.seed, data_state,
@@ -211,10 +211,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
             ckpt.close()
         log.done(step)
         return {**result, "step": step}
-
-
-def run_frozen_shardings(run: steps.TrainSetup) -> tuple:
-    return () if run.base is None else (run.param_shardings,)
 
 
 def _restore(ckpt, run: steps.TrainSetup, mesh, config, pretrained) -> tuple[int, dict | None]:
@@ -322,10 +318,10 @@ def compile_report(config) -> dict:
         placed = lambda tree, shardings: jax.tree.map(
             lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree, shardings)
         state_in = placed(run.state, run.shardings)
-        frozen = tuple(placed(base, run.param_shardings) for base in run.frozen)  # LoRA's base
+        frozen = tuple(map(placed, run.frozen, run.frozen_shardings))  # LoRA's base
         step_fn = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0,
                                                 config.label_smoothing, config.loss_chunk),
-                          in_shardings=(run.shardings, batch_sharding) + run_frozen_shardings(run),
+                          in_shardings=(run.shardings, batch_sharding) + run.frozen_shardings,
                           out_shardings=(run.shardings, None), donate_argnums=(0,))
         progress(f"compiling the train step of {config.model.n_layer} layers for {mesh.size} device(s) "
                  f"(minutes for a large model) ...")

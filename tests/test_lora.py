@@ -241,6 +241,38 @@ def test_lora_step_gradient_accumulation_matches_one_batch():
                            adapters["blocks"][0]["attn"]["query"]["lora_b"])
 
 
+def test_a_scanned_lora_step_reads_the_prestacked_base_without_copying_it():
+    """With scan_layers a LoRA run stacks its frozen base's layers once (steps.stack_blocks) and the step hands the
+    model slices of them, which XLA folds back into the stacked input: the step computes what it computes on the
+    per-layer base, whose layers the model stacks into a copy every step, with that copy gone from its
+    temporaries."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_model_config(40), d_model=128, d_ff=512, n_layer=4, scan_layers=True,
+                              remat="full")
+    base = jax.tree.map(jnp.asarray, random_params(cfg))
+    graphdef = nnx.split(nnx.eval_shape(lambda: model.Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
+    spec = lora.LoraSpec(4, 8.0, ("query", "value", "down"))
+    adapters = jax.tree.map(lambda x: x + 0.01, lora.init_adapters(base, spec, 0))
+    tx = optim.make_optimizer(config_lib.base_config())
+    state = {"params": adapters, "opt_state": tx.init(adapters), "rng": jax.random.key_data(jax.random.key(0)),
+             "step": jnp.int32(0), "health": steps.initial_health(adapters)}
+    batch = {"tokens": jax.random.randint(jax.random.key(1), (2, 9), 0, 40)}
+    stacked = steps.stack_blocks(base)
+    assert jax.tree.structure(steps.unstack_blocks(stacked)) == jax.tree.structure(base)
+    assert stacked["blocks"]["attn"]["query"]["kernel"].shape == (4, 128, 128)
+    results, temporaries = [], []
+    for frozen in (base, stacked):
+        step = jax.jit(steps.make_train_step(steps.TrainSetup(graphdef, tx, None, None, None, frozen, spec), 1, False))
+        temporaries.append(step.lower(state, batch, frozen).compile().memory_analysis().temp_size_in_bytes)
+        results.append(step(state, batch, frozen))
+    assert float(results[0][1]["train_loss"]) == pytest.approx(float(results[1][1]["train_loss"]), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0]["params"],
+                 results[1][0]["params"])
+    block_bytes = sum(x.nbytes for x in jax.tree.leaves(base["blocks"]))  # 3.9 MB
+    assert temporaries[1] < temporaries[0] - 0.9 * block_bytes, (temporaries, block_bytes)
+
+
 def test_lora_workdir_loads_as_its_merged_model(tmp_path):
     """Evaluation, sampling and serving load a LoRA workdir directly: its adapters merged into the init_from base."""
     from gpt_jax import decode, evaluate
