@@ -13,10 +13,13 @@ from `init_from` again, so keep that file. For a model that stands alone (and an
 
     python tools/convert.py --input=/tmp/lora_shakespeare --output=/tmp/lora_shakespeare_merged
 
-Memory: as set here the step runs 30 unrolled layers and keeps every activation for the backward pass (7.3 GiB peak
-RSS on a 2-core CPU, 210 tokens/s). With little memory to spare, scan the layers and recompute each one's forward
-pass in the backward pass: `--config.model.scan_layers=True --config.model.remat=full` (3.7 GiB, 139 tokens/s; see
-BENCHMARKS.md).
+Memory and speed (a 2-core CPU, batch 8 x 256; BENCHMARKS.md): the step scans the 30 layers and recomputes each
+one's forward pass in the backward pass (`model.scan_layers`, `model.remat=full`), and the frozen base is stacked
+once for the scan: ~2.9 GiB peak RSS. That recomputation costs speed; with memory to spare, run the layers unrolled
+and keep their activations, ~1.4x the tokens/s at ~7 GiB: `--config.model.scan_layers=False
+--config.model.remat=none`. The scanned step also comes back from the compilation cache (README.md) in seconds,
+so a resumed or repeated run's first step takes about half the time; the unrolled one loads as slowly as it
+compiles.
 
 Everything but the LoRA keys, the learning rates and the checkpoints is configs/finetune_shakespeare.py's.
 """
@@ -30,6 +33,8 @@ def get_config():
     config.lora.rank = 8
     config.lora.alpha = 16.0
     config.lora.targets = "query,key,value,out,gate,up,down"
+    config.model.scan_layers = True  # memory first: see the docstring
+    config.model.remat = "full"
     config.train_steps = 300
     config.batch_size = 8
     config.seq_len = 256

@@ -165,6 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt = checkpoint_lib.Checkpointer(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS),
                                            keep=config.keep_checkpoints)
         start_step, data_state = _restore(ckpt, run, mesh, config, pretrained)
+        del pretrained  # the host copy of a pretrained model: its arrays are on the mesh now (run)
         batch_sharding = sharding.batch_sharding(mesh)
         train_step = jax.jit(steps.make_train_step(run, config.grad_accum_steps, config.model.dropout > 0,
                                                    config.label_smoothing, config.loss_chunk),
