@@ -20,7 +20,8 @@ Sections:
   matmul rate measured in the same rounds.
 - `kernels`: the float32 matmuls of those two models one at a time, XLA:CPU against torch, GFLOP/s each.
 - `finetune`: LoRA (and with --finetune_configs full) fine-tuning of SmolLM2-135M through `python -m gpt_jax.main`
-  against transformers + peft on the same GGUF: step tokens/s, first step after loading, peak RSS.
+  against transformers + peft on the same GGUF: step tokens/s, first step after loading, peak RSS; each config
+  twice on a compilation cache of its own, compiled (empty) and cached (the step read back).
 
 Add a section by writing `def bench_NAME(args) -> list[str]` (the lines to print) and listing it in SECTIONS.
 """
