@@ -111,7 +111,7 @@ def unstack_blocks(tree):
         return tree
     out = {}
     for key, node in tree.items():
-        if key == "blocks" and isinstance(node, dict) and not _is_layer_list(key, node):
+        if key == "blocks" and isinstance(node, dict) and not _is_layer_list(key, node):  # stacked
             n_layer = jax.tree.leaves(node)[0].shape[0]
             out[key] = {i: jax.tree.map(lambda x, i=i: x[i], node) for i in range(n_layer)}
         else:

@@ -494,7 +494,7 @@ CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.sta
 
 
 TEST = "test_every_readme_command_runs"
-_RUN: dict = {}  # the session's run of the commands, once started
+_RUN: dict = {}  # the session's run of the commands, once submitted
 
 
 def _run_commands(folder: str, gguf: str) -> tuple[dict, dict, float]:
@@ -528,8 +528,9 @@ def _run_commands(folder: str, gguf: str) -> tuple[dict, dict, float]:
 
 
 def start_in_background(request, tmp_path_factory, submit) -> None:
-    """Submits the commands' run (conftest.py runs it in the session's background thread), once per session."""
-    if _RUN or not any(getattr(item, "originalname", None) == TEST for item in request.session.items):
+    """Submits the commands' run when the test is selected (conftest.py calls this once and runs the job in the
+    session's background thread)."""
+    if not any(getattr(item, "originalname", None) == TEST for item in request.session.items):
         return
     try:
         gguf, _RUN["missing_gguf"] = request.getfixturevalue("smollm2_gguf"), ""
@@ -544,10 +545,9 @@ def start_in_background(request, tmp_path_factory, submit) -> None:
 
 
 @pytest.mark.slow
-def test_every_readme_command_runs(request, tmp_path_factory):
+def test_every_readme_command_runs():
     print("\n" + table_markdown())
     assert set(CHECKS) <= {step.key for step in STEPS}
-    start_in_background(request, tmp_path_factory, concurrent.futures.ThreadPoolExecutor(1).submit)
     times, outcomes, wall = _RUN["result"].result()
     failures = {k: e for k, e in outcomes.items() if e is not None}
     cpu = sum(c for _, c in times.values())

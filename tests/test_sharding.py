@@ -80,7 +80,7 @@ def _run_two_processes(workdir) -> tuple[list, list | None]:
     return stopped, _run_pair(workdir)
 
 
-_RUNS: dict = {}  # the session's background runs, once started
+_RUNS: dict = {}  # the session's background runs, once submitted
 
 
 def _run_both(base, two_process_workdir) -> dict:
@@ -92,22 +92,20 @@ def _run_both(base, two_process_workdir) -> dict:
     return runs
 
 
-def start_in_background(request, tmp_path_factory, submit) -> dict:
-    """Submits the mesh runner, and the two-process run when its test is selected, once per session."""
-    if not _RUNS:
-        workdir = None
-        if any(getattr(item, "originalname", None) == TWO_PROCESS_TEST for item in request.session.items):
-            workdir = tmp_path_factory.mktemp("two_processes") / "mp"
-        _RUNS["both"] = submit(_run_both, tmp_path_factory.mktemp("meshes"), workdir)
-        _RUNS["two_processes_workdir"] = workdir
-    return _RUNS
+def start_in_background(request, tmp_path_factory, submit) -> None:
+    """Submits the mesh runner, and the two-process run when its test is selected (conftest.py calls this once)."""
+    workdir = None
+    if any(getattr(item, "originalname", None) == TWO_PROCESS_TEST for item in request.session.items):
+        workdir = tmp_path_factory.mktemp("two_processes") / "mp"
+    _RUNS["both"] = submit(_run_both, tmp_path_factory.mktemp("meshes"), workdir)
+    _RUNS["two_processes_workdir"] = workdir
 
 
 @pytest.fixture(scope="module")
-def background_runs(request, tmp_path_factory):
-    """Futures of the mesh runner's losses and of the two-process run (the latter only when its test is selected)."""
-    runs = start_in_background(request, tmp_path_factory, concurrent.futures.ThreadPoolExecutor(1).submit)
-    return {**runs["both"].result(), "two_processes_workdir": runs["two_processes_workdir"]}
+def background_runs():
+    """The mesh runner's losses and the two-process run's outcome (the latter only when its test is selected), as
+    futures, from the runs conftest.py submitted as the session started."""
+    return {**_RUNS["both"].result(), "two_processes_workdir": _RUNS["two_processes_workdir"]}
 
 
 @pytest.fixture(scope="module")
