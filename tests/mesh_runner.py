@@ -5,7 +5,7 @@ Used by tests/test_sharding.py in a subprocess, since the device count is fixed 
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import json  # noqa: E402
 import shutil  # noqa: E402

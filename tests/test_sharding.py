@@ -53,7 +53,7 @@ def _run_pair(workdir, env_of_process_1=None) -> list[tuple[int, str, str]]:
     """`gpt_jax.main` as processes 0 and 1 of a jax.distributed run on localhost; (exit code, stderr, stdout) of
     each."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "gpt_jax.main", *TWO_PROCESS_FLAGS, f"--workdir={workdir}",
          f"--config.distributed.coordinator_address=localhost:{port}", f"--config.distributed.process_id={i}"],
