@@ -43,3 +43,18 @@ def keep_freed_memory() -> bool:
     # mallopt returns 1 on success; a trim threshold of -1 turns trimming off (mallopt(3))
     _applied = bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1))
     return _applied
+
+
+def release_freed_memory() -> None:
+    """Hands the freed pages of the heap back to the kernel now (glibc's `malloc_trim(0)`), once: after a run's setup
+    and its compile, whose memory is free again but scattered between live blocks, where a step's temporaries (one
+    large block) do not fit. They then take fresh pages instead of adding to the freed ones; later steps reuse
+    theirs as above. Elsewhere than glibc it does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)

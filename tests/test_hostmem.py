@@ -58,3 +58,37 @@ def test_keep_freed_memory_stops_per_step_page_faults():
     # transparent huge pages are always on); kept: the freed block is reused, so (almost) nothing faults
     assert system["faults_per_step"] >= min(0.9 * pages, 16), system
     assert kept["faults_per_step"] < min(0.02 * pages, system["faults_per_step"] / 10), (kept, system)
+
+
+_RELEASE = r"""
+import ctypes, json
+from gpt_jax import hostmem
+applied = hostmem.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def rss():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+
+# blocks a setup and a compiler leave behind: many of them, each freed but the last, which stays live above them
+blocks = [libc.malloc(2**20) for _ in range(256)]
+for p in blocks:
+    ctypes.memset(p, 1, 2**20)
+for p in blocks[:-1]:
+    libc.free(p)
+kept = rss()
+hostmem.release_freed_memory()
+print(json.dumps({"applied": applied, "kept": kept, "released": rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux-only")
+def test_release_freed_memory_hands_the_kept_pages_back():
+    """With freed memory kept, 255 MiB of freed blocks below a live one stay resident until
+    release_freed_memory(), which the train loop calls after setup and after compiling its step."""
+    out = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not result["applied"]:
+        pytest.skip("this libc has no mallopt (not glibc)")
+    assert result["kept"] - result["released"] > 200 * 2**20, result
