@@ -41,8 +41,10 @@ for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eige
 # a program compiled again (by a resumed run, the other sample of a pair, the same model in another test's process) is
 # read back instead of compiled. The key is the whole program with its compile options and devices, so a cached
 # executable is the one a fresh compile gives and no result changes. The size limit turns on JAX's file lock, so no
-# process reads an entry another is still writing. This process keeps JAX's in-memory caches only (a test here
-# counts what compiles): JAX reads these variables when it is imported, so it is imported first.
+# process reads an entry another is still writing. This process keeps JAX's in-memory caches only: JAX reads these
+# variables when it is imported, so it is imported first. xdist's workers inherit them from this (the controlling)
+# process and use the cache in-process too; the tests that count compiles still count every one, since
+# `jax.log_compiles` names a program as it is lowered, before the cache is asked.
 _COMPILATION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import jax  # noqa: F401
