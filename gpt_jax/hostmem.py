@@ -32,11 +32,8 @@ def keep_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("GPT_JAX_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = None if os.environ.get("GPT_JAX_MALLOC", "").lower() == "system" else _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -46,15 +43,22 @@ def keep_freed_memory() -> bool:
 
 
 def release_freed_memory() -> None:
-    """Hands the freed pages of the heap back to the kernel now (glibc's `malloc_trim(0)`), once: after a run's setup
-    and its compile, whose memory is free again but scattered between live blocks, where a step's temporaries (one
-    large block) do not fit. They then take fresh pages instead of adding to the freed ones; later steps reuse
+    """Hands the freed pages of the heap back to the kernel now (glibc's `malloc_trim(0)`), once, when a run's setup
+    and compile are done: their memory is free again but scattered between live blocks, where a step's temporaries
+    (one large block) do not fit. They then take fresh pages instead of adding to the freed ones; later steps reuse
     theirs as above. Elsewhere than glibc it does nothing."""
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim(0)
+
+
+def _glibc(name: str):
+    """The function `name` of the C library already loaded into this process, or None off Linux or without it (not
+    glibc: musl has no mallopt or malloc_trim)."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
-        return
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
+        return None
