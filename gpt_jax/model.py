@@ -320,8 +320,10 @@ class Transformer(nnx.Module):
         in the compute dtype)."""
         if self.mlm_head:
             hidden = self.head_norm(_ACTIVATIONS[self.cfg.activation](self.head_dense(hidden)))
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = ops.matmul(hidden, head, self.cfg.dtype)
+        if self.cfg.tie_embeddings:
+            logits = ops.matmul(hidden, self.embed[...], self.cfg.dtype, transposed=True)
+        else:
+            logits = ops.matmul(hidden, self.lm_head[...], self.cfg.dtype)
         return logits + self.head_bias[...].astype(jnp.float32) if self.mlm_head else logits
 
     def _blocks_functional(self, x, positions, cross_kv, kwargs, deterministic, rngs):

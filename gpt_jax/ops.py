@@ -10,6 +10,7 @@ of the full square at seq 256.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,23 +18,30 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-@jax.custom_vjp
-def _matmul_low_precision(x, w):
-    """x [m, k] @ w [k, n] with bf16/f16 inputs and float32 accumulation and output. Its backward dots take
+def _dot(x, w, w_axis: int, out_dtype=None):
+    """x [m, k] times w contracted over its axis `w_axis` (0: w is [k, n]; 1: w is [n, k], read as it is stored).
+    Written as a dot_general, never as a dot with a transposed operand: XLA:CPU runs a bf16 dot whose operand is a
+    transpose in float32, at less than half the rate (BENCHMARKS.md)."""
+    return jax.lax.dot_general(x, w, (((1,), (w_axis,)), ((), ())), preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_low_precision(x, w, w_axis: int):
+    """x [m, k] @ w with bf16/f16 inputs and float32 accumulation and output. Its backward dots take
     low-precision inputs too (plain autodiff would feed them the float32 cotangent, i.e. float32 dots)."""
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+    return _dot(x, w, w_axis, jnp.float32)
 
 
-def _matmul_fwd(x, w):
-    return _matmul_low_precision(x, w), (x, w)
+def _matmul_fwd(x, w, w_axis):
+    return _matmul_low_precision(x, w, w_axis), (x, w)
 
 
-def _matmul_bwd(residuals, g):
+def _matmul_bwd(w_axis, residuals, g):
     x, w = residuals
     g = g.astype(x.dtype)
-    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.dot(g.T, x, preferred_element_type=jnp.float32).T.astype(w.dtype)
-    return dx, dw
+    dx = _dot(g, w, 1 - w_axis, jnp.float32).astype(x.dtype)
+    dw_nk = jax.lax.dot_general(g, x, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)  # [n, k]
+    return dx, (dw_nk.T if w_axis == 0 else dw_nk).astype(w.dtype)
 
 
 _matmul_low_precision.defvjp(_matmul_fwd, _matmul_bwd)
@@ -61,8 +69,8 @@ class Int8Kernel:
     """A weight kept as int8 with one float32 scale per output channel (weight-only quantization, w ≈ q·scale):
     `matmul` multiplies by q converted to the compute dtype and scales the product's columns, so no float copy of
     w is kept. `channels` is the axis of q that holds the output channels: 1 for a kernel [in, out], 0 for an
-    embedding table [vocab, d] (its rows are the output channels of the tied head, `.T`). It stands where a
-    kernel array does (`kernel[...]` gives itself)."""
+    embedding table [vocab, d] (its rows are the output channels of the tied head, `matmul(..., transposed=True)`).
+    It stands where a kernel array does (`kernel[...]` gives itself)."""
 
     q: jax.Array
     scale: jax.Array
@@ -70,10 +78,6 @@ class Int8Kernel:
 
     def __getitem__(self, key):
         return self
-
-    @property
-    def T(self) -> Int8Kernel:  # noqa: N802 (as an array's)
-        return Int8Kernel(self.q.T, self.scale, 1 - self.channels)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -96,20 +100,23 @@ def take_rows(table, ids):
     return jnp.take(table, ids, axis=0)
 
 
-def matmul(x, w, dtype: str):
+def matmul(x, w, dtype: str, *, transposed: bool = False):
     """x [m, k] @ w [k, n] → float32 [m, n], with inputs cast to the compute dtype (float32 | bfloat16 | float16).
-    A bfloat16 weight is read as it is: with a float32 compute dtype x is cast to bfloat16 instead (float32
-    accumulation either way), so the weight is never copied to float32."""
+    `transposed`: w is stored [n, k] (an embedding table read as the tied output head) and is contracted over its
+    last axis where it lies, never copied transposed. A bfloat16 weight is read as it is: with a float32 compute
+    dtype x is cast to bfloat16 instead (float32 accumulation either way), so the weight is never copied to
+    float32."""
     if isinstance(w, LowRankUpdate):
+        assert not transposed, "LoRA adapts kernels [k, n]"
         return matmul(x, w.base, dtype) + w.scale * matmul(matmul(x, w.a, dtype), w.b, dtype)
     if isinstance(w, Int8Kernel):
-        assert w.channels == 1, "an embedding table is a head as .T"
-        return matmul(x, w.q, dtype) * w.scale
+        assert w.channels == (0 if transposed else 1), "the scales run along the output channels"
+        return matmul(x, w.q, dtype, transposed=transposed) * w.scale
     if w.dtype == jnp.bfloat16 and DTYPES[dtype] == jnp.float32:
         dtype = "bfloat16"
     if DTYPES[dtype] == jnp.float32:
-        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
-    return _matmul_low_precision(x.astype(DTYPES[dtype]), w.astype(DTYPES[dtype]))
+        return _dot(x.astype(jnp.float32), w.astype(jnp.float32), int(transposed))
+    return _matmul_low_precision(x.astype(DTYPES[dtype]), w.astype(DTYPES[dtype]), int(transposed))
 
 
 def causal_attention_by_query_blocks(q, k, v, block: int):
