@@ -15,16 +15,17 @@ from `init_from` again, so keep that file. For a model that stands alone (and an
 
 Memory and speed (a 2-core CPU, batch 8 x 256; BENCHMARKS.md): the step scans the 30 layers and recomputes each
 one's forward pass in the backward pass (`model.scan_layers`, `model.remat=full`), the frozen base is stacked
-once for the scan, and the loss goes 512 tokens at a time: ~2.5 GiB peak RSS (2.3 when the step comes from the
+once for the scan, and the loss goes 512 tokens at a time: ~2.6 GiB peak RSS (2.2 when the step comes from the
 compilation cache). The matmuls take bfloat16 inputs and accumulate in float32 (`model.dtype`; the weights,
 adapters and AdamW moments stay float32): 1.5x the tokens/s of float32 matmuls on the AVX512-BF16 CPU we
-measured; on a CPU without bf16 instructions compare with `--config.model.dtype=float32`. The recomputation costs speed too; with memory to spare,
-run the layers unrolled and keep their activations at ~7 GiB: `--config.model.scan_layers=False
---config.model.remat=none`. The scanned step also comes back from the compilation cache (README.md) in seconds,
-so a resumed or repeated run's first step takes about half the time; the unrolled one loads as slowly as it
-compiles.
+measured; on a CPU without bf16 instructions compare with `--config.model.dtype=float32`. The recomputation costs
+speed too; with memory to spare, run the layers unrolled and keep their activations at ~7 GiB:
+`--config.model.scan_layers=False --config.model.remat=none`. The scanned step also comes back from the
+compilation cache (README.md) in seconds, so a resumed or repeated run's first step takes about a third of the
+time (17 s against 45 s); the unrolled one loads as slowly as it compiles.
 
-Everything but the LoRA keys, the learning rates and the checkpoints is configs/finetune_shakespeare.py's.
+Everything but the LoRA keys, the `model` keys above, the learning rates and the checkpoints is
+configs/finetune_shakespeare.py's.
 """
 
 from gpt_jax.config import base_config, cached
