@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt_jax import workdir as workdir_lib
+from gpt_jax.data import pipeline
 
 
 def progress(line: str) -> None:
@@ -40,9 +41,7 @@ class MetricsWriter:
             with open(self.path, "w") as f:
                 f.writelines(lines)
         try:
-            import tensorflow as tf
-
-            self.tb = tf.summary.create_file_writer(workdir_lib.path(workdir, workdir_lib.TENSORBOARD))
+            self.tb = pipeline.tensorflow().summary.create_file_writer(workdir_lib.path(workdir, workdir_lib.TENSORBOARD))
         except ImportError:
             self.tb = None
 
@@ -53,8 +52,7 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            import tensorflow as tf
-
+            tf = pipeline.tensorflow()
             with self.tb.as_default():
                 for k, v in values.items():
                     tf.summary.scalar(k, float(v), step=int(step))
