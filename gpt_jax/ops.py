@@ -21,7 +21,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 def _dot(x, w, w_axis: int, out_dtype=None):
     """x [m, k] times w contracted over its axis `w_axis` (0: w is [k, n]; 1: w is [n, k], read as it is stored).
     Written as a dot_general, never as a dot with a transposed operand: XLA:CPU runs a bf16 dot whose operand is a
-    transpose in float32, at less than half the rate (BENCHMARKS.md)."""
+    transpose in float32, at less than half the rate (BENCHMARKS.md). One row against a stored [n, k] weight (the
+    tied head while a lone stream decodes) is the exception: written with the transpose, XLA:CPU reads the bf16
+    table once in a fused loop (3.5 ms for SmolLM2's head), where the dot_general first copies it to float32 (49 ms)."""
+    if x.shape[0] == 1 and w_axis == 1:
+        return jnp.dot(x, w.T, preferred_element_type=out_dtype)
     return jax.lax.dot_general(x, w, (((1,), (w_axis,)), ((), ())), preferred_element_type=out_dtype)
 
 
