@@ -41,7 +41,8 @@ class MetricsWriter:
             with open(self.path, "w") as f:
                 f.writelines(lines)
         try:
-            self.tb = pipeline.tensorflow().summary.create_file_writer(workdir_lib.path(workdir, workdir_lib.TENSORBOARD))
+            tf = pipeline.tensorflow()
+            self.tb = tf.summary.create_file_writer(workdir_lib.path(workdir, workdir_lib.TENSORBOARD))
         except ImportError:
             self.tb = None
 
