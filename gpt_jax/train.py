@@ -225,7 +225,7 @@ def _compile(train_step, run: steps.TrainSetup, batch: dict, log: _Log) -> None:
     train_step.lower(run.state, batch, *run.frozen).compile()
     hostmem.release_freed_memory()
     progress(f"compiled the train step in {time.perf_counter() - start:.1f}s")
-    log.last_time = time.perf_counter()
+    log.restart_clock()
 
 
 def _restore(ckpt, run: steps.TrainSetup, mesh, config, pretrained) -> tuple[int, dict | None]:
@@ -301,6 +301,10 @@ class _Log:
         extra = "".join(f"  {k[4:]} {result[k]:.2f}" for k in ("val_bleu", "val_chrf") if k in result)
         progress(f"step {step}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
                  f"val_bpb {result['val_bpb']:.4f}{extra}" + ("  (whole validation split)" if full else ""))
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """What ran since (compiling, evaluating) stays out of the next tokens/s."""
         self.last_time = time.perf_counter()
 
     def done(self, step: int) -> None:
