@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gpt_jax import ops
 from gpt_jax import workdir as workdir_lib
 from gpt_jax.data import pipeline
 
@@ -61,8 +62,8 @@ class MetricsWriter:
 
 
 def device_peak_flops(config) -> float:
-    """Peak FLOP/s of one device for MFU: the config's `peak_flops`, a table for known accelerators, or on CPU a
-    float32 matmul rate measured now."""
+    """Peak FLOP/s of one device for MFU: the config's `peak_flops`, a table for known accelerators, or on CPU the
+    rate of a matmul in the config's compute dtype (`model.dtype`) measured now."""
     if config.peak_flops:
         return float(config.peak_flops)
     kind = jax.devices()[0].device_kind.lower()
@@ -72,8 +73,8 @@ def device_peak_flops(config) -> float:
         if name in kind:
             return flops
     n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
+    a = jnp.ones((n, n), ops.DTYPES[config.model.dtype])
+    matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     matmul(a).block_until_ready()
     best = float("inf")
     for _ in range(5):
@@ -83,8 +84,9 @@ def device_peak_flops(config) -> float:
     return 2 * n**3 / best
 
 
-def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per parameter plus attention's 12 · layers · d_model · seq_len (PaLM's
-    accounting, counting the full causal square; an encoder-decoder counts its decoder's)."""
+def flops_per_token(model_cfg, n_params: int, seq_len: int, frozen: int = 0) -> float:
+    """Training FLOPs per token: 6 per trained parameter (forward, input and weight gradients), 4 per frozen one
+    (LoRA's base: no weight gradient), plus attention's 12 · layers · d_model · seq_len (PaLM's accounting,
+    counting the full causal square; an encoder-decoder counts its decoder's)."""
     cfg = getattr(model_cfg, "decoder", model_cfg)
-    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+    return 6.0 * n_params + 4.0 * frozen + 12.0 * cfg.n_layer * cfg.d_model * seq_len

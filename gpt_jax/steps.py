@@ -79,6 +79,11 @@ class TrainSetup:
         """The model's parameters from the trained ones: LoRA adapters attached to the base, or themselves."""
         return params if self.lora is None else lora_lib.attach(unstack_blocks(base), params, self.lora.scale)
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trained, frozen): LoRA trains its adapters, the pretrained base frozen; otherwise nothing is frozen."""
+        trained = sum(x.size for x in jax.tree.leaves(self.state["params"]))
+        return trained, 0 if self.base is None else sum(x.size for x in jax.tree.leaves(self.base))
+
     @property
     def frozen(self) -> tuple:
         return () if self.base is None else (self.base,)

@@ -231,13 +231,12 @@ def _compile(train_step, run: steps.TrainSetup, batch: dict, log: _Log) -> None:
 def _restore(ckpt, run: steps.TrainSetup, mesh, config, pretrained) -> tuple[int, dict | None]:
     """(start step, data position) from the latest good checkpoint, put into `run.state`; (0, None) for none."""
     restored = ckpt.restore_latest(run.state["params"], run.state["opt_state"], warn=progress)
-    n_params = sum(x.size for x in jax.tree.leaves(run.state["params"] if run.base is None else run.base))
+    trained, frozen = run.parameter_counts()
     if restored is None:
         lora = run.lora
-        progress(f"model: {n_params:,} parameters; {mesh.size} device(s), mesh {dict(mesh.shape)}"
+        progress(f"model: {frozen or trained:,} parameters; {mesh.size} device(s), mesh {dict(mesh.shape)}"
                  + (f"; initialized from {config.init_from}" if config.init_from and pretrained is not None else "")
-                 + (f"; LoRA rank {lora.rank} on {','.join(lora.targets)}: "
-                    f"{sum(x.size for x in jax.tree.leaves(run.state['params'])):,} trainable" if lora else ""))
+                 + (f"; LoRA rank {lora.rank} on {','.join(lora.targets)}: {trained:,} trainable" if lora else ""))
         return 0, None
     step, params, opt_state, meta = restored
     replicated = sharding.replicated(mesh)
@@ -254,8 +253,8 @@ class _Log:
     def __init__(self, config, workdir: str, start_step: int, run: steps.TrainSetup, model_cfg):
         self.config, self.start_step = config, start_step
         self.writer = metrics.MetricsWriter(workdir, start_step)
-        n_params = sum(x.size for x in jax.tree.leaves(run.state["params"] if run.base is None else run.base))
-        self.flops_per_token = metrics.flops_per_token(model_cfg, n_params, config.seq_len)
+        trained, frozen = run.parameter_counts()
+        self.flops_per_token = metrics.flops_per_token(model_cfg, trained, config.seq_len, frozen)
         self.peak = metrics.device_peak_flops(config) * jax.device_count()
         self.schedule = optim.learning_rate_schedule(config)
         self.nonfinite_seen = 0
@@ -355,7 +354,8 @@ def compile_report(config) -> dict:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(run.base or run.state["params"]))  # LoRA: base
+    trained, frozen = run.parameter_counts()
+    n_params = frozen or trained  # the model's; LoRA's adapters are `trained`
     report = {
         "devices": mesh.size, "mesh": dict(mesh.shape), "parameters": n_params,
         "param_bytes_per_device": per_device_bytes(run.state["params"], run.shardings["params"]),
@@ -365,7 +365,7 @@ def compile_report(config) -> dict:
         "temp_bytes": int(getattr(memory, "temp_size_in_bytes", 0)),
         "generated_code_bytes": int(getattr(memory, "generated_code_size_in_bytes", 0)),
         "flops_per_step_compiled": float(cost.get("flops", 0.0)) if cost else 0.0,
-        "flops_per_step_model": metrics.flops_per_token(model_cfg, n_params, config.seq_len) * config.batch_size
+        "flops_per_step_model": metrics.flops_per_token(model_cfg, trained, config.seq_len, frozen) * config.batch_size
         * config.seq_len,
         "compile_seconds": compile_seconds,
     }

@@ -310,7 +310,9 @@ def test_lora_workdir_loads_as_its_merged_model(tmp_path):
 def test_compile_mode_reports_a_lora_step_with_the_base_architecture(tiny_workdir):
     """`--mode=compile` with init_from takes the pretrained model's architecture (no model.* flags needed) and, with
     LoRA, compiles the step with its frozen base: the model's parameters are counted, the optimizer holds the
-    adapters' moments only, and the step's arguments are smaller than full fine-tuning's."""
+    adapters' moments only, and the step's arguments are smaller than full fine-tuning's. Its model FLOPs count 4
+    per frozen parameter (no weight gradient) and 6 per adapter parameter, against 6 per parameter for full
+    fine-tuning."""
     config = config_lib.base_config()
     config.init_from, config.batch_size, config.seq_len = tiny_workdir, 4, 32
     full = train.compile_report(config)
@@ -320,3 +322,6 @@ def test_compile_mode_reports_a_lora_step_with_the_base_architecture(tiny_workdi
     assert full["parameters"] == adapted["parameters"] == n_params
     assert adapted["opt_state_bytes_per_device"] < full["opt_state_bytes_per_device"] / 20
     assert adapted["argument_bytes"] < full["argument_bytes"] / 2
+    tokens = config.batch_size * config.seq_len
+    saved = full["flops_per_step_model"] - adapted["flops_per_step_model"]  # (2 · params - 6 · adapter params) · tokens
+    assert 0.9 * 2 * n_params * tokens < saved < 2 * n_params * tokens
