@@ -377,7 +377,8 @@ def compile_report(config) -> dict:
              f"  step arguments        {report['argument_bytes'] / gib:.3f} GiB (per device)",
              f"  step temporaries      {report['temp_bytes'] / gib:.3f} GiB (per device)",
              f"  FLOPs / step          {report['flops_per_step_compiled']:.3e} (compiled, per device); "
-             f"{report['flops_per_step_model']:.3e} (6N + attention, whole batch)"]
+             f"{report['flops_per_step_model']:.3e} (model: 6 per trained parameter, 4 per frozen, attention; "
+             "whole batch)"]
     needed = report["argument_bytes"] + report["output_bytes"] + report["temp_bytes"]
     available = device_memory_bytes()
     if available and needed > available:
