@@ -84,9 +84,9 @@ def device_peak_flops(config) -> float:
     return 2 * n**3 / best
 
 
-def flops_per_token(model_cfg, n_params: int, seq_len: int, frozen: int = 0) -> float:
+def flops_per_token(model_cfg, trained: int, seq_len: int, frozen: int = 0) -> float:
     """Training FLOPs per token: 6 per trained parameter (forward, input and weight gradients), 4 per frozen one
     (LoRA's base: no weight gradient), plus attention's 12 · layers · d_model · seq_len (PaLM's accounting,
     counting the full causal square; an encoder-decoder counts its decoder's)."""
     cfg = getattr(model_cfg, "decoder", model_cfg)
-    return 6.0 * n_params + 4.0 * frozen + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+    return 6.0 * trained + 4.0 * frozen + 12.0 * cfg.n_layer * cfg.d_model * seq_len
