@@ -21,8 +21,8 @@ adapters and AdamW moments stay float32): 1.5x the tokens/s of float32 matmuls o
 measured; on a CPU without bf16 instructions compare with `--config.model.dtype=float32`. The recomputation costs
 speed too; with memory to spare, run the layers unrolled and keep their activations at ~7 GiB:
 `--config.model.scan_layers=False --config.model.remat=none`. The scanned step also comes back from the
-compilation cache (README.md) in seconds, so a resumed or repeated run's first step takes about a third of the
-time (17 s against 45 s); the unrolled one loads as slowly as it compiles.
+compilation cache (README.md) in seconds, so a resumed or repeated run's first step takes well under half the
+time (17-18 s against 42-45 s); the unrolled one loads as slowly as it compiles.
 
 Everything but the LoRA keys, the `model` keys above, the learning rates and the checkpoints is
 configs/finetune_shakespeare.py's.
