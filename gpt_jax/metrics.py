@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from gpt_jax import ops
 from gpt_jax import workdir as workdir_lib
-from gpt_jax.data import pipeline
 
 
 def progress(line: str) -> None:
@@ -42,7 +41,8 @@ class MetricsWriter:
             with open(self.path, "w") as f:
                 f.writelines(lines)
         try:
-            tf = pipeline.tensorflow()
+            import tensorflow as tf
+
             self.tb = tf.summary.create_file_writer(workdir_lib.path(workdir, workdir_lib.TENSORBOARD))
         except ImportError:
             self.tb = None
@@ -54,7 +54,8 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            tf = pipeline.tensorflow()
+            import tensorflow as tf
+
             with self.tb.as_default():
                 for k, v in values.items():
                     tf.summary.scalar(k, float(v), step=int(step))

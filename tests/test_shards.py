@@ -1,8 +1,6 @@
 """Shard format and the training reader: record bytes, exact resume through an Orbax checkpoint, disjoint hosts."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -133,22 +131,3 @@ def test_batched_records_and_concatenated_shards(tmp_path):
     joined = shards.concatenate_shard(str(tmp_path), "train", 1, 2, fragments, whole["documents"], whole["tokens"])
     assert joined == whole and (tmp_path / whole["path"]).read_bytes() == expected
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
-
-
-def test_tensorflow_comes_without_keras_and_keras_still_imports_after():
-    """The reader's TensorFlow import skips TensorFlow's eager load of Keras (~2.5 CPU seconds per training
-    command): tf.data and tf.summary work, neither Keras nor scikit-learn is loaded, and `import keras` works
-    afterwards. In a fresh process: the test process may have TensorFlow loaded already."""
-    script = (
-        "import sys, tempfile\n"
-        "from gpt_jax.data import pipeline\n"
-        "tf = pipeline.tensorflow()\n"
-        "assert list(tf.data.Dataset.range(4).batch(2).as_numpy_iterator())[1].tolist() == [2, 3]\n"
-        "with tf.summary.create_file_writer(tempfile.mkdtemp()).as_default():\n"
-        "    tf.summary.scalar('loss', 1.0, step=0)\n"
-        "loaded = sorted(m for m in ('keras', 'sklearn') if m in sys.modules)\n"
-        "import keras\n"
-        "print(loaded, keras.optimizers.Adam.__name__)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[-2] == "[] Adam", out.stdout

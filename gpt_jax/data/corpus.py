@@ -74,7 +74,7 @@ import numpy as np
 from apache_beam import pvalue
 
 from gpt_jax import tokenizer as tokenizer_lib
-from gpt_jax.data import clean, minhash, pipeline, shards
+from gpt_jax.data import clean, minhash, shards
 from gpt_jax.data import text as text_lib
 from gpt_jax.errors import DataError
 
@@ -255,7 +255,6 @@ def _jsonl_lines(path: str):
 
 def tfds_num_examples(name_split: str, data_dir: str, text_field: str) -> int:
     """Checks that the TFDS dataset is prepared locally and has the text field; returns the split's size."""
-    pipeline.tensorflow()  # first, without Keras
     import tensorflow_datasets as tfds
 
     name, split = name_split.rsplit(":", 1)
@@ -276,7 +275,6 @@ def tfds_num_examples(name_split: str, data_dir: str, text_field: str) -> int:
 
 
 def _tfds_documents(opts: CorpusOptions, begin: int, end: int):
-    pipeline.tensorflow()  # first, without Keras
     import tensorflow_datasets as tfds
 
     name, split = opts.tfds.rsplit(":", 1)

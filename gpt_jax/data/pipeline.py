@@ -8,28 +8,10 @@ it and a restored run continues with exactly the batches an uninterrupted run wo
 from __future__ import annotations
 
 import functools
-import sys
 
 import numpy as np
 
 from gpt_jax.errors import DataError
-
-
-def tensorflow():
-    """TensorFlow, for tf.data and tf.summary. Its `__init__` also imports Keras's optimizers (to register them for
-    SavedModels), which pulls in Keras and scikit-learn: ~2.5 of the ~6 CPU seconds `import tensorflow` takes on a
-    2-core VM, paid by every command that trains. gpt_jax uses no Keras, so the first import here goes without it
-    (TensorFlow skips that step when its import fails); a later `import keras` works as usual."""
-    if "tensorflow" not in sys.modules and "keras.src.optimizers" not in sys.modules:
-        sys.modules["keras.src.optimizers"] = None  # makes that one import fail at once
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            if sys.modules.get("keras.src.optimizers", ...) is None:
-                del sys.modules["keras.src.optimizers"]
-    import tensorflow as tf
-
-    return tf
 
 
 @functools.lru_cache(maxsize=4)
@@ -47,7 +29,8 @@ class TokenBatches:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, start_batch: int = 0,
                  process_index: int = 0, process_count: int = 1, prefetch: int = 2):
-        tf = tensorflow()
+        import tensorflow as tf
+
         window = seq_len + 1
         num_windows = (len(tokens) - window) // window  # one window spare for the epoch's offset
         if num_windows < batch_size:

@@ -213,7 +213,7 @@ def read_manifest(directory: str) -> dict:
 
 def read_documents(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """All documents of the given shards, in file and record order: (tokens int32 [total], lengths int64 [docs])."""
-    tf = pipeline.tensorflow()
+    import tensorflow as tf
 
     values, lengths = [], []
     if paths:
