@@ -189,22 +189,27 @@ def token_nll(loaded: LoadedModel, token_ids: np.ndarray, window: int, stride: i
     return nll
 
 
-def perplexity_metrics(nll: np.ndarray, token_ids: np.ndarray, byte_lengths: np.ndarray, num_words: int) -> dict:
-    """Token perplexity, bits per byte (over the UTF-8 bytes of the scored tokens) and word-level perplexity
-    (total NLL over `num_words` whitespace-separated words) from per-token NLL (NaN = not scored)."""
+def perplexity_metrics(nll: np.ndarray, token_ids: np.ndarray, byte_lengths: np.ndarray, text: str) -> dict:
+    """Token perplexity, bits per byte (over the UTF-8 bytes of the scored tokens) and two word-level perplexities
+    of `text` from per-token NLL (NaN = not scored): `word_ppl` divides the total NLL by the whitespace-separated
+    words, `word_ppl_eos` by the words plus the line ends, Penn Treebank's convention (an `<eos>` is predicted at
+    the end of every line and counted as a word)."""
     scored = ~np.isnan(nll)
     total = float(np.sum(nll[scored]))
     tokens = int(scored.sum())
     num_bytes = int(np.sum(np.asarray(byte_lengths)[np.asarray(token_ids)[scored]]))
+    num_words, num_lines = len(text.split()), text.count("\n")
     return {
         "ppl": math.exp(min(total / max(tokens, 1), 700.0)),
         "bpb": total / math.log(2) / max(num_bytes, 1),
         "word_ppl": math.exp(min(total / max(num_words, 1), 700.0)),
+        "word_ppl_eos": math.exp(min(total / max(num_words + num_lines, 1), 700.0)),
         "tokens": tokens,
         "loss": total / max(tokens, 1),
         "nll": total,
         "bytes": num_bytes,
         "words": num_words,
+        "line_ends": num_lines,
     }
 
 
@@ -220,7 +225,7 @@ def text_perplexity(loaded: LoadedModel, text: str, window: int | None = None,
     window, stride = default_window(loaded, window, stride)
     token_ids = text_lib.encode_array(loaded.tokenizer, text)
     nll = token_nll(loaded, token_ids, window, stride, batch_size)
-    metrics = perplexity_metrics(nll, token_ids, loaded.tokenizer.token_byte_lengths(), len(text.split()))
+    metrics = perplexity_metrics(nll, token_ids, loaded.tokenizer.token_byte_lengths(), text)
     return {**metrics, "window": window, "stride": stride, "model": loaded.name}
 
 
@@ -246,8 +251,7 @@ def split_perplexity(loaded: LoadedModel, split: str = "val", data_path: str = "
         raise UserError(f"the data in {where} was tokenized with another tokenizer than {loaded.name}'s")
     window, stride = default_window(loaded, window, stride)
     nll = token_nll(loaded, token_ids, window, stride, batch_size)
-    num_words = len(tokenizer.decode(token_ids).split())
-    metrics = perplexity_metrics(nll, token_ids, tokenizer.token_byte_lengths(), num_words)
+    metrics = perplexity_metrics(nll, token_ids, tokenizer.token_byte_lengths(), tokenizer.decode(token_ids))
     return {**metrics, "window": window, "stride": stride, "model": loaded.name, "split": split,
             "data": data_path or None}
 

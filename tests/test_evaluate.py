@@ -144,7 +144,7 @@ def test_non_overlapping_windows_equal_training_evaluation(tiny):
                for i in range(0, len(windows), 4)]
     expected = evaluate.evaluate_batches(eval_step, nnx.to_pure_dict(params), batches)
     nll = evaluate.token_nll(tiny, tokens, seq_len + 1, seq_len)
-    metrics = evaluate.perplexity_metrics(nll, tokens, tiny.tokenizer.token_byte_lengths(), 1)
+    metrics = evaluate.perplexity_metrics(nll, tokens, tiny.tokenizer.token_byte_lengths(), TEXT * 3)
     assert metrics["tokens"] == expected["val_tokens"]
     assert metrics["loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
     assert metrics["bpb"] == pytest.approx(expected["val_bpb"], rel=1e-5)
@@ -164,6 +164,8 @@ def test_perplexity_tool(tiny_workdir, tiny, tmp_path):
     assert result["bpb"] == pytest.approx(result["nll"] / math.log(2) / result["bytes"])
     assert result["words"] == len(TEXT.split())
     assert result["word_ppl"] == pytest.approx(math.exp(result["nll"] / len(TEXT.split())))
+    assert result["line_ends"] == TEXT.count("\n") > 0
+    assert result["word_ppl_eos"] == pytest.approx(math.exp(result["nll"] / (len(TEXT.split()) + TEXT.count("\n"))))
     assert (result["window"], result["stride"]) == (33, 16)
     in_process = evaluate.text_perplexity(tiny, TEXT, 33, 16)
     assert in_process["ppl"] == pytest.approx(result["ppl"], rel=1e-6)

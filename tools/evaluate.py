@@ -15,7 +15,8 @@ prints a markdown table of JSON result files. Bad input: one `error: ...` line o
 Perplexity windows follow HF's recipe: a window of --window tokens (default: the model's context + 1) starts
 every --stride tokens (default: half the context) and scores only the tokens the previous window did not.
 `ppl` is per token, `bpb` is bits per UTF-8 byte of the scored tokens, `word_ppl` is exp(total NLL / whitespace
-words of the text): the last two compare models with different tokenizers.
+words of the text) and `word_ppl_eos` exp(total NLL / (words + line ends)), Penn Treebank's convention, where an
+`<eos>` ends every line: the last three compare models with different tokenizers.
 
 `harness` runs EleutherAI's lm-evaluation-harness in this process (`pip install -e '.[harness]'`) on the model
 (gpt_jax.harness) and prints {task: {metric: value}}; --output_path keeps lm-eval's whole output (results and
