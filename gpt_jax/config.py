@@ -114,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.harness_limit = 0  # documents per task (0 = all)
     c.eval.harness_include_path = ""  # a directory of task YAMLs
     c.eval.harness_num_fewshot = -1  # -1 = each task's own
+    # an encoder-decoder's --mode=eval: > 1 scores beam search's translations too, beside greedy; beam search ranks
+    # finished translations by log-probability / length ** length_penalty
+    c.eval.beam_size = 1
+    c.eval.length_penalty = 1.0
     return c
 
 
@@ -229,6 +233,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key}={_get(config, key)} must not be negative")
     if config.eval.harness_limit < 0:
         raise ConfigError(f"eval.harness_limit={config.eval.harness_limit} must not be negative")
+    if config.eval.beam_size < 1:
+        raise ConfigError(f"eval.beam_size={config.eval.beam_size} must be at least 1")
+    if config.eval.length_penalty < 0:
+        raise ConfigError(f"eval.length_penalty={config.eval.length_penalty} must not be negative")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ConfigError(f"label_smoothing={config.label_smoothing} must be in [0, 1)")
     m = config.model

@@ -1,7 +1,8 @@
 """Decoding from an encoder-decoder: the source is encoded and its cross-attention keys/values computed once, then
 the decoder runs one token at a time over the decoder-only model's KV cache (greedy, or sampled with temperature,
 top-k and top-p through `gpt_jax.decode.sample_tokens`), inside one jitted `lax.while_loop` that stops when every
-row has produced its end token. `translate_texts` goes from source texts to translations with a loaded model.
+row has produced its end token; or by length-normalized beam search, in one such loop too. `translate_texts`
+goes from source texts to translations with a loaded model.
 """
 
 from __future__ import annotations
@@ -69,6 +70,75 @@ def _compiled_generate(graphdef: nnx.GraphDef, cfg: EncDecConfig, max_new_tokens
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_beam_search(graphdef: nnx.GraphDef, cfg: EncDecConfig, max_new_tokens: int, beam: int,
+                          length_penalty: float):
+    dec_cfg = cfg.decoder
+
+    def run(params, source_ids, source_valid):
+        batch, rows = source_ids.shape[0], source_ids.shape[0] * beam
+        model = nnx.merge(graphdef, params)
+        memory = model.encode(source_ids, source_valid)
+        cross = jax.tree.map(lambda a: jnp.repeat(a, beam, axis=0), model.decoder.cross_kv(memory))
+        memory_valid = jnp.repeat(source_valid, beam, axis=0)
+        cache = init_cache(dec_cfg, rows, max_new_tokens)
+        key_valid = jnp.ones((rows, max_new_tokens), bool)
+        empty = jnp.full((batch, beam, max_new_tokens), cfg.pad_id, jnp.int32)
+        # the live hypotheses (raw log-probability sums; only the first is live at the start, so the beams differ)
+        # and the finished ones (length-normalized scores), `beam` of each per source
+        alive_score = jnp.tile(jnp.where(jnp.arange(beam) == 0, 0.0, -jnp.inf), (batch, 1))
+        token = jnp.full((batch, beam), cfg.decoder_start_id, jnp.int32)
+
+        def normalized(score, length):
+            return score / jnp.asarray(length, jnp.float32) ** length_penalty
+
+        def cond(carry):
+            i, _, _, _, alive_score, _, done_score = carry
+            # HF's stopping rule: no live hypothesis, normalized at its current length, beats the worst kept one
+            hopeless = normalized(alive_score[:, 0], jnp.maximum(i, 1)) < done_score[:, -1]
+            return (i < max_new_tokens) & ~jnp.all(hopeless)
+
+        def body(carry):
+            i, token, cache, alive_seq, alive_score, done_seq, done_score = carry
+            decoder = nnx.merge(graphdef, params).decoder
+            logits, cache = decoder(token.reshape(rows, 1), jnp.full((rows, 1), i), cross_kv=cross,
+                                    memory_valid=memory_valid, cache=cache, cache_index=i, key_valid=key_valid)
+            logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)).reshape(batch, beam, -1)
+            vocab = logp.shape[-1]
+            score, index = jax.lax.top_k((alive_score[..., None] + logp).reshape(batch, -1), 2 * beam)
+            parent, nxt = index // vocab, index % vocab
+            seq = jnp.take_along_axis(alive_seq, parent[..., None], axis=1).at[:, :, i].set(nxt)
+            ended = nxt == cfg.eos_id
+            # the best `beam` finished hypotheses so far, among the kept ones and those ending now
+            done_cand = jnp.concatenate([done_score, jnp.where(ended, normalized(score, i + 1), -jnp.inf)], axis=1)
+            done_score, keep = jax.lax.top_k(done_cand, beam)
+            done_seq = jnp.take_along_axis(jnp.concatenate([done_seq, seq], axis=1), keep[..., None], axis=1)
+            # the best `beam` continuing ones (2 × beam candidates leave at least `beam` without the end token)
+            alive_score, keep = jax.lax.top_k(jnp.where(ended, -jnp.inf, score), beam)
+            alive_seq = jnp.take_along_axis(seq, keep[..., None], axis=1)
+            rows_from = (jnp.arange(batch)[:, None] * beam + jnp.take_along_axis(parent, keep, axis=1)).reshape(-1)
+            cache = jax.tree.map(lambda a: a[rows_from], cache)
+            return i + 1, jnp.take_along_axis(nxt, keep, axis=1), cache, alive_seq, alive_score, done_seq, done_score
+
+        carry = (jnp.int32(0), token, cache, empty, alive_score, empty, jnp.full((batch, beam), -jnp.inf))
+        _, _, _, alive_seq, alive_score, done_seq, done_score = jax.lax.while_loop(cond, body, carry)
+        # a source with no finished hypothesis (all ran to max_new_tokens) keeps its best live one
+        best = jnp.where(jnp.isfinite(done_score[:, 0])[:, None], done_seq[:, 0], alive_seq[:, 0])
+        return best
+
+    return jax.jit(run)
+
+
+def beam_search(model: EncoderDecoder, source_ids, source_valid, max_new_tokens: int, *, beam_size: int = 4,
+                length_penalty: float = 1.0) -> np.ndarray:
+    """The best target tokens [batch, max_new_tokens] by beam search: `beam_size` live hypotheses per source, and the
+    finished one with the highest log-probability / length ** length_penalty (the end token counts in the length;
+    0 ranks by the raw sum). Laid out like `generate`'s output."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    run = _compiled_beam_search(graphdef, model.cfg, max_new_tokens, beam_size, float(length_penalty))
+    return np.asarray(run(params, jnp.asarray(source_ids), jnp.asarray(source_valid, bool)))
+
+
 def generate(model: EncoderDecoder, source_ids, source_valid, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
     """Target tokens [batch, max_new_tokens] for source_ids [batch, src] (source_valid marks real tokens), with the
@@ -109,9 +179,10 @@ def strip_output(tokens: Sequence[int], eos_id: int, drop: Sequence[int] = ()) -
 
 def translate(model: EncoderDecoder, source_rows: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
               batch_size: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-              seed: int = 0) -> list[list[int]]:
+              seed: int = 0, beam_size: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
     """Output token lists (end token and padding removed) for encoded sources, in their order. Sources are sorted
-    by length into batches of `batch_size` rows (the last one padded), so shapes repeat."""
+    by length into batches of `batch_size` rows (the last one padded), so shapes repeat. beam_size > 1 decodes by
+    beam search (the sampling arguments then do not apply)."""
     cfg = model.cfg
     order = sorted(range(len(source_rows)), key=lambda i: len(source_rows[i]))
     results: list[list[int]] = [[] for _ in source_rows]
@@ -119,22 +190,28 @@ def translate(model: EncoderDecoder, source_rows: Sequence[Sequence[int]], *, ma
         chunk = order[start:start + batch_size]
         ids, valid = pad_batch([source_rows[i] for i in chunk], cfg.pad_id, batch=batch_size)
         valid[len(chunk):, 0] = True  # filler rows attend to one (padding) token rather than none
-        out = generate(model, ids, valid, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed + start)
+        if beam_size > 1:
+            out = beam_search(model, ids, valid, max_new_tokens, beam_size=beam_size, length_penalty=length_penalty)
+        else:
+            out = generate(model, ids, valid, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed + start)
         for row, i in enumerate(chunk):
             results[i] = strip_output(out[row], cfg.eos_id, (cfg.pad_id, cfg.decoder_start_id))
     return results
 
 
 def translate_texts(loaded, sources: Sequence[str], *, max_new_tokens: int = 96, batch_size: int = 128,
-                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, beam_size: int = 1,
+                    length_penalty: float = 1.0) -> list[str]:
     """Translations of source texts by a loaded encoder-decoder (`workdir.LoadedModel`: its model, source and
-    target tokenizers, and the run config's special tokens and source length), greedy at temperature 0."""
+    target tokenizers, and the run config's special tokens and source length), greedy at temperature 0, by beam
+    search with beam_size > 1."""
     m, config = loaded.config.model, loaded.config
     rows = pairs.encode_sources(loaded.source_tokenizer, sources, config.data.max_source_len or config.seq_len,
                                 m.source_bos_id, m.source_eos_id)
     out = translate(loaded.model, rows, max_new_tokens=max_new_tokens, batch_size=min(batch_size, max(len(rows), 1)),
-                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, beam_size=beam_size,
+                    length_penalty=length_penalty)
     return pairs.decode_targets(loaded.tokenizer, out)
 
 

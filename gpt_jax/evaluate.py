@@ -49,21 +49,32 @@ def evaluate_batches(eval_step, params, batches: Sequence[dict], put: Callable |
 
 
 def translation_scores(loaded: LoadedModel, sources: Sequence[str], references: Sequence[str],
-                       hypotheses_path: str | None = None) -> dict:
+                       hypotheses_path: str | None = None, beam_size: int = 1, length_penalty: float = 1.0) -> dict:
     """Greedy translations of `sources` by an encoder-decoder scored against `references`: BLEU and chrF
-    (sacrebleu defaults) and the seconds decoding took; the translations go to `hypotheses_path`, one a line."""
+    (sacrebleu defaults) and the seconds decoding took; the translations go to `hypotheses_path`, one a line. With
+    beam_size > 1, beam search's translations are scored too (`beam_bleu`, `beam_chrf`; `*_beam.txt` beside)."""
     from gpt_jax import encdec_decode
 
     e = loaded.config.eval
-    start = time.perf_counter()
-    hyps = encdec_decode.translate_texts(loaded, sources, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
-    seconds = time.perf_counter() - start
-    if hypotheses_path and jax.process_index() == 0:
-        with open(hypotheses_path, "w", encoding="utf-8") as f:
-            f.writelines(h.replace("\n", " ") + "\n" for h in hyps)
-    scores = bleu(hyps, [list(references)])
-    return {"bleu": scores["bleu"], "chrf": scores["chrf"], "sentences": len(hyps), "decode_seconds": seconds,
-            "bleu_signature": scores["bleu_signature"]}
+    results = {}
+    for beam in (1, beam_size) if beam_size > 1 else (1,):
+        start = time.perf_counter()
+        hyps = encdec_decode.translate_texts(loaded, sources, max_new_tokens=e.max_new_tokens,
+                                             batch_size=e.batch_size, beam_size=beam, length_penalty=length_penalty)
+        seconds = time.perf_counter() - start
+        path = hypotheses_path if beam == 1 or not hypotheses_path else \
+            hypotheses_path.removesuffix(".txt") + "_beam.txt"
+        if path and jax.process_index() == 0:
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(h.replace("\n", " ") + "\n" for h in hyps)
+        scores = bleu(hyps, [list(references)])
+        if beam == 1:
+            results.update(bleu=scores["bleu"], chrf=scores["chrf"], sentences=len(hyps), decode_seconds=seconds,
+                           bleu_signature=scores["bleu_signature"])
+        else:
+            results.update(beam_size=beam, length_penalty=length_penalty, beam_bleu=scores["bleu"],
+                           beam_chrf=scores["chrf"], beam_decode_seconds=seconds)
+    return results
 
 
 class Evaluator:
@@ -399,10 +410,10 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
 def evaluate_workdir(config, workdir: str) -> dict:
     """Evaluates the latest checkpoint in `workdir` (or `config.init_from` when it has none) on the whole
     validation split of the config's data; an encoder-decoder adds BLEU and chrF of its greedy translations of the
-    validation sources (val_hypotheses.txt). The weights are stored as config.model.param_dtype and quantize say
-    (`workdir.with_weights`). Writes eval.json and eval.md, returns the results. Decoder-only data is
-    tokenized with the model's own tokenizer: one from `init_from` is saved to `workdir/tokenizer` when that holds
-    none, and a different tokenizer there is an error."""
+    validation sources (val_hypotheses.txt), and of beam search's when `eval.beam_size` > 1. The weights are
+    stored as config.model.param_dtype and quantize say (`workdir.with_weights`). Writes eval.json and eval.md,
+    returns the results. Decoder-only data is tokenized with the model's own tokenizer: one from `init_from` is
+    saved to `workdir/tokenizer` when that holds none, and a different tokenizer there is an error."""
     has_model = os.path.isfile(workdir_lib.path(workdir, workdir_lib.CONFIG)) and \
         (workdir_lib.has_checkpoint(workdir) or not config.init_from)
     loaded = workdir_lib.load(workdir if has_model else (config.init_from or workdir),
@@ -427,11 +438,12 @@ def evaluate_workdir(config, workdir: str) -> dict:
     if encdec:
         limit = config.eval.limit or None
         results.update(translation_scores(loaded, data.val_sources[:limit], data.val_targets[:limit],
-                                          workdir_lib.path(workdir, "val_hypotheses.txt")))
+                                          workdir_lib.path(workdir, "val_hypotheses.txt"), config.eval.beam_size,
+                                          config.eval.length_penalty))
     os.makedirs(workdir, exist_ok=True)
     with open(workdir_lib.path(workdir, workdir_lib.EVAL_JSON), "w") as f:
         json.dump(results, f, indent=2)
     columns = ["model", "step", "val_loss", "val_ppl", "val_bpb", "val_tokens", "seq_len"]
     with open(workdir_lib.path(workdir, workdir_lib.EVAL_MD), "w") as f:
-        f.write(markdown_table([results], columns + (["bleu", "chrf"] if encdec else [])))
+        f.write(markdown_table([results], columns + (["bleu", "chrf", "beam_bleu", "beam_chrf"] if encdec else [])))
     return results

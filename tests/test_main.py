@@ -123,7 +123,8 @@ def _post_json(url: str, body: dict) -> dict:
 def test_encoder_decoder_trains_resumes_evaluates_samples_and_serves(tmp_path):
     """configs/multi30k_encdec.py, shrunk, on a generated parallel corpus through `python -m gpt_jax.main`: 20 steps,
     and a run killed after its step-10 checkpoint that resumes with the same losses bit for bit; then --mode=eval
-    (BLEU and chrF in eval.json), --mode=sample (the translation) and --mode=serve (a completion with text)."""
+    (greedy and beam search BLEU and chrF in eval.json), --mode=sample (the translation) and --mode=serve (a
+    completion with text)."""
     import json
     import signal
     import socket
@@ -159,10 +160,13 @@ def test_encoder_decoder_trains_resumes_evaluates_samples_and_serves(tmp_path):
 
     sample = ["--mode=sample", f"--workdir={full}", "--prompt=red dog sits", "--temperature=0"]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        r_eval, r_sample = pool.map(lambda args: run_main(*args), [["--mode=eval", f"--workdir={full}"], sample])
+        r_eval, r_sample = pool.map(lambda args: run_main(*args), [
+            ["--mode=eval", f"--workdir={full}", "--config.eval.beam_size=3"], sample])
     assert r_eval.returncode == 0, r_eval.stderr
     result = json.loads((full / "eval.json").read_text())
     assert {"val_loss", "bleu", "chrf"} <= set(result) and result["sentences"] == 20 and result["chrf"] > 0
+    assert result["beam_size"] == 3 and result["beam_chrf"] > 0  # beam search scored beside greedy
+    assert len((full / "val_hypotheses_beam.txt").read_text().splitlines()) == 20
     assert r_sample.returncode == 0 and r_sample.stdout.strip(), r_sample.stderr
 
     with socket.socket() as s:
