@@ -71,11 +71,10 @@ def _compiled_generate(graphdef: nnx.GraphDef, cfg: EncDecConfig, max_new_tokens
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_beam_search(graphdef: nnx.GraphDef, cfg: EncDecConfig, max_new_tokens: int, beam: int,
-                          length_penalty: float):
+def _compiled_beam_search(graphdef: nnx.GraphDef, cfg: EncDecConfig, max_new_tokens: int, beam: int):
     dec_cfg = cfg.decoder
 
-    def run(params, source_ids, source_valid):
+    def run(params, source_ids, source_valid, length_penalty):
         batch, rows = source_ids.shape[0], source_ids.shape[0] * beam
         model = nnx.merge(graphdef, params)
         memory = model.encode(source_ids, source_valid)
@@ -135,8 +134,9 @@ def beam_search(model: EncoderDecoder, source_ids, source_valid, max_new_tokens:
     finished one with the highest log-probability / length ** length_penalty (the end token counts in the length;
     0 ranks by the raw sum). Laid out like `generate`'s output."""
     graphdef, params = nnx.split(model, nnx.Param)
-    run = _compiled_beam_search(graphdef, model.cfg, max_new_tokens, beam_size, float(length_penalty))
-    return np.asarray(run(params, jnp.asarray(source_ids), jnp.asarray(source_valid, bool)))
+    run = _compiled_beam_search(graphdef, model.cfg, max_new_tokens, beam_size)
+    return np.asarray(run(params, jnp.asarray(source_ids), jnp.asarray(source_valid, bool),
+                          jnp.float32(length_penalty)))
 
 
 def generate(model: EncoderDecoder, source_ids, source_valid, max_new_tokens: int, *, temperature: float = 0.0,

@@ -248,41 +248,44 @@ def test_cached_decoding_equals_uncached_decoding_token_for_token():
     assert translate(model, rows[::-1], max_new_tokens=12, batch_size=4) == expected[::-1]
 
 
-def _exhaustive_best(model, source, valid, max_new_tokens: int, length_penalty: float) -> list[int]:
-    """The finished target (ending with the end token) of highest log-probability / length ** length_penalty, by
-    scoring every one with the teacher-forced model."""
+def _exhaustive_scores(model, source, valid, max_new_tokens: int) -> tuple[list[tuple], np.ndarray]:
+    """Every finished target (ending with the end token, at most max_new_tokens long) and its log-probability
+    [sources, targets] under the teacher-forced model, all sources in one forward pass."""
     cfg = model.cfg
-    vocab = cfg.decoder.vocab_size
-    others = [t for t in range(vocab) if t != cfg.eos_id]
+    others = [t for t in range(cfg.decoder.vocab_size) if t != cfg.eos_id]
     candidates = [(*prefix, cfg.eos_id) for n in range(max_new_tokens)
                   for prefix in itertools.product(others, repeat=n)]
     inputs = np.full((len(candidates), max_new_tokens), cfg.pad_id, np.int32)
     inputs[:, 0] = cfg.decoder_start_id
     for row, c in enumerate(candidates):
         inputs[row, 1:len(c)] = c[:-1]
-    batch = len(candidates)
-    logp = np.asarray(jax.nn.log_softmax(forward(model, jnp.broadcast_to(source, (batch, source.shape[-1])),
-                                                 jnp.asarray(inputs),
-                                                 jnp.broadcast_to(valid, (batch, source.shape[-1])))))
-    scores = [sum(logp[row, j, t] for j, t in enumerate(c)) / len(c) ** length_penalty
-              for row, c in enumerate(candidates)]
-    return list(candidates[int(np.argmax(scores))])
+    n, m = len(source), len(candidates)
+    logp = np.asarray(jax.nn.log_softmax(forward(model, jnp.repeat(source, m, axis=0), jnp.tile(inputs, (n, 1)),
+                                                 jnp.repeat(valid, m, axis=0)))).reshape(n, m, max_new_tokens, -1)
+    targets = np.full((m, max_new_tokens), cfg.pad_id, np.int64)
+    for row, c in enumerate(candidates):
+        targets[row, :len(c)] = c
+    picked = np.take_along_axis(logp, np.broadcast_to(targets[None, ..., None], (n, m, max_new_tokens, 1)), -1)[..., 0]
+    lengths = np.array([len(c) for c in candidates])
+    return candidates, np.where(np.arange(max_new_tokens) < lengths[:, None], picked, 0.0).sum(-1)
 
 
 def test_beam_search_finds_the_best_translation_when_the_beam_holds_every_hypothesis():
     # a 5-token target vocabulary and 4 new tokens: 85 finished hypotheses, so a beam of 128 never drops one and beam
     # search must return what scoring all of them finds, for each source of the batch (some best ones were not the
-    # best prefix at every step: without the cache rows following their hypotheses, 3 of these 24 differ)
+    # best prefix at every step: without the cache rows following their hypotheses, some of these 24 differ)
     eos = 3
     model = _model(dec=dataclasses.replace(DEC, vocab_size=5, head="linear"), noise=0.5, eos_id=eos)
-    source = jax.random.randint(jax.random.key(5), (8, 8), 3, 40)
-    valid = jnp.arange(8)[None] < jnp.array([8, 5, 2, 7, 3, 6, 4, 1])[:, None]
+    source = jax.random.randint(jax.random.key(5), (8, 16), 3, 40)  # 16: translate's source bucket, one compile
+    valid = jnp.arange(16)[None] < jnp.array([8, 5, 2, 7, 3, 6, 4, 1])[:, None]
+    candidates, scores = _exhaustive_scores(model, source, valid, 4)
+    lengths = np.array([len(c) for c in candidates])
     found = set()
     for length_penalty in (1.0, 0.5, 0.0):
         out = beam_search(model, source, valid, 4, beam_size=128, length_penalty=length_penalty)
         assert out.shape == (8, 4)
         for row in range(8):
-            best = _exhaustive_best(model, source[row:row + 1], valid[row:row + 1], 4, length_penalty)
+            best = list(candidates[int(np.argmax(scores[row] / lengths ** length_penalty))])
             assert out[row].tolist() == best + [model.cfg.pad_id] * (4 - len(best)), (row, length_penalty)
             found.add(tuple(best))
     assert max(len(b) for b in found) == 4 and len(found) > 3  # not one answer for every source and penalty
