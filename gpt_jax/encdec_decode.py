@@ -93,7 +93,7 @@ def _compiled_beam_search(graphdef: nnx.GraphDef, cfg: EncDecConfig, max_new_tok
 
         def cond(carry):
             i, _, _, _, alive_score, _, done_score = carry
-            # HF's stopping rule: no live hypothesis, normalized at its current length, beats the worst kept one
+            # stop once no live hypothesis, normalized at its current length, beats the worst finished one kept
             hopeless = normalized(alive_score[:, 0], jnp.maximum(i, 1)) < done_score[:, -1]
             return (i < max_new_tokens) & ~jnp.all(hopeless)
 
