@@ -53,27 +53,28 @@ def translation_scores(loaded: LoadedModel, sources: Sequence[str], references: 
     """Greedy translations of `sources` by an encoder-decoder scored against `references`: BLEU and chrF
     (sacrebleu defaults) and the seconds decoding took; the translations go to `hypotheses_path`, one a line. With
     beam_size > 1, beam search's translations are scored too (`beam_bleu`, `beam_chrf`; `*_beam.txt` beside)."""
-    from gpt_jax import encdec_decode
-
     e = loaded.config.eval
-    results = {}
-    for beam in (1, beam_size) if beam_size > 1 else (1,):
+
+    def scored(beam: int, path: str | None) -> tuple[dict, float, int]:
+        from gpt_jax import encdec_decode
+
         start = time.perf_counter()
         hyps = encdec_decode.translate_texts(loaded, sources, max_new_tokens=e.max_new_tokens,
                                              batch_size=e.batch_size, beam_size=beam, length_penalty=length_penalty)
         seconds = time.perf_counter() - start
-        path = hypotheses_path if beam == 1 or not hypotheses_path else \
-            hypotheses_path.removesuffix(".txt") + "_beam.txt"
         if path and jax.process_index() == 0:
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(h.replace("\n", " ") + "\n" for h in hyps)
-        scores = bleu(hyps, [list(references)])
-        if beam == 1:
-            results.update(bleu=scores["bleu"], chrf=scores["chrf"], sentences=len(hyps), decode_seconds=seconds,
-                           bleu_signature=scores["bleu_signature"])
-        else:
-            results.update(beam_size=beam, length_penalty=length_penalty, beam_bleu=scores["bleu"],
-                           beam_chrf=scores["chrf"], beam_decode_seconds=seconds)
+        return bleu(hyps, [list(references)]), seconds, len(hyps)
+
+    scores, seconds, sentences = scored(1, hypotheses_path)
+    results = {"bleu": scores["bleu"], "chrf": scores["chrf"], "sentences": sentences, "decode_seconds": seconds,
+               "bleu_signature": scores["bleu_signature"]}
+    if beam_size > 1:
+        beam_path = hypotheses_path and hypotheses_path.removesuffix(".txt") + "_beam.txt"
+        scores, seconds, _ = scored(beam_size, beam_path)
+        results.update(beam_size=beam_size, length_penalty=length_penalty, beam_bleu=scores["bleu"],
+                       beam_chrf=scores["chrf"], beam_decode_seconds=seconds)
     return results
 
 
