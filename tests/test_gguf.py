@@ -222,16 +222,3 @@ def test_smollm2_matches_transformers_gguf_loading(smollm2, smollm2_reference):
     assert out == expected["greedy"][len(prompt_ids[0]):].tolist()
     print(f"SmolLM2 greedy continuation: {tok.decode(out)!r}")
     assert tok.decode(out).startswith(" Paris.")
-
-
-def _sample_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gpt_jax.main", "--mode=sample", "--prompt=The capital of France is",
-                           "--temperature=0", "--max_new_tokens=4", *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-
-
-@pytest.mark.slow
-def test_smollm2_sample_cli_init_from(tmp_path, smollm2_gguf):
-    result = _sample_cli(f"--workdir={tmp_path / 'empty'}", f"--config.init_from={smollm2_gguf}")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(" Paris."), result.stdout

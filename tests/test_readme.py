@@ -72,7 +72,7 @@ STEPS = (
          "python -m gpt_jax.main --config=configs/multi30k_encdec.py --workdir=runs/mt "
          "--config.data.train_source=train.en --config.data.train_target=train.de "
          "--config.data.val_source=val.en --config.data.val_target=val.de",
-         "5 steps instead of 600, on the made-up pairs",
+         "5 steps instead of 11,000, on the made-up pairs",
          (("--workdir=runs/mt", "--workdir=runs/mt --config.train_steps=5"),)),
     Step("eval_mt", "python -m gpt_jax.main --mode=eval --workdir=runs/mt", "as written", after="train_mt"),
     Step("sample_mt", 'python -m gpt_jax.main --mode=sample --workdir=runs/mt --prompt="A man is riding a bike."',
@@ -488,6 +488,7 @@ def exercise_serve_smollm2(ran: Ran) -> None:
         "model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 12, "temperature": 0})
     assert "Paris" in answer["choices"][0]["message"]["content"], answer
+    assert answer["usage"]["prompt_tokens"] > 20, answer  # the GGUF's chat template: system prompt, ChatML markers
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
