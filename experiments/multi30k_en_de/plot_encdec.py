@@ -1,4 +1,6 @@
-"""Training-loss curves of the encoder-decoder rows (encdec_results/*.json, written by run_encdec.sh) in one PNG.
+"""Loss curves of the encoder-decoder rows (encdec_results/*.json, written by run_encdec.sh) in one PNG: each row's
+training loss (faint: every logged step; solid: the mean of the last 10 logged steps, since length-sorted batches
+make single steps swing) and its validation loss where the run evaluated during training (dashed, dots).
 
     python experiments/multi30k_en_de/plot_encdec.py [--output=experiments/multi30k_en_de/encdec_loss.png]
 """
@@ -30,16 +32,21 @@ def main(argv: list[str]) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for path in sorted(glob.glob(os.path.join(HERE, "encdec_results", "*.json"))):
         row = os.path.basename(path)[:-len(".json")]
         with open(path) as f:
             result = json.load(f)
         steps, losses = zip(*result["train_losses"], strict=True)
-        ax.plot(steps, losses, label=f"{ROWS.get(row, row)}: BLEU {result['bleu']:.1f}")
+        window = [sum(losses[max(0, i - 9):i + 1]) / len(losses[max(0, i - 9):i + 1]) for i in range(len(losses))]
+        line, = ax.plot(steps, window, label=f"{ROWS.get(row, row)}: BLEU {result['bleu']:.1f} (train)")
+        ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.7)
+        if result.get("val_losses"):
+            val_steps, val_losses = zip(*result["val_losses"], strict=True)
+            ax.plot(val_steps, val_losses, "o--", color=line.get_color(), markersize=3, label="  validation")
     ax.set_xlabel("step (32 pairs each)")
-    ax.set_ylabel("training loss (label-smoothed, per target token)")
-    ax.set_title("Multi30k en→de, encoder-decoder rows (~12 min each on 2 shared CPU cores)")
+    ax.set_ylabel("loss per target token (training: label-smoothed)")
+    ax.set_title("Multi30k en→de, encoder-decoder rows on 2 CPU cores")
     ax.legend()
     fig.tight_layout()
     fig.savefig(_OUTPUT.value, dpi=100)
