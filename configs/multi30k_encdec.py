@@ -21,7 +21,7 @@ from gpt_jax.config import encdec_config
 
 def get_config():
     config = encdec_config()
-    config.train_steps = 11000  # 12.1 epochs of the 29,000 pairs, about 55 minutes on 2 CPU cores
+    config.train_steps = 11000  # 12.1 epochs of the 29,000 pairs: 46 minutes of training on 2 CPU cores
     config.batch_size = 32
     config.seq_len = 64  # tokens per side, special tokens included; longer sentences are cut
     config.learning_rate = 1e-3

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Encoder-decoder rows of the Multi30k en→de experiment, each trained by `python -m gpt_jax.main` and then scored by
 # `--mode=eval` (greedy and beam-search BLEU/chrF on val, eval.json):
-#   scratch        configs/multi30k_encdec.py as it is: 3+3 layers from scratch, 11,000 steps (~55 min here)
+#   scratch        configs/multi30k_encdec.py as it is: 3+3 layers from scratch, 11,000 steps (~46 min on 2 cores)
 #   minilm_enc     configs/multi30k_minilm.py as it is: MiniLM-L6 encoder + fresh decoder, the same wall-clock budget
 #   minilm2minilm  MiniLM-L6 as encoder and decoder, the 12-minute row of 2026-11-26 (TIME_LIMIT, default 720 s)
 #
