@@ -38,7 +38,8 @@ def main(argv: list[str]) -> int:
         with open(path) as f:
             result = json.load(f)
         steps, losses = zip(*result["train_losses"], strict=True)
-        window = [sum(losses[max(0, i - 9):i + 1]) / len(losses[max(0, i - 9):i + 1]) for i in range(len(losses))]
+        recent = [losses[max(0, i - 9):i + 1] for i in range(len(losses))]
+        window = [sum(r) / len(r) for r in recent]
         line, = ax.plot(steps, window, label=f"{ROWS.get(row, row)}: BLEU {result['bleu']:.1f} (train)")
         ax.plot(steps, losses, color=line.get_color(), alpha=0.2, linewidth=0.7)
         if result.get("val_losses"):
