@@ -35,17 +35,25 @@ def _sampling_arrays(batch: int, temperature: float, top_k: int, top_p: float):
             jnp.full((batch,), top_p, jnp.float32))
 
 
+def _start(graphdef: nnx.GraphDef, params, dec_cfg, source_ids, source_valid, copies: int, max_new_tokens: int):
+    """A decoding loop's start: cross-attention keys/values computed once per source and its mask, each repeated for
+    `copies` rows, an empty KV cache for those rows and its key mask (causality hides the slots not yet written)."""
+    model = nnx.merge(graphdef, params)
+    cross = model.decoder.cross_kv(model.encode(source_ids, source_valid))
+    cross = jax.tree.map(lambda a: jnp.repeat(a, copies, axis=0), cross)
+    rows = source_ids.shape[0] * copies
+    return (cross, jnp.repeat(source_valid, copies, axis=0), init_cache(dec_cfg, rows, max_new_tokens),
+            jnp.ones((rows, max_new_tokens), bool))
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled_generate(graphdef: nnx.GraphDef, cfg: EncDecConfig, max_new_tokens: int):
     dec_cfg = cfg.decoder
 
     def run(params, source_ids, source_valid, temperature, top_k, top_p, seed):
         batch = source_ids.shape[0]
-        model = nnx.merge(graphdef, params)
-        memory = model.encode(source_ids, source_valid)
-        cross = model.decoder.cross_kv(memory)  # once per source
-        cache = init_cache(dec_cfg, batch, max_new_tokens)
-        key_valid = jnp.ones((batch, max_new_tokens), bool)  # causality hides the slots not yet written
+        cross, source_valid, cache, key_valid = _start(graphdef, params, dec_cfg, source_ids, source_valid, 1,
+                                                       max_new_tokens)
         out = jnp.full((batch, max_new_tokens), cfg.pad_id, jnp.int32)
         token = jnp.full((batch,), cfg.decoder_start_id, jnp.int32)
 
@@ -76,12 +84,8 @@ def _compiled_beam_search(graphdef: nnx.GraphDef, cfg: EncDecConfig, max_new_tok
 
     def run(params, source_ids, source_valid, length_penalty):
         batch, rows = source_ids.shape[0], source_ids.shape[0] * beam
-        model = nnx.merge(graphdef, params)
-        memory = model.encode(source_ids, source_valid)
-        cross = jax.tree.map(lambda a: jnp.repeat(a, beam, axis=0), model.decoder.cross_kv(memory))
-        memory_valid = jnp.repeat(source_valid, beam, axis=0)
-        cache = init_cache(dec_cfg, rows, max_new_tokens)
-        key_valid = jnp.ones((rows, max_new_tokens), bool)
+        cross, memory_valid, cache, key_valid = _start(graphdef, params, dec_cfg, source_ids, source_valid, beam,
+                                                       max_new_tokens)
         empty = jnp.full((batch, beam, max_new_tokens), cfg.pad_id, jnp.int32)
         # the live hypotheses (raw log-probability sums; only the first is live at the start, so the beams differ)
         # and the finished ones (length-normalized scores), `beam` of each per source
