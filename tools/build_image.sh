@@ -33,7 +33,8 @@ CONTAINERS_CONF is already set. Run images on such a host the same way:
   CONTAINERS_CONF=conf podman run --rm -p 127.0.0.1:8000:8000 -v "$PWD/runs/tiny:/model:ro" gpt-jax
 
 Exit status: 0 built (and checked); 2 a usage error; 3 no container engine can run here (none installed, not root
-for --local-base, or no container starts), said in one line; 1 anything else (the build or the check failed).
+for --local-base, no container starts, or under 5 GB of free disk for the engine), said in one line; 1 anything else
+(the build or the check failed).
 EOF
 }
 
@@ -102,6 +103,24 @@ image_exists() {
   if [[ "$engine" == podman ]]; then podman image exists "$1"; else docker image inspect "$1" >/dev/null 2>&1; fi
 }
 
+# --- disk space ---------------------------------------------------------------------------------------------------
+# Where the engine keeps images and, for podman, where it stages each layer while committing it: building the CPU
+# image with podman, base included, took up to 3.5 GB there at once (the image itself is 1.05 GB). Too little free
+# space is a condition of this machine, said in one line, like a missing engine.
+need_gb=5
+free_gb() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 {printf "%.1f", $4 / 1048576}'; }
+if [[ "$engine" == podman ]]; then
+  storage_dirs=("$(podman info --format '{{.Store.GraphRoot}}')" "$(podman info --format '{{.Store.ImageCopyTmpDir}}')")
+else
+  storage_dirs=("$(docker info --format '{{.DockerRootDir}}')")
+fi
+for dir in "${storage_dirs[@]}"; do
+  [[ -d "$dir" ]] || continue
+  free="$(free_gb "$dir")"
+  awk -v f="$free" -v n="$need_gb" 'BEGIN {exit !(f < n)}' &&
+    cannot "only $free GB free at $dir; building the image needs about $need_gb GB there"
+done
+
 # --- the base -----------------------------------------------------------------------------------------------------
 debian_mirror() {
   # the first Debian (not security) URI of this machine's apt sources, one-line or deb822 format
@@ -165,7 +184,11 @@ build_args=(--build-arg "BASE_IMAGE=$base" -t "$tag" -f "$context/$dockerfile")
 [[ "$engine" == podman ]] && build_args+=(--format docker)  # HEALTHCHECK and STOPSIGNAL are docker-format fields
 say "building $tag from $dockerfile on $base with $engine ..."
 started=$SECONDS
-"$engine" build "${build_args[@]}" "$context" || die "$engine build failed"
+if ! "$engine" build "${build_args[@]}" "$context" 2>&1 | tee "$work/build.log"; then
+  grep -qi 'no space left on device' "$work/build.log" &&
+    cannot "the disk filled up during the build ($(free_gb "${storage_dirs[0]}") GB free now at ${storage_dirs[0]})"
+  die "$engine build failed"
+fi
 say "built $tag in $((SECONDS - started))s"
 
 # --- the check ----------------------------------------------------------------------------------------------------
