@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -228,6 +229,9 @@ def test_same_output_bytes_with_one_and_two_workers(tmp_path, monkeypatch):
 
     _fixture(tmp_path / "in", num_docs=24)
     monkeypatch.setenv("PYTHONPATH", ROOT)  # the multi_processing workers import gpt_jax from this checkout
+    scratch = tmp_path / "tempdir"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     outputs = []
     for name, flags in (("one", ["--direct_num_workers=1"]),
                         ("two", ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])):
@@ -246,6 +250,10 @@ def test_same_output_bytes_with_one_and_two_workers(tmp_path, monkeypatch):
         assert outputs[0][name] == outputs[1][name], name
     manifest = json.loads(outputs[0]["manifest.json"])
     assert manifest["tokenizer"]["kind"] == "sentencepiece" and manifest["documents"]["val"] > 0
+    # the FnApiRunner runs them, as in every test here; the DirectRunner's first try of the Prism runner (downloaded
+    # from GitHub where the network allows) would leave a directory in the temporary directory on every run
+    assert os.listdir(scratch) == []
+    assert corpus._local_runner(PipelineOptions(["--runner=DataflowRunner"])) is None
 
 
 @pytest.mark.slow

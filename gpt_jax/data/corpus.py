@@ -1004,9 +1004,27 @@ def make_plan(opts: CorpusOptions, files: list[str], val_files: list[str], tfds_
                  buckets or max(1, math.ceil(total / 2e9)), bands, rows, 0.0 if val_files else opts.val_fraction)
 
 
+def _local_runner(pipeline_options):
+    """The runner for `pipeline_options` that name no runner or the DirectRunner: Beam's FnApiRunner, made as the
+    DirectRunner makes it, without the DirectRunner's first try of Beam's Prism runner. That try downloads Prism
+    from GitHub: where the network allows it the pipeline would run on a runner that no test here runs, and where
+    it does not, each try leaves a directory in /tmp. Other runners: None (the options' own)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    name = pipeline_options.view_as(StandardOptions).runner
+    if name is not None and str(name).lower() not in ("directrunner", "direct"):
+        return None
+    encoded = JobServiceHandle.encode_pipeline_options(pipeline_options.get_all_options())
+    info = beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(info))
+
+
 def prepare(opts: CorpusOptions, pipeline_options=None, overwrite: bool = False, progress: float = 0.0,
             buckets: int = 0) -> dict:
-    """Runs the pipeline (Beam `pipeline_options`, an in-process DirectRunner by default) and returns the manifest;
+    """Runs the pipeline (Beam `pipeline_options`, in this process by default) and returns the manifest;
     `progress` > 0 prints a progress line on stderr every that many seconds, and a last one at the end; `buckets`:
     how many hash buckets the dedup groups are cut into (0: one per ~2 GB of input; the output does not depend
     on it)."""
@@ -1021,7 +1039,8 @@ def prepare(opts: CorpusOptions, pipeline_options=None, overwrite: bool = False,
     try:
         if reporter:
             reporter.start()
-        with beam.Pipeline(options=pipeline_options) as p:
+        pipeline_options = pipeline_options or beam.options.pipeline_options.PipelineOptions([])
+        with beam.Pipeline(runner=_local_runner(pipeline_options), options=pipeline_options) as p:
             build(p, plan)
         if reporter:
             reporter.finish()
