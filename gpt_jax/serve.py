@@ -126,6 +126,8 @@ class _SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, description="Extension: sample from the k most likely tokens; 0 = all.")
+    ignore_eos: bool | None = Field(False, description="Extension (as vLLM's): go on past the model's end token, up "
+                                    "to max_tokens (stop sequences still stop).")
     n: int | None = Field(None, ge=1, le=16)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -477,7 +479,7 @@ class Server:
             choice.state = self.runner.submit(decode.Request(
                 prompt=choice.prompt_ids, max_tokens=max_tokens[choice.index], sampling=sampling, seed=seed,
                 stream_id=choice.index % n, stop=stops,
-                stop_token_ids=() if self.eos_id is None else (self.eos_id,), on_update=on_update,
+                stop_token_ids=() if self.eos_id is None or body.ignore_eos else (self.eos_id,), on_update=on_update,
                 logprobs=logprobs, score_prompt=score_prompt))
 
     async def _updates(self, choices: list[_Choice], queue: asyncio.Queue):

@@ -489,6 +489,11 @@ def exercise_serve_smollm2(ran: Ran) -> None:
         "max_tokens": 12, "temperature": 0})
     assert "Paris" in answer["choices"][0]["message"]["content"], answer
     assert answer["usage"]["prompt_tokens"] > 20, answer  # the GGUF's chat template: system prompt, ChatML markers
+    assert answer["choices"][0]["finish_reason"] == "stop", answer  # the model's end token, before max_tokens
+    on = _http(ran.url + "/v1/chat/completions", {
+        "model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 24, "temperature": 0, "ignore_eos": True})
+    assert on["choices"][0]["finish_reason"] == "length" and on["usage"]["completion_tokens"] == 24, on
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}

@@ -12,12 +12,13 @@ stream) and/or its engine in this process. Its peers: llama.cpp's `llama-bench` 
 Q8_0 (the peers of float32, bfloat16 and int8), when `--llama_cpp` names the folder with those binaries; and
 transformers' `generate` in float32 (`--torch_threads=` empty skips it).
 
-Decode tokens/s counts the tokens after the first: through the server, (tokens − 1) / (last token's time − first
-token's time) per stream, summed over the streams of a batch over the span from the earliest first token to the
-latest last one; in process, batch × (N − 1) / (time for N tokens − time for 1). Prompt processing is reported
-apart as time to first token. Implementations and batch sizes are interleaved within each round; medians over
-rounds are shown, since timings on a shared machine swing. llama.cpp's two threads slow down sharply when anything
-else runs: compare on a quiet machine.
+Every stream generates exactly the N new tokens, past the model's end token (the server's `ignore_eos`), as
+llama.cpp's benches and the engine in process do. Decode tokens/s counts the tokens after the first: through the
+server, (tokens − 1) / (last token's time − first token's time) per stream, summed over the streams of a batch
+over the span from the earliest first token to the latest last one; in process, batch × (N − 1) / (time for N
+tokens − time for 1). Prompt processing is reported apart as time to first token. Implementations and batch sizes
+are interleaved within each round; medians over rounds are shown, since timings on a shared machine swing.
+llama.cpp's two threads slow down sharply when anything else runs: compare on a quiet machine.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class Server:
         first = last = None
         tokens = 0
         body = {"model": self.model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
+                "ignore_eos": True, "stream_options": {"include_usage": True}}
         with self.httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=600) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"{self.name}: HTTP {r.status_code} {r.read().decode()[:500]}")
