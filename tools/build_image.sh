@@ -110,7 +110,7 @@ image_exists() {
 need_gb=5
 free_gb() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 {printf "%.1f", $4 / 1048576}'; }
 if [[ "$engine" == podman ]]; then
-  storage_dirs=("$(podman info --format '{{.Store.GraphRoot}}')" "$(podman info --format '{{.Store.ImageCopyTmpDir}}')")
+  read -r -a storage_dirs <<<"$(podman info --format '{{.Store.GraphRoot}} {{.Store.ImageCopyTmpDir}}')"
 else
   storage_dirs=("$(docker info --format '{{.DockerRootDir}}')")
 fi

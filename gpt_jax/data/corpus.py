@@ -72,6 +72,7 @@ import time
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from gpt_jax import tokenizer as tokenizer_lib
 from gpt_jax.data import clean, minhash, shards
@@ -1009,7 +1010,6 @@ def _local_runner(pipeline_options):
     DirectRunner makes it, without the DirectRunner's first try of Beam's Prism runner. That try downloads Prism
     from GitHub: where the network allows it the pipeline would run on a runner that no test here runs, and where
     it does not, each try leaves a directory in /tmp. Other runners: None (the options' own)."""
-    from apache_beam.options.pipeline_options import StandardOptions
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
@@ -1039,7 +1039,7 @@ def prepare(opts: CorpusOptions, pipeline_options=None, overwrite: bool = False,
     try:
         if reporter:
             reporter.start()
-        pipeline_options = pipeline_options or beam.options.pipeline_options.PipelineOptions([])
+        pipeline_options = pipeline_options or PipelineOptions([])
         with beam.Pipeline(runner=_local_runner(pipeline_options), options=pipeline_options) as p:
             build(p, plan)
         if reporter:
