@@ -13,6 +13,7 @@ Loading a model for evaluation, sampling, serving and export (`load`) takes a wo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -99,26 +100,28 @@ def load(source: str, weights: tuple[str, str] | None = None) -> LoadedModel:
 def with_weights(loaded: LoadedModel, param_dtype: str, quantize: str = "none") -> LoadedModel:
     """The model with its weights stored in `param_dtype` (float32 | bfloat16; a bfloat16 weight feeds its
     matmuls as bfloat16, accumulation in float32), and with quantize=int8 every matmul weight and the embedding
-    table int8 with a float32 scale per output channel (`ops.Int8Kernel`; norms, biases and learned positions keep
-    param_dtype)."""
+    table int8 with a float32 scale per output channel (norms, biases and learned positions keep param_dtype).
+    bfloat16 and int8 matmul weights are stored output channel by output channel (`ops.PackedKernel`), the layout
+    in which decoding reads them fastest. float32 ones keep theirs: packed, a lone stream decoded 1.36x faster but
+    8 streams 0.85x as fast (SmolLM2, the engine, one process)."""
     cfg = loaded.model_cfg
     if loaded.config.model.kind == "encoder_decoder":
         if (param_dtype, quantize) != (loaded.config.model.param_dtype, "none"):
             raise UserError("model.param_dtype and model.quantize choose the weights of a decoder-only model; an "
                             "encoder-decoder samples and serves with those it was trained with")
         return loaded
-    if (param_dtype, quantize) == (cfg.param_dtype, "none"):
+    packed = param_dtype == "bfloat16" or quantize == "int8"
+    if not packed and cfg.param_dtype == "float32":
         return loaded
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[param_dtype]
     new_cfg = dataclasses.replace(cfg, param_dtype=param_dtype,
                                   dtype="bfloat16" if param_dtype == "bfloat16" else cfg.dtype)
-
-    quantize_int8 = jax.jit(ops.quantize_int8, static_argnums=1)
+    pack = jax.jit(functools.partial(ops.pack, dtype=dtype, int8=quantize == "int8"), static_argnames="transposed")
 
     def convert(path, x):
         name = path[-1].key
-        if quantize == "int8" and x.ndim == 2 and name in ("kernel", "embed", "lm_head"):
-            return quantize_int8(x, 0 if name == "embed" else 1)
+        if packed and x.ndim == 2 and name in ("kernel", "embed", "lm_head"):
+            return pack(x, transposed=name == "embed")
         return x.astype(dtype)
 
     params = jax.tree_util.tree_map_with_path(convert, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))

@@ -38,18 +38,33 @@ def _logits(loaded, tokens) -> np.ndarray:
 def test_int8_kernel_is_the_float_weight_within_half_a_step_per_channel():
     w = jax.random.normal(jax.random.key(0), (48, 40)) * jnp.linspace(0.01, 3.0, 40)  # channels of every scale
     w = w.at[:, 7].set(0.0)  # an all-zero channel
-    for channels, axis in ((1, 0), (0, 1)):
-        q = ops.quantize_int8(w if channels == 1 else w.T, channels)
-        back = q.q.astype(jnp.float32) * jnp.expand_dims(q.scale, axis)
-        step = jnp.expand_dims(q.scale, axis)
-        assert q.q.dtype == jnp.int8 and jnp.all(jnp.abs(back - (w if channels == 1 else w.T)) <= step / 2 + 1e-7)
-        assert jnp.max(jnp.abs(q.q)) == 127
+    for transposed in (False, True):  # a kernel [in, out], or a table [out, in] as the tied head reads it
+        q = ops.pack(w.T if transposed else w, jnp.float32, int8=True, transposed=transposed)
+        assert q.values.shape == (40, 48) and q.values.dtype == jnp.int8 and q.scale.shape == (40,)
+        back = q.values.astype(jnp.float32) * q.scale[:, None]
+        assert jnp.all(jnp.abs(back - w.T) <= q.scale[:, None] / 2 + 1e-7)
+        assert jnp.max(jnp.abs(q.values)) == 127
     x = jax.random.normal(jax.random.key(1), (5, 48))
-    q = ops.quantize_int8(w)
-    exact = x @ (q.q.astype(jnp.float32) * q.scale)
+    exact = x @ back.T
     np.testing.assert_allclose(ops.matmul(x, q, "float32"), exact, rtol=1e-5, atol=1e-5)
     # bf16 inputs (x rounded to 8 bits of mantissa): within 2% of the largest output
     np.testing.assert_allclose(ops.matmul(x, q, "bfloat16"), exact, atol=0.02 * float(jnp.abs(exact).max()))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_rows_mapped_one_by_one(dtype):
+    """A packed kernel's product has two forms (one row; several rows), and the decode step maps one call per
+    stream (`jax.vmap`), where the form must follow the number of mapped rows: every way gives the same numbers."""
+    w = jax.random.normal(jax.random.key(0), (48, 40))
+    p = ops.pack(w, jnp.bfloat16, int8=dtype == "int8")
+    exact = p.values.astype(jnp.float32) * (1 if p.scale is None else p.scale[:, None])  # [40, 48]
+    x = jax.random.normal(jax.random.key(1), (8, 48)).astype(jnp.bfloat16).astype(jnp.float32)
+    one = jax.jit(lambda r: ops.matmul(r[None], p, "float32")[0])
+    many = jax.jit(lambda x: ops.matmul(x, p, "float32"))(x)
+    mapped = jax.jit(jax.vmap(one))(x)
+    rows = np.stack([one(r) for r in x])
+    for got in (many, mapped, rows):
+        np.testing.assert_allclose(got, x @ exact.T, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
@@ -63,12 +78,12 @@ def test_int8_and_bf16_logits_stay_close_to_float32(style):
     for weights, (most, mean) in ((("bfloat16", "none"), (0.025, 0.005)), (("float32", "int8"), (0.05, 0.01)),
                                   (("bfloat16", "int8"), (0.05, 0.01))):
         other = workdir.with_weights(loaded, *weights)
-        kernels = [x for x in jax.tree.leaves(nnx.state(other.model, nnx.Param),
-                                             is_leaf=lambda x: isinstance(x, ops.Int8Kernel))]
-        if weights[1] == "int8":
-            # 2 layers × (attention q, k, v, o + 2 or 3 MLP matrices) + the embedding (+ the llama head)
-            assert sum(isinstance(k, ops.Int8Kernel) for k in kernels) == (2 * 6 + 1 if style == "gpt2" else 2 * 7 + 2)
-        floats = {x.dtype for x in kernels if not isinstance(x, ops.Int8Kernel)}
+        leaves = jax.tree.leaves(nnx.state(other.model, nnx.Param), is_leaf=lambda x: isinstance(x, ops.PackedKernel))
+        packed = [x for x in leaves if isinstance(x, ops.PackedKernel)]
+        # 2 layers × (attention q, k, v, o + 2 or 3 MLP matrices) + the embedding (+ the llama head)
+        assert len(packed) == (2 * 6 + 1 if style == "gpt2" else 2 * 7 + 2)
+        assert {x.values.dtype for x in packed} == {jnp.dtype("int8" if weights[1] == "int8" else weights[0])}
+        floats = {x.dtype for x in leaves if not isinstance(x, ops.PackedKernel)}
         assert floats == {jnp.dtype(weights[0])}, floats
         out = _logits(other, tokens)
         diff = np.abs(out - ref) / ref.std()
