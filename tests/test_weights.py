@@ -65,6 +65,12 @@ def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_rows_map
     rows = np.stack([one(r) for r in x])
     for got in (many, mapped, rows):
         np.testing.assert_allclose(got, x @ exact.T, rtol=1e-5, atol=1e-4)
+    # the 8 mapped rows take the several-row form: bf16 one dot_general of all 8 rows in bf16, int8 one per row
+    dots = [line for line in jax.jit(jax.vmap(one)).lower(x).as_text().splitlines() if "dot_general" in line]
+    if dtype == "int8":
+        assert len(dots) == 8, dots
+    else:
+        assert len(dots) == 1 and "tensor<8x48xbf16>" in dots[0], dots
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
