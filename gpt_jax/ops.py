@@ -73,9 +73,9 @@ class LowRankUpdate:
 class PackedKernel:
     """A matmul weight stored for inference (`workdir.with_weights`): `values` [n, k] hold each of the n output
     channels' k weights side by side (a kernel [k, n] transposed; an embedding table [vocab, d] as it is, its rows
-    being the tied head's output channels), in float32 or bfloat16, or in int8 with a float32 `scale` per output
-    channel (weight-only quantization, w ≈ values·scale, no float copy kept). The layout is the one XLA:CPU's
-    one-row product reads fastest (`_packed_product_of`). It stands where a kernel array does (`kernel[...]` gives
+    being the tied head's output channels), in bfloat16, or in int8 with a float32 `scale` per output channel
+    (weight-only quantization, w ≈ values·scale, no float copy kept). The layout is the one XLA:CPU's one-row
+    product reads fastest (`_packed_product_of`). It stands where a kernel array does (`kernel[...]` gives
     itself)."""
 
     values: jax.Array

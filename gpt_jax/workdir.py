@@ -98,12 +98,12 @@ def load(source: str, weights: tuple[str, str] | None = None) -> LoadedModel:
 
 
 def with_weights(loaded: LoadedModel, param_dtype: str, quantize: str = "none") -> LoadedModel:
-    """The model with its weights stored in `param_dtype` (float32 | bfloat16; a bfloat16 weight feeds its
-    matmuls as bfloat16, accumulation in float32), and with quantize=int8 every matmul weight and the embedding
-    table int8 with a float32 scale per output channel (norms, biases and learned positions keep param_dtype).
-    bfloat16 and int8 matmul weights are stored output channel by output channel (`ops.PackedKernel`), the layout
-    in which decoding reads them fastest. float32 ones keep theirs: packed, a lone stream decoded 1.36x faster but
-    8 streams 0.85x as fast (SmolLM2, the engine, one process)."""
+    """The model with its weights stored in `param_dtype` (float32 | bfloat16; products accumulate in float32),
+    and with quantize=int8 every matmul weight and the embedding table int8 with a float32 scale per output
+    channel (norms, biases and learned positions keep param_dtype). bfloat16 and int8 matmul weights are stored
+    output channel by output channel (`ops.PackedKernel`), the layout in which decoding reads them fastest.
+    float32 ones keep theirs: packed, a lone stream decoded 1.36x faster but 8 streams 0.85x as fast (SmolLM2,
+    the engine, one process)."""
     cfg = loaded.model_cfg
     if loaded.config.model.kind == "encoder_decoder":
         if (param_dtype, quantize) != (loaded.config.model.param_dtype, "none"):

@@ -71,6 +71,10 @@ def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_rows_map
         assert len(dots) == 8, dots
     else:
         assert len(dots) == 1 and "tensor<8x48xbf16>" in dots[0], dots
+    # mapped over kernels too (a stack of two): each row times its own kernel
+    stack = ops.PackedKernel(jnp.stack([p.values, -p.values]), None if p.scale is None else jnp.stack([p.scale] * 2))
+    both = jax.vmap(lambda k, r: ops.matmul(r[None], k, "float32")[0])(stack, x[:2])
+    np.testing.assert_allclose(both, np.stack([x[0] @ exact.T, -(x[1] @ exact.T)]), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
