@@ -105,10 +105,10 @@ def _packed_product_of(x, values, compute_dtype):
     one-row bf16 or int8 dot_general 171 and 176 ms, as it copies the weight to float32 first); and an int8
     product of up to INT8_ROW_BY_ROW rows is that loop once per row (the engine's 8 streams: 178 tok/s, against
     34 converting the weight to float32 for one product)."""
-    rows = x.shape[0]
-    if jax.default_backend() == "cpu" and values.dtype == jnp.int8 and 1 < rows <= INT8_ROW_BY_ROW:
+    rows, cpu = x.shape[0], jax.default_backend() == "cpu"
+    if cpu and values.dtype == jnp.int8 and 1 < rows <= INT8_ROW_BY_ROW:
         return jnp.concatenate([_packed_product_of(x[i:i + 1], values, compute_dtype) for i in range(rows)])
-    if jax.default_backend() == "cpu" and rows == 1:
+    if cpu and rows == 1:
         # XLA:CPU fuses x's elementwise producers (a norm's scale, the attention output's transpose, SiLU) into
         # the loop and recomputes them for every weight; a reduction never is, so x is summed with zeros once
         x = jnp.stack([x.astype(jnp.float32), jnp.zeros(x.shape, jnp.float32)]).sum(0)
