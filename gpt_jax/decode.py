@@ -324,12 +324,10 @@ class Engine:
     def step(self) -> None:
         """One iteration: admits waiting requests into free rows (prefill), then one decode step for all rows."""
         self._drop_cancelled()
+        self._start_small_when_idle()
         self._admit()
         active = [i for i, r in enumerate(self._rows) if r is not None]
         if not active:
-            if self._capacity > CACHE_BUCKET:  # idle: start small again
-                self._capacity = min(CACHE_BUCKET, self.max_len)
-                self._cache = self._new_cache()
             return
         needed = int(self._ints[active, _I_LENGTH].max()) + 1
         self._ensure_capacity(needed)
@@ -341,6 +339,7 @@ class Engine:
         for i in active:
             self._ints[i, _I_LENGTH] += 1
             self._accept(i, int(tokens[i]), scored[i])
+        self._start_small_when_idle()
 
     def run_until_done(self) -> None:
         while self.has_work():
@@ -371,7 +370,6 @@ class Engine:
                 if length >= prompt_len:
                     break
                 length = min(length * 2, prompt_len)
-        self.step()  # idle: the cache shrinks back
 
     # -- internals -------------------------------------------------------------------------------------------
 
@@ -448,6 +446,14 @@ class Engine:
         chosen, top_values, top_ids = (np.asarray(x) for x in self._logprobs(logits, tokens))
         return [_entry(int(tokens[b]), chosen[b], top_values[b], top_ids[b], states[b].request.logprobs)
                 if wanted[b] else None for b in range(len(states))]
+
+    def _start_small_when_idle(self) -> None:
+        """With no row decoding, the cache goes back to the smallest capacity: the next requests step (and compile)
+        at the size the warmup did, and an idle server holds no large cache."""
+        smallest = min(CACHE_BUCKET, self.max_len)
+        if self._capacity > smallest and all(r is None for r in self._rows):
+            self._capacity = smallest
+            self._cache = self._new_cache()
 
     def _new_cache(self) -> list[dict]:
         return jax.device_put(init_cache(self.cfg, self.max_batch, self._capacity), self._device)

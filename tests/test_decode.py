@@ -202,6 +202,35 @@ def test_steady_traffic_does_not_recompile(gpt2):
     assert [f._cache_size() for f in (engine._prefill, engine._step, engine._sample, engine._grow)] == sizes
 
 
+def test_warmup_compiles_what_first_requests_need_and_an_idle_engine_starts_small_again():
+    """After `warmup` (the server's default prompt length, 64: its longest prompts grow the cache), one short
+    request and then a burst filling every row compile nothing; a long request grows the cache, and once the engine
+    is idle it is back at the smallest capacity, so the next short requests again compile nothing."""
+    cfg = ModelConfig(vocab_size=len(CHARS), n_layer=1, n_head=4, d_model=16, d_ff=32, max_seq_len=256)
+    engine = decode.Engine(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, max_batch=4)
+    engine.warmup(prompt_len=64)
+    jitted = (engine._prefill, engine._step, engine._sample, engine._grow)
+    sizes = [f._cache_size() for f in jitted]
+
+    def short_requests():
+        engine.submit(decode.Request(_prompts([5])[0], 8, GREEDY))
+        engine.run_until_done()
+        for p in _prompts([3, 9, 12, 7], seed=1):
+            engine.submit(decode.Request(p, 8, GREEDY))
+        engine.step()
+        assert engine.load() == (4, 0) and engine._cache[0]["k"].shape[1] == decode.CACHE_BUCKET
+        engine.run_until_done()
+
+    short_requests()
+    assert [f._cache_size() for f in jitted] == sizes
+    long = engine.submit(decode.Request(_prompts([40])[0], 100, GREEDY))
+    engine.run_until_done()
+    assert len(long.token_ids) == 100 and engine._capacity == decode.CACHE_BUCKET
+    sizes = [f._cache_size() for f in jitted]  # the long request compiled its larger capacities
+    short_requests()
+    assert [f._cache_size() for f in jitted] == sizes
+
+
 def test_logprobs_of_prompts_and_generated_tokens_equal_the_uncached_forward(model_and_cfg):
     """`logprobs` and `score_prompt`: every token's log-probability (the prompt's from the prefill, one forward over
     it; the generated ones' from each step) is the log-softmax of one uncached forward over the whole sequence; the
