@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt_jax.model import ModelConfig, init_cache
+from gpt_jax.model import CACHE_SLOTS, ModelConfig, init_cache
 
 PROMPT_BUCKET = 16  # smallest prompt bucket; buckets double up to the cache length
 CACHE_BUCKET = 64  # smallest cache capacity; capacities double up to the cache length
@@ -151,42 +151,51 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
                 if score else None
             return (small, last), scores
 
-        small = init_cache(cfg, batch, padded, cache[0]["k"].dtype)
+        small = init_cache(cfg, batch, padded)
         last = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
         (small, last), scores = jax.lax.scan(body, (small, last), jnp.arange(0, padded, chunk))
         if score:  # [chunks, batch, chunk, ...] → [batch, padded, ...]
             scores = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, padded, *x.shape[3:]), scores)
-        n = min(padded, cache[0]["k"].shape[1])
-        cache = [{name: layer[name].at[slots, :n].set(new[name][:, :n], mode="drop") for name in ("k", "v")}
+        n = min(padded, _capacity(cache))
+        cache = [{name: _write_slots(layer[name], slots, name, new[name], n) for name in ("k", "v")}
                  for layer, new in zip(cache, small, strict=True)]
         return last, cache, scores
 
     def step(params, cache, ints, rows: int):
         """Writes the token of each of the first `rows` rows at its position: returns (next-token logits [rows,
         vocab], cache). Rows past those are left as they are, so one stream in row 0 multiplies one row."""
-        capacity = cache[0]["k"].shape[1]
-
-        def one_row(token, length, row_cache):
-            model = nnx.merge(graphdef, params)
-            row_cache = [{name: layer[name][None] for name in ("k", "v")} for layer in row_cache]
-            key_valid = (jnp.arange(capacity) <= length)[None, :]
-            position = jnp.minimum(length, last_position)[None, None]
-            logits, row_cache = model(token[None, None], position, cache=row_cache, cache_index=length,
-                                      key_valid=key_valid)
-            return logits[0, 0], [{name: layer[name][0] for name in ("k", "v")} for layer in row_cache]
-
-        head = [{name: layer[name][:rows] for name in ("k", "v")} for layer in cache]
-        logits, head = jax.vmap(one_row)(ints[:rows, _I_TOKEN], ints[:rows, _I_LENGTH], head)
-        return logits, [{name: layer[name].at[:rows].set(new[name]) for name in ("k", "v")}
-                        for layer, new in zip(cache, head, strict=True)]
+        model = nnx.merge(graphdef, params)
+        lengths = ints[:rows, _I_LENGTH]
+        key_valid = jnp.arange(_capacity(cache))[None, :] <= lengths[:, None]
+        positions = jnp.minimum(lengths, last_position)[:, None]
+        logits, cache = model(ints[:rows, _I_TOKEN][:, None], positions, cache=cache, cache_index=lengths,
+                              key_valid=key_valid)
+        return logits[:, 0], cache
 
     def grow(cache, capacity: int):
-        pad = ((0, 0), (0, capacity - cache[0]["k"].shape[1]), (0, 0), (0, 0))
-        return [{name: jnp.pad(layer[name], pad) for name in ("k", "v")} for layer in cache]
+        def pad(x, name):
+            widths = [(0, 0)] * x.ndim
+            widths[CACHE_SLOTS[name]] = (0, capacity - x.shape[CACHE_SLOTS[name]])
+            return jnp.pad(x, widths)
+
+        return [{name: pad(layer[name], name) for name in ("k", "v")} for layer in cache]
 
     return (jax.jit(prefill, donate_argnums=(1,), static_argnames=("score",)),
             jax.jit(step, donate_argnums=(1,), static_argnames=("rows",)),
             jax.jit(_sample_packed), jax.jit(grow, static_argnums=(1,)), jax.jit(token_logprobs))
+
+
+def _capacity(cache) -> int:
+    return cache[0]["k"].shape[CACHE_SLOTS["k"]]
+
+
+def _write_slots(x, rows, name: str, new, n: int):
+    """x (one cache array) with its rows `rows` (out-of-range ones dropped) holding the first n slots of new."""
+    index = [rows] + [slice(None)] * (x.ndim - 1)
+    index[CACHE_SLOTS[name]] = slice(0, n)
+    new_index = [slice(None)] * x.ndim
+    new_index[CACHE_SLOTS[name]] = slice(0, n)
+    return x.at[tuple(index)].set(new[tuple(new_index)], mode="drop")
 
 
 def _bucket(n: int, smallest: int, largest: int) -> int:

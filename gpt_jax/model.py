@@ -175,16 +175,40 @@ class Attention(nnx.Module):
             if cfg.pos_embedding == "rope":
                 q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
             if cache is not None:
-                k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-                v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
-                new_cache = {"k": k, "v": v}
-                slots = jnp.arange(k.shape[1])[None, :] <= cache_index + jnp.arange(seq)[:, None]  # [seq, max_len]
-                mask, causal = slots[None, None] & key_valid[:, None, None, :], False
+                y, new_cache = self._attend_over_cache(q, k, v, cache, cache_index, key_valid)
+                return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), new_cache
         else:
             k, v = kv["k"], kv["v"]
         y = ops.attention(q, k, v, cfg.dtype, causal=causal, mask=mask, out_dtype=_DTYPES[cfg.activation_dtype],
                           query_block=cfg.attention_block)
         return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), new_cache
+
+    def _attend_over_cache(self, q, k, v, cache, cache_index, key_valid):
+        """Writes the new keys and values k, v [batch, seq, kv_heads, head_dim] into the cache (see init_cache) and
+        attends over its slots up to each query's own where key_valid [batch, slots]. A scalar cache_index puts the
+        batch's positions at slots cache_index.. (cache rows = batch); a vector [batch] puts row b's one new
+        position at slot cache_index[b] of cache row b, and then the cache may hold more rows than the batch (the
+        rest are left as they are). Either way the write touches only the new positions."""
+        cfg = self.cfg
+        batch, seq = q.shape[:2]
+        dtype = _DTYPES[cfg.dtype]
+        k = ops.as_bits(k.transpose(0, 2, 3, 1).astype(dtype))  # [batch, kv_heads, head_dim, seq]
+        v = ops.as_bits(v.transpose(0, 2, 1, 3).astype(dtype))  # [batch, kv_heads, seq, head_dim]
+        slots = jnp.arange(cache["k"].shape[CACHE_SLOTS["k"]])
+        if jnp.ndim(cache_index) == 0:
+            new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k, (0, 0, 0, cache_index)),
+                         "v": jax.lax.dynamic_update_slice(cache["v"], v, (0, 0, cache_index, 0))}
+            mask = slots[None, None, :] <= cache_index + jnp.arange(seq)[None, :, None]  # [1, seq, slots]
+        else:
+            assert seq == 1, "a cache index per row writes one position per row"
+            rows = jnp.arange(batch)
+            new_cache = {"k": cache["k"].at[rows, :, :, cache_index].set(k[..., 0]),
+                         "v": cache["v"].at[rows, :, cache_index, :].set(v[:, :, 0])}
+            mask = slots[None, None, :] <= cache_index[:, None, None]  # [batch, 1, slots]
+        keys, values = (ops.from_bits(new_cache[name][:batch], dtype) for name in ("k", "v"))
+        y = ops.attention_over_cache(q, keys, values, mask & key_valid[:, None, :],
+                                     out_dtype=_DTYPES[cfg.activation_dtype])
+        return y, new_cache
 
 
 class MLP(nnx.Module):
@@ -417,11 +441,18 @@ def create(cfg: ModelConfig | EncDecConfig, seed: int = 0) -> Transformer | Enco
     return kind(cfg, rngs=nnx.Rngs(seed))
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> list[dict]:
-    """An empty KV cache: per layer {"k", "v"} of [batch, max_len, n_kv_head, head_dim]."""
-    dtype = dtype or _DTYPES[cfg.dtype]
-    shape = (batch, max_len, cfg.n_kv_head, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> list[dict]:
+    """An empty KV cache: per layer keys "k" [batch, n_kv_head, head_dim, max_len] and values "v" [batch,
+    n_kv_head, max_len, head_dim], each head's block laid out as attention's products read it (the scores contract
+    head_dim against keys column by column, the output sums value rows), so no step copies them transposed.
+    CACHE_SLOTS names each one's slot axis. Values are in the compute dtype; 16-bit ones are stored as their bits
+    (`ops.as_bits`), so writing a position into the cache writes just that position."""
+    dtype = ops.as_bits(jnp.zeros((), _DTYPES[cfg.dtype])).dtype
+    k, v = (batch, cfg.n_kv_head, cfg.head_dim, max_len), (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+    return [{"k": jnp.zeros(k, dtype), "v": jnp.zeros(v, dtype)} for _ in range(cfg.n_layer)]
+
+
+CACHE_SLOTS = {"k": 3, "v": 2}  # the slot (position) axis of each cache array
 
 
 def count_params(model: nnx.Module) -> int:

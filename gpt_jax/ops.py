@@ -117,28 +117,6 @@ def _packed_product_of(x, values, compute_dtype):
     return _dot(x.astype(dtype), values.astype(dtype), 1, jnp.float32)
 
 
-@functools.cache
-def _packed_product(compute_dtype):
-    """`_packed_product_of` for one compute dtype, with the rows of a vmap (the decode step maps one call per
-    stream) taken as rows of one product: its form is chosen by their number, not by the one row each mapped call
-    sees."""
-
-    @jax.custom_batching.custom_vmap
-    def product(x, values):
-        return _packed_product_of(x, values, compute_dtype)
-
-    @product.def_vmap
-    def _(axis_size, in_batched, x, values):
-        x_batched, values_batched = in_batched
-        if values_batched:
-            plain = functools.partial(_packed_product_of, compute_dtype=compute_dtype)
-            return jax.vmap(plain, (0 if x_batched else None, 0))(x, values), True
-        rows, m, k = x.shape
-        return product(x.reshape(rows * m, k), values).reshape(rows, m, -1), True
-
-    return product
-
-
 def take_rows(table, ids):
     """Rows `ids` of an embedding table (an array, or a `PackedKernel`) as float32 or its dtype."""
     if isinstance(table, PackedKernel):
@@ -159,7 +137,7 @@ def matmul(x, w, dtype: str, *, transposed: bool = False):
         assert not transposed, "LoRA adapts kernels [k, n]"
         return matmul(x, w.base, dtype) + w.scale * matmul(matmul(x, w.a, dtype), w.b, dtype)
     if isinstance(w, PackedKernel):  # stored [n, k] whichever it was
-        y = _packed_product(DTYPES[dtype])(x, w.values)
+        y = _packed_product_of(x, w.values, DTYPES[dtype])
         return y if w.scale is None else y * w.scale
     if w.dtype == jnp.bfloat16 and DTYPES[dtype] == jnp.float32:
         dtype = "bfloat16"
@@ -199,3 +177,33 @@ def attention(q, k, v, dtype: str, *, causal: bool = False, mask=None, out_dtype
     y = jax.nn.dot_product_attention(q.astype(compute), k.astype(compute), v.astype(compute), is_causal=causal,
                                      mask=mask, implementation=implementation)
     return y.astype(out_dtype)
+
+
+def attention_over_cache(q, k, v, mask, *, out_dtype=jnp.float32):
+    """Softmax attention of q [batch, seq, heads, head_dim] over a KV cache (`model.init_cache`'s layout: k [batch,
+    kv_heads, head_dim, slots], v [batch, kv_heads, slots, head_dim]) where mask [batch, seq, slots] is True.
+    Both products read the cache in its own type and layout (bfloat16 caches multiply in bfloat16), accumulating
+    and taking the softmax in float32."""
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads  # query heads per key/value head
+    q = q.reshape(batch, seq, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)  # [batch, kv_heads, seq, group, hd]
+    q = q.reshape(batch, kv_heads, seq * group, head_dim).astype(k.dtype)
+    scores = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
+    scores = scores.reshape(batch, kv_heads, seq, group, -1)
+    scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(batch, kv_heads, seq * group, -1)
+    y = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    y = y.reshape(batch, kv_heads, seq, group, head_dim).transpose(0, 2, 1, 3, 4)
+    return y.reshape(batch, seq, heads, head_dim).astype(out_dtype)
+
+
+def as_bits(x):
+    """A 16-bit float array as its bits (uint16), other arrays as they are. XLA:CPU writes into a bfloat16 array by
+    converting all of it to float32 and back, so the KV cache keeps 16-bit floats as bits (see model.init_cache)."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if jnp.dtype(x.dtype).itemsize == 2 else x
+
+
+def from_bits(x, dtype):
+    """The values of `as_bits(values of dtype)`."""
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -218,7 +219,7 @@ def test_warmup_compiles_what_first_requests_need_and_an_idle_engine_starts_smal
         for p in _prompts([3, 9, 12, 7], seed=1):
             engine.submit(decode.Request(p, 8, GREEDY))
         engine.step()
-        assert engine.load() == (4, 0) and engine._cache[0]["k"].shape[1] == decode.CACHE_BUCKET
+        assert engine.load() == (4, 0) and engine._capacity == decode.CACHE_BUCKET
         engine.run_until_done()
 
     short_requests()
@@ -229,6 +230,30 @@ def test_warmup_compiles_what_first_requests_need_and_an_idle_engine_starts_smal
     sizes = [f._cache_size() for f in jitted]  # the long request compiled its larger capacities
     short_requests()
     assert [f._cache_size() for f in jitted] == sizes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_decode_step_writes_only_the_new_positions_of_the_cache(dtype):
+    """The compiled decode step, for one stream and for every row, neither copies a whole cache array (nor copies
+    it transposed: attention reads it in its own layout) nor writes into a float32 version of a bfloat16 one
+    (XLA:CPU converts a whole bf16 array to float32 and back to write into it, hence the cache keeps bf16 as bits)."""
+    cfg = ModelConfig(vocab_size=len(CHARS), n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=64,
+                      pos_embedding="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, dtype=dtype,
+                      param_dtype=dtype)
+    engine = decode.Engine(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, max_batch=4)
+    ints = np.zeros((4, 6), np.int32)
+    # the whole cache arrays, [rows, kv heads, head_dim, slots] and [rows, kv heads, slots, head_dim], any layout
+    whole = {(4, 2, 8, 64), (4, 2, 64, 8)}
+    for rows in (1, 4):
+        hlo = engine._step.lower(engine.params, engine._cache, ints, rows=rows).compile().as_text()
+        for line in hlo.splitlines():
+            m = re.match(r"\s*%\S+ = (\w+)\[([\d,]+)\]\S* ([\w-]+)\(", line)
+            if m and tuple(int(n) for n in m.group(2).split(",") if n != "1") in whole:
+                kind, op = m.group(1), m.group(3)
+                assert op not in ("copy", "transpose"), (rows, line)
+                writes = op in ("scatter", "dynamic-update-slice")
+                assert dtype == "float32" or kind != "f32" or not writes, (rows, line)
+    assert [layer["k"].dtype for layer in engine._cache] == [np.float32 if dtype == "float32" else np.uint16] * 2
 
 
 def test_logprobs_of_prompts_and_generated_tokens_equal_the_uncached_forward(model_and_cfg):
