@@ -124,7 +124,8 @@ def token_logprobs(logits, tokens, top: int = MAX_LOGPROBS):
 @functools.lru_cache(maxsize=8)
 def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
     """(prefill, step, sample, grow, logprobs) jitted for one model graph; shapes pick the compiled variant.
-    Sampling is compiled on its own, once per batch size rather than once per prefill shape."""
+    The decode step samples its tokens itself; after a prefill, sampling is compiled on its own, once per batch
+    size rather than once per prefill shape."""
     last_position = cfg.max_seq_len - 1
 
     def prefill(params, cache, tokens, slots, ints, score: bool = False):
@@ -161,16 +162,17 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
                  for layer, new in zip(cache, small, strict=True)]
         return last, cache, scores
 
-    def step(params, cache, ints, rows: int):
+    def step(params, cache, ints, floats, rows: int):
         """Writes the token of each of the first `rows` rows at its position: returns (next-token logits [rows,
-        vocab], cache). Rows past those are left as they are, so one stream in row 0 multiplies one row."""
+        vocab], the tokens sampled from them, cache). Rows past those are left as they are, so one stream in row 0
+        multiplies one row."""
         model = nnx.merge(graphdef, params)
         lengths = ints[:rows, _I_LENGTH]
         key_valid = jnp.arange(_capacity(cache))[None, :] <= lengths[:, None]
         positions = jnp.minimum(lengths, last_position)[:, None]
         logits, cache = model(ints[:rows, _I_TOKEN][:, None], positions, cache=cache, cache_index=lengths,
                               key_valid=key_valid)
-        return logits[:, 0], cache
+        return logits[:, 0], _sample_packed(logits[:, 0], ints[:rows], floats[:rows]), cache
 
     def grow(cache, capacity: int):
         def pad(x, name):
@@ -341,8 +343,8 @@ class Engine:
         needed = int(self._ints[active, _I_LENGTH].max()) + 1
         self._ensure_capacity(needed)
         rows = 1 if active == [0] else self.max_batch  # one stream (it takes row 0) or all rows
-        logits, self._cache = self._step(self.params, self._cache, self._ints, rows=rows)
-        tokens = np.asarray(self._sample(logits, self._ints[:rows], self._floats[:rows]))
+        logits, tokens, self._cache = self._step(self.params, self._cache, self._ints, self._floats, rows=rows)
+        tokens = np.asarray(tokens)
         scored = self._score_tokens(logits, tokens, self._rows[:rows])
         self.steps += 1
         for i in active:

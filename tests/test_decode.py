@@ -241,11 +241,11 @@ def test_a_decode_step_writes_only_the_new_positions_of_the_cache(dtype):
                       pos_embedding="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, dtype=dtype,
                       param_dtype=dtype)
     engine = decode.Engine(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, max_batch=4)
-    ints = np.zeros((4, 6), np.int32)
+    ints, floats = np.zeros((4, 6), np.int32), np.zeros((4, 2), np.float32)
     # the whole cache arrays, [rows, kv heads, head_dim, slots] and [rows, kv heads, slots, head_dim], any layout
     whole = {(4, 2, 8, 64), (4, 2, 64, 8)}
     for rows in (1, 4):
-        hlo = engine._step.lower(engine.params, engine._cache, ints, rows=rows).compile().as_text()
+        hlo = engine._step.lower(engine.params, engine._cache, ints, floats, rows=rows).compile().as_text()
         for line in hlo.splitlines():
             m = re.match(r"\s*%\S+ = (\w+)\[([\d,]+)\]\S* ([\w-]+)\(", line)
             if m and tuple(int(n) for n in m.group(2).split(",") if n != "1") in whole:
