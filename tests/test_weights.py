@@ -53,7 +53,7 @@ def test_int8_kernel_is_the_float_weight_within_half_a_step_per_channel():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_row(dtype):
-    """A packed kernel's product has two forms (one row; several rows; int8 several rows go row by row): every way
+    """A packed kernel's product has two forms (one row; several rows; int8 up to 8 rows go row by row): every way
     gives the same numbers."""
     w = jax.random.normal(jax.random.key(0), (48, 40))
     p = ops.pack(w, jnp.bfloat16, int8=dtype == "int8")
@@ -70,6 +70,11 @@ def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_r
         assert len(dots) == 8, dots
     else:
         assert len(dots) == 1 and "tensor<8x48xbf16>" in dots[0], dots
+    # more rows (a prompt, an evaluation batch): one dot_general in bf16 for either (int8 values are exact in bf16)
+    x16 = jnp.concatenate([x, -x])
+    np.testing.assert_allclose(many(x16), x16 @ exact.T, rtol=1e-5, atol=1e-4)
+    dots = [line for line in many.lower(x16).as_text().splitlines() if "dot_general" in line]
+    assert len(dots) == 1 and "tensor<16x48xbf16>" in dots[0], dots
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
