@@ -101,12 +101,11 @@ def _packed_product_of(x, values, compute_dtype):
     """x [m, k] times values [n, k] over k → float32 [m, n]: a dot_general in the compute dtype, where bfloat16 and
     int8 weights multiply in bfloat16 (int8 values are exact in it; converting them to float32 instead made the
     product 2x slower on a CPU: 30 products of 16 rows by SmolLM2's MLP shape, 48 vs 25 ms), except for a few rows
-    on a CPU. There one row is written as dot(x, values.T) in float32,
-    which XLA:CPU makes one loop, fused with the conversion, reading the weight once in its stored type (SmolLM2's
-    210 decode products and head in one chain: bf16 12.3 ms, int8 11.5 ms; float32 kernels [k, n] 30.1 ms; a
-    one-row bf16 or int8 dot_general 171 and 176 ms, as it copies the weight to float32 first); and an int8
-    product of up to INT8_ROW_BY_ROW rows is that loop once per row (the engine's 8 streams: 178 tok/s, against
-    34 converting the weight to float32 for one product)."""
+    on a CPU. There one row is written as dot(x, values.T) in float32, which XLA:CPU makes one loop, fused with the
+    conversion, reading the weight once in its stored type (SmolLM2's 210 decode products and head in one chain:
+    bf16 12.3 ms, int8 11.5 ms; float32 kernels [k, n] 30.1 ms; a one-row bf16 or int8 dot_general 171 and 176 ms,
+    as it copies the weight to float32 first); and an int8 product of up to INT8_ROW_BY_ROW rows is that loop once
+    per row (the engine's 8 streams: 178 tok/s, against 34 converting the weight to float32 for one product)."""
     rows, cpu = x.shape[0], jax.default_backend() == "cpu"
     if cpu and values.dtype == jnp.int8 and 1 < rows <= INT8_ROW_BY_ROW:
         return jnp.concatenate([_packed_product_of(x[i:i + 1], values, compute_dtype) for i in range(rows)])
