@@ -144,12 +144,17 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
             model = nnx.merge(graphdef, params)
             chunk_tokens = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
             positions = jnp.broadcast_to(jnp.minimum(start + jnp.arange(chunk), last_position), (batch, chunk))
-            logits, small = model(chunk_tokens, positions, cache=small, cache_index=start, key_valid=key_valid)
-            index = lengths - 1 - start
-            picked = jnp.take_along_axis(logits, jnp.clip(index, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+            index = lengths - 1 - start  # each prompt's last position in this chunk (if there)
+            at_index = lambda x: jnp.take_along_axis(x, jnp.clip(index, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+            if score:
+                logits, small = model(chunk_tokens, positions, cache=small, cache_index=start, key_valid=key_valid)
+                picked, scores = at_index(logits), token_logprobs(
+                    logits, jax.lax.dynamic_slice_in_dim(next_tokens, start, chunk, axis=1))
+            else:  # the output head for the last positions only
+                hidden, small = model(chunk_tokens, positions, cache=small, cache_index=start, key_valid=key_valid,
+                                      return_hidden=True)
+                picked, scores = model.logits(at_index(hidden)), None
             last = jnp.where(((index >= 0) & (index < chunk))[:, None], picked, last)
-            scores = token_logprobs(logits, jax.lax.dynamic_slice_in_dim(next_tokens, start, chunk, axis=1)) \
-                if score else None
             return (small, last), scores
 
         small = init_cache(cfg, batch, padded)

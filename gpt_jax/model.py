@@ -300,7 +300,7 @@ class Transformer(nnx.Module):
     def __call__(self, token_ids, positions=None, *, cache=None, cache_index=None, key_valid=None, memory=None,
                  memory_valid=None, cross_kv=None, deterministic=True, rngs=None, return_hidden=False):
         """token_ids [batch, seq] → (logits [batch, seq, vocab] in float32, new cache or None), or with
-        return_hidden the final hidden states [batch, seq, d_model].
+        return_hidden the final hidden states [batch, seq, d_model] (with a cache: (hidden states, new cache)).
 
         positions [batch, seq] default to 0..seq-1. `cache` is a list with one {"k", "v"} per layer (see
         `init_cache`), `key_valid` [batch, keys] marks the keys that hold real tokens (cache slots, or the
@@ -335,7 +335,7 @@ class Transformer(nnx.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         if return_hidden:
-            return x
+            return x if cache is None else (x, new_cache)
         logits = self.logits(x.reshape(batch * seq, -1))
         return logits.reshape(batch, seq, -1), (None if cache is None else new_cache)
 
