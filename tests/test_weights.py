@@ -53,8 +53,8 @@ def test_int8_kernel_is_the_float_weight_within_half_a_step_per_channel():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_row(dtype):
-    """A packed kernel's product has two forms (one row; several rows; int8 up to 8 rows go row by row): every way
-    gives the same numbers."""
+    """A packed kernel's product takes a form by its number of rows (one row; int8 up to 8 rows row by row; else one
+    product): every way gives the same numbers."""
     w = jax.random.normal(jax.random.key(0), (48, 40))
     p = ops.pack(w, jnp.bfloat16, int8=dtype == "int8")
     exact = p.values.astype(jnp.float32) * (1 if p.scale is None else p.scale[:, None])  # [40, 48]
