@@ -172,11 +172,9 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
         vocab], the tokens sampled from them, cache). Rows past those are left as they are, so one stream in row 0
         multiplies one row."""
         model = nnx.merge(graphdef, params)
-        lengths = ints[:rows, _I_LENGTH]
-        key_valid = jnp.arange(_capacity(cache))[None, :] <= lengths[:, None]
+        lengths = ints[:rows, _I_LENGTH]  # each row's slot for its token: it attends to the slots up to it
         positions = jnp.minimum(lengths, last_position)[:, None]
-        logits, cache = model(ints[:rows, _I_TOKEN][:, None], positions, cache=cache, cache_index=lengths,
-                              key_valid=key_valid)
+        logits, cache = model(ints[:rows, _I_TOKEN][:, None], positions, cache=cache, cache_index=lengths)
         return logits[:, 0], _sample_packed(logits[:, 0], ints[:rows], floats[:rows]), cache
 
     def grow(cache, capacity: int):

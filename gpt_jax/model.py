@@ -162,14 +162,13 @@ class Attention(nnx.Module):
         """x [batch, seq, d_model] → (out [batch, seq, d_model], new cache or None).
 
         Self-attention, causal or over the keys where key_valid [batch, seq] is True; with `kv` (see `memory_kv`)
-        cross-attention over the source positions where key_valid [batch, src] is True. With a cache ({"k", "v"}:
-        [batch, max_len, n_kv_head, head_dim]) the new keys and values go to slot `cache_index` and attention covers
-        the causal slots where key_valid [batch, max_len] is True."""
+        cross-attention over the source positions where key_valid [batch, src] is True. With a cache (see
+        init_cache) the new keys and values go to slot `cache_index` and attention covers the causal slots where
+        key_valid [batch, slots] is True (see _attend_over_cache)."""
         cfg = self.cfg
         batch, seq, _ = x.shape
         q = self.query(x).reshape(batch, seq, cfg.n_head, cfg.head_dim)
         causal, new_cache = causal and kv is None, None
-        mask = None if causal or key_valid is None else key_valid[:, None, None, :]  # [batch, 1, 1, keys]
         if kv is None:
             k, v = self.memory_kv(x).values()
             if cfg.pos_embedding == "rope":
@@ -179,16 +178,18 @@ class Attention(nnx.Module):
                 return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), new_cache
         else:
             k, v = kv["k"], kv["v"]
+        mask = None if causal or key_valid is None else key_valid[:, None, None, :]  # [batch, 1, 1, keys]
         y = ops.attention(q, k, v, cfg.dtype, causal=causal, mask=mask, out_dtype=_DTYPES[cfg.activation_dtype],
                           query_block=cfg.attention_block)
         return self.out(y.reshape(batch, seq, cfg.n_head * cfg.head_dim)), new_cache
 
     def _attend_over_cache(self, q, k, v, cache, cache_index, key_valid):
         """Writes the new keys and values k, v [batch, seq, kv_heads, head_dim] into the cache (see init_cache) and
-        attends over its slots up to each query's own where key_valid [batch, slots]. A scalar cache_index puts the
-        batch's positions at slots cache_index.. (cache rows = batch); a vector [batch] puts row b's one new
-        position at slot cache_index[b] of cache row b, and then the cache may hold more rows than the batch (the
-        rest are left as they are). Either way the write touches only the new positions."""
+        attends over its slots up to each query's own (with key_valid [batch, slots], only where it is True: not the
+        padding after a shorter prompt). A scalar cache_index puts the batch's positions at slots cache_index..
+        (cache rows = batch); a vector [batch] puts row b's one new position at slot cache_index[b] of cache row b,
+        and then the cache may hold more rows than the batch (the rest are left as they are). Either way the write
+        touches only the new positions."""
         cfg = self.cfg
         batch, seq = q.shape[:2]
         dtype = _DTYPES[cfg.dtype]
@@ -206,8 +207,9 @@ class Attention(nnx.Module):
                          "v": cache["v"].at[rows, :, cache_index, :].set(v[:, :, 0])}
             mask = slots[None, None, :] <= cache_index[:, None, None]  # [batch, 1, slots]
         keys, values = (ops.from_bits(new_cache[name][:batch], dtype) for name in ("k", "v"))
-        y = ops.attention_over_cache(q, keys, values, mask & key_valid[:, None, :],
-                                     out_dtype=_DTYPES[cfg.activation_dtype])
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, :]
+        y = ops.attention_over_cache(q, keys, values, mask, out_dtype=_DTYPES[cfg.activation_dtype])
         return y, new_cache
 
 
