@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from gpt_jax import config as config_lib
-from gpt_jax import decode, ops, workdir
+from gpt_jax import cpu_kernel, decode, ops, workdir
 from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer
 
@@ -51,10 +51,16 @@ def test_int8_kernel_is_the_float_weight_within_half_a_step_per_channel():
     np.testing.assert_allclose(ops.matmul(x, q, "bfloat16"), exact, atol=0.02 * float(jnp.abs(exact).max()))
 
 
+@pytest.mark.parametrize("kernel", ["cpu_kernel", "xla"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_row(dtype):
-    """A packed kernel's product takes a form by its number of rows (one row; int8 up to 8 rows row by row; else one
-    product): every way gives the same numbers."""
+def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_row(dtype, kernel, monkeypatch):
+    """A packed kernel's product takes a form by its number of rows: one row an XLA loop; 2-8 rows (the decode
+    step's streams) the CPU kernel where this CPU has AVX-512, else (`xla`) for bf16 one dot_general of the rows in
+    bf16 and for int8 the one-row loop per row; more rows one bf16 dot_general. Every way gives the same numbers."""
+    if kernel == "cpu_kernel" and not cpu_kernel.cpu_supported():
+        pytest.skip("this CPU has no AVX-512 (F, BW): the CPU kernel is not built here")
+    if kernel == "xla":  # the form CPUs without AVX-512 get
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     w = jax.random.normal(jax.random.key(0), (48, 40))
     p = ops.pack(w, jnp.bfloat16, int8=dtype == "int8")
     exact = p.values.astype(jnp.float32) * (1 if p.scale is None else p.scale[:, None])  # [40, 48]
@@ -64,10 +70,12 @@ def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_r
     rows = np.stack([one(r) for r in x])
     for got in (many(x), rows):
         np.testing.assert_allclose(got, x @ exact.T, rtol=1e-5, atol=1e-4)
-    # 8 rows: bf16 one dot_general of all 8 rows in bf16, int8 one per row
-    dots = [line for line in many.lower(x).as_text().splitlines() if "dot_general" in line]
-    if dtype == "int8":
-        assert len(dots) == 8, dots
+    text = many.lower(x).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    if kernel == "cpu_kernel":
+        assert cpu_kernel.available() and not dots and "GptJaxProduct" in text
+    elif dtype == "int8":
+        assert len(dots) == 8 and "GptJaxProduct" not in text, dots
     else:
         assert len(dots) == 1 and "tensor<8x48xbf16>" in dots[0], dots
     # more rows (a prompt, an evaluation batch): one dot_general in bf16 for either (int8 values are exact in bf16)
@@ -75,6 +83,26 @@ def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_r
     np.testing.assert_allclose(many(x16), x16 @ exact.T, rtol=1e-5, atol=1e-4)
     dots = [line for line in many.lower(x16).as_text().splitlines() if "dot_general" in line]
     assert len(dots) == 1 and "tensor<16x48xbf16>" in dots[0], dots
+
+
+@pytest.mark.skipif(not cpu_kernel.cpu_supported(), reason="this CPU has no AVX-512 (F, BW)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_the_cpu_kernel_multiplies_every_row_count_and_shape_exactly(dtype):
+    """The CPU kernel against float64 numpy: 2-8 rows, k not a multiple of its 16 lanes (a masked tail), channels
+    split over threads into chunks that do not divide them, for each stored type. The product of float32 x and
+    the stored weights is exact up to float32 summation."""
+    assert cpu_kernel.available()
+    rng = np.random.default_rng(0)
+    for k, n in ((50, 37), (576, 203), (16, 1)):
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        w = np.clip(np.round(w * 40), -127, 127).astype(np.int8) if dtype == "int8" else w
+        values = jnp.asarray(w).astype(dtype)
+        exact = np.asarray(values.astype(jnp.float32), np.float64)
+        for m in range(2, cpu_kernel.MAX_ROWS + 1):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            got = jax.jit(cpu_kernel.product)(jnp.asarray(x), values)
+            assert got.shape == (m, n) and got.dtype == jnp.float32
+            np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ exact.T, rtol=1e-5, atol=1e-4 * k)
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
@@ -100,6 +128,27 @@ def test_int8_and_bf16_logits_stay_close_to_float32(style):
         assert diff.max() < most and diff.mean() < mean, (weights, diff.max(), diff.mean())
 
 
+@pytest.mark.skipif(not cpu_kernel.cpu_supported(), reason="this CPU has no AVX-512 (F, BW)")
+def test_float32_weights_are_packed_where_the_cpu_kernel_runs_and_give_the_same_logits():
+    """float32 sampling/serving weights are stored output channel by output channel where the CPU kernel multiplies
+    the decode step's rows; the logits are the unpacked model's, and so are 8 rows decoded through the kernel."""
+    loaded = _loaded("llama")
+    packed = workdir.with_weights(loaded, "float32")
+    leaves = jax.tree.leaves(nnx.state(packed.model, nnx.Param), is_leaf=lambda x: isinstance(x, ops.PackedKernel))
+    kernels = [x for x in leaves if isinstance(x, ops.PackedKernel)]
+    assert len(kernels) == 2 * 7 + 2 and {x.values.dtype for x in kernels} == {jnp.dtype("float32")}
+    tokens = jax.random.randint(jax.random.key(2), (8, 48), 0, 61)
+    np.testing.assert_allclose(_logits(packed, tokens), _logits(loaded, tokens), rtol=1e-5, atol=1e-5)
+    outs = {}
+    for name, weights in (("float32 [k, n]", loaded), ("packed", packed)):
+        engine = decode.Engine(weights.model, weights.model_cfg, max_batch=8)
+        requests = [engine.submit(decode.Request([1 + i, 5, 9], max_tokens=12, sampling=decode.SamplingParams(0.0)))
+                    for i in range(8)]
+        engine.run_until_done()
+        outs[name] = [r.token_ids for r in requests]
+    assert outs["packed"] == outs["float32 [k, n]"]
+
+
 def test_int8_decoding_compiles_a_fixed_set_of_programs_over_a_long_generation():
     """130 tokens after a 16-token prompt cross the cache capacities 64 and 128 into 256: the decode step compiles
     once per capacity (3). The engine is idle between generations, so the next prompts start at the smallest
@@ -113,10 +162,11 @@ def test_int8_decoding_compiles_a_fixed_set_of_programs_over_a_long_generation()
         engine.run_until_done()
         assert [len(s.token_ids) for s in states] == [130, 130]
 
-    jitted = (engine._prefill, engine._step, engine._sample, engine._grow)
+    jitted = (engine._prefill, engine._step, engine._sample, engine._grow)  # shared by engines of this model
+    before = [f._cache_size() for f in jitted]
     generate()
     first = [f._cache_size() for f in jitted]
-    assert first[1] == 3, first  # the step at capacities 64, 128, 256
+    assert first[1] - before[1] == 3, (before, first)  # the step at capacities 64, 128, 256
     for _ in range(2):
         generate()
         assert [f._cache_size() for f in jitted] == first

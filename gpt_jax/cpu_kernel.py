@@ -1,0 +1,103 @@
+"""The decode-time product of a few rows by a packed weight (`ops.PackedKernel`) as a CPU kernel of our own
+(`cpu_kernel.cc`), compiled on first use with the system's C++ compiler and registered with XLA as a custom call.
+
+A decode step multiplies 2-8 rows (the streams being served) by every weight once. XLA:CPU runs that product at its
+small-batch GEMM rate, after converting a bf16 or int8 weight to float32 (BENCHMARKS.md); the kernel reads each weight
+row once in its stored type and multiplies it with all the rows, split over XLA's intra-op threads. One row stays
+with XLA, whose fused loop already streams the weights at the memory's rate, and so do products of more rows
+(prompts), which XLA's GEMM does well.
+
+The kernel needs an x86-64 CPU with AVX-512 (F and BW) and a C++17 compiler (`$CXX`, else `c++`); without them, or
+with GPT_JAX_CPU_KERNEL=0, `ops` computes the same product with XLA. The library is built once per source, jaxlib
+version, compiler and CPU into $GPT_JAX_CACHE/kernels (~/.cache/gpt_jax/kernels).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from absl import logging
+
+from gpt_jax.config import cached
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernel.cc")
+MAX_ROWS = 8  # products of 2..MAX_ROWS rows go to the kernel
+_TARGETS = {jnp.dtype(jnp.bfloat16): "GptJaxProductBF16", jnp.dtype(jnp.int8): "GptJaxProductS8",
+            jnp.dtype(jnp.float32): "GptJaxProductF32"}
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU has what the kernel needs (x86-64 with AVX-512 F and BW, read from /proc/cpuinfo)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return {"avx512f", "avx512bw"} <= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return False
+
+
+def _build() -> str:
+    """The path of the compiled library, building it if this source, jaxlib, compiler and CPU have none yet."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    with open("/proc/cpuinfo") as f:
+        cpu = sorted({line for line in f if line.startswith(("model name", "flags"))})
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + version.encode() + "".join(cpu).encode())
+    folder = cached("kernels")
+    path = os.path.join(folder, f"cpu_kernel-{key.hexdigest()[:16]}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then moved in: processes may race here
+        out = os.path.join(tmp, "cpu_kernel.so")
+        build = subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+                                f"-I{jax.ffi.include_dir()}", SOURCE, "-o", out], capture_output=True, text=True)
+        if build.returncode:
+            raise RuntimeError(f"{compiler} failed on {SOURCE}: {build.stderr.strip().splitlines()[-1:]}")
+        os.replace(out, path)
+    logging.info("built the CPU decode kernel in %.1f s: %s", time.perf_counter() - start, path)
+    return path
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built and registered in this process (built on the first call; a failed build is
+    logged once and the products stay with XLA)."""
+    if os.environ.get("GPT_JAX_CPU_KERNEL", "1") == "0" or not cpu_supported():
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(_build())
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        logging.warning("the CPU decode kernel is not used (%s); XLA computes its products", e)
+        return False
+    for name in _TARGETS.values():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+    return True
+
+
+def product(x, values):
+    """x [m, k] times values [n, k] (bfloat16, int8 or float32) over k → float32 [m, n], by the kernel; for
+    1 < m <= MAX_ROWS where `available()`."""
+    call = jax.ffi.ffi_call(_TARGETS[jnp.dtype(values.dtype)],
+                            jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), values)
