@@ -17,7 +17,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <memory>
+#include <type_traits>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -105,13 +108,26 @@ void Product(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t
   }
 }
 
-// The output channels go in chunks, each claimed from a counter by the calling thread or by a helper task on
-// XLA's intra-op pool. The caller waits only for chunks being computed, never for a task still queued (that could
-// deadlock when two products run at once), and a task that starts late finds nothing left and returns.
-struct Chunks {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t count = 0, size = 0;
-};
+// Runs fn(0), ..., fn(count - 1), each index claimed from a counter by the calling thread or by a helper task on
+// XLA's intra-op pool. The caller waits only for indices being computed, never for a task still queued (that could
+// deadlock when two kernels run at once), and a task that starts late finds nothing left and returns.
+template <typename F>
+void Parallel(ffi::ThreadPool& pool, int64_t count, F fn) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto work = [counters, count, fn] {
+    for (int64_t c; (c = counters->next.fetch_add(1)) < count;) {
+      fn(c);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  for (int64_t t = 1; t < std::min(threads, count); ++t) pool.Schedule([work] { work(); });
+  work();
+  while (counters->done.load(std::memory_order_acquire) < count) _mm_pause();
+}
 
 template <typename W>
 ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
@@ -123,18 +139,134 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, 
   const W* wp = reinterpret_cast<const W*>(w.untyped_data());
   float* yp = y->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  auto chunks = std::make_shared<Chunks>();
-  chunks->size = std::max(kMinChunk, (n + 2 * threads - 1) / (2 * threads));
-  chunks->count = (n + chunks->size - 1) / chunks->size;
-  auto work = [=] {
-    for (int64_t c; (c = chunks->next.fetch_add(1)) < chunks->count;) {
-      Product(xp, wp, yp, m, k, n, c * chunks->size, std::min(n, (c + 1) * chunks->size));
-      chunks->done.fetch_add(1, std::memory_order_release);
+  const int64_t size = std::max(kMinChunk, (n + 2 * threads - 1) / (2 * threads));  // channels per chunk
+  Parallel(pool, (n + size - 1) / size,
+           [=](int64_t c) { Product(xp, wp, yp, m, k, n, c * size, std::min(n, (c + 1) * size)); });
+  return ffi::Error::Success();
+}
+
+// -- Attention of one new position per row over the KV cache (model.init_cache's layout) ---------------------------
+
+// e^x for x <= 0 (a softmax's scores less their maximum): 2^(x log2 e) as 2^n (the exponent) times 2^f for the
+// fraction |f| <= 1/2 by its Taylor polynomial of degree 6 (relative error below 2e-7); e^x below e^-87 is 0.
+inline __m512 Exp(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  for (float c : {1.3333558146428443e-3f, 9.618129107628477e-3f, 5.550410866482158e-2f, 0.2402265069591007f,
+                  0.6931471805599453f, 1.0f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 Tail(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+// scores[g, s] = scale · q[g] · keys[:, s] for G query heads and slots s < length; keys [head_dim, slots].
+template <int G, typename C>
+void Scores(const float* q, const C* keys, float* scores, int64_t stride, int64_t head_dim, int64_t slots,
+            int64_t length, float scale) {
+  for (int64_t s = 0; s < length; s += 16) {
+    const __mmask16 mask = Tail(length - s);
+    __m512 acc[G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const __m512 key = Widen(keys + d * slots + s, mask);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * head_dim + d]), key, acc[g]);
     }
-  };
-  for (int64_t t = 1; t < std::min(threads, chunks->count); ++t) pool.Schedule([work] { work(); });
-  work();
-  while (chunks->done.load(std::memory_order_acquire) < chunks->count) _mm_pause();
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) _mm512_mask_storeu_ps(scores + g * stride + s, mask, _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
+  }
+}
+
+// y[g] = Σ_s probs[g, s] · values[s] / total[g] for G query heads; values [slots, head_dim].
+template <int G, typename C>
+void Values(const float* probs, const float* total, const C* values, float* y, int64_t stride, int64_t head_dim,
+            int64_t length) {
+  for (int64_t j = 0; j < head_dim; j += 16) {
+    const __mmask16 mask = Tail(head_dim - j);
+    __m512 acc[G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < length; ++s) {
+      const __m512 value = Widen(values + s * head_dim + j, mask);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * stride + s]), value, acc[g]);
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g)
+      _mm512_mask_storeu_ps(y + g * head_dim + j, mask, _mm512_div_ps(acc[g], _mm512_set1_ps(total[g])));
+  }
+}
+
+// G query heads at a time (up to 8), by a template per count.
+template <typename C, typename F>
+void ByHeads(int64_t heads, F&& fn) {
+  for (int64_t g = 0; g < heads; g += 8) {
+    switch (std::min<int64_t>(heads - g, 8)) {
+      case 1: fn(std::integral_constant<int, 1>(), g); break;
+      case 2: fn(std::integral_constant<int, 2>(), g); break;
+      case 3: fn(std::integral_constant<int, 3>(), g); break;
+      case 4: fn(std::integral_constant<int, 4>(), g); break;
+      case 5: fn(std::integral_constant<int, 5>(), g); break;
+      case 6: fn(std::integral_constant<int, 6>(), g); break;
+      case 7: fn(std::integral_constant<int, 7>(), g); break;
+      default: fn(std::integral_constant<int, 8>(), g); break;
+    }
+  }
+}
+
+// q [batch, heads, head_dim]; keys [rows, kv_heads, head_dim, slots] and values [rows, kv_heads, slots, head_dim]
+// (rows >= batch; bfloat16 as its bits, or float32); lengths [batch]: row b attends to its slots < lengths[b].
+// y [batch, heads, head_dim]: softmax attention, each kv head serving heads / kv_heads query heads.
+template <typename C>
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                  ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> y) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || kd[0] < qd[0] || kd[2] != qd[2] || qd[1] % kd[1] ||
+      vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] || vd[3] != kd[2] || int64_t(lengths.element_count()) != qd[0])
+    return ffi::Error::InvalidArgument("cpu_kernel: attention shapes do not match");
+  const int64_t batch = qd[0], heads = qd[1], head_dim = qd[2], kv_heads = kd[1], slots = kd[3];
+  const int64_t group = heads / kv_heads, stride = (slots + 15) / 16 * 16;
+  const float scale = 1.0f / std::sqrt(float(head_dim));
+  const float* qp = q.typed_data();
+  const C* kp = reinterpret_cast<const C*>(k.untyped_data());
+  const C* vp = reinterpret_cast<const C*>(v.untyped_data());
+  const int32_t* lp = lengths.typed_data();
+  float* yp = y->typed_data();
+  Parallel(pool, batch * kv_heads, [=](int64_t task) {
+    const int64_t b = task / kv_heads, h = task % kv_heads;
+    const int64_t length = std::clamp<int64_t>(lp[b], 1, slots);
+    const float* qh = qp + (b * heads + h * group) * head_dim;
+    const C* keys = kp + (b * kv_heads + h) * head_dim * slots;
+    const C* values = vp + (b * kv_heads + h) * slots * head_dim;
+    float* yh = yp + (b * heads + h * group) * head_dim;
+    std::vector<float> scores(group * stride), total(group);
+    ByHeads<C>(group, [&](auto g_count, int64_t g) {
+      Scores<decltype(g_count)::value>(qh + g * head_dim, keys, scores.data() + g * stride, stride, head_dim,
+                                       slots, length, scale);
+    });
+    for (int64_t g = 0; g < group; ++g) {  // the softmax's numerators, in place, and their sum
+      float* row = scores.data() + g * stride;
+      __m512 top = _mm512_set1_ps(-INFINITY);
+      for (int64_t s = 0; s < length; s += 16) top = _mm512_mask_max_ps(top, Tail(length - s), top, _mm512_loadu_ps(row + s));
+      const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t s = 0; s < length; s += 16) {
+        const __mmask16 mask = Tail(length - s);
+        const __m512 e = _mm512_maskz_mov_ps(mask, Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + s), most)));
+        _mm512_mask_storeu_ps(row + s, mask, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      total[g] = _mm512_reduce_add_ps(sum);
+    }
+    ByHeads<C>(group, [&](auto g_count, int64_t g) {
+      Values<decltype(g_count)::value>(scores.data() + g * stride, total.data() + g, values, yh + g * head_dim,
+                                       stride, head_dim, length);
+    });
+  });
   return ffi::Error::Success();
 }
 
@@ -149,3 +281,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxProductS8, Run<int8_t>,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxProductF32, Run<float>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxAttendBF16, Attend<uint16_t>,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxAttendF32, Attend<float>,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

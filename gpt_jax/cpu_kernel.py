@@ -37,6 +37,7 @@ MAX_ROWS = 8  # products of 2..MAX_ROWS rows go to the kernel
 _AVX512 = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 _TARGETS = {jnp.dtype(jnp.bfloat16): "GptJaxProductBF16", jnp.dtype(jnp.int8): "GptJaxProductS8",
             jnp.dtype(jnp.float32): "GptJaxProductF32"}
+_ATTEND = {jnp.dtype(jnp.bfloat16): "GptJaxAttendBF16", jnp.dtype(jnp.float32): "GptJaxAttendF32"}  # by cache type
 
 
 def cpu_supported() -> bool:
@@ -89,7 +90,7 @@ def available() -> bool:
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         logging.warning("the CPU decode kernel is not used (%s); XLA computes its products", e)
         return False
-    for name in _TARGETS.values():
+    for name in (*_TARGETS.values(), *_ATTEND.values()):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     return True
 
@@ -101,3 +102,13 @@ def product(x, values):
                             jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), jnp.float32),
                             vmap_method="sequential")
     return call(x.astype(jnp.float32), values)
+
+
+def attend(q, keys, values, lengths, dtype):
+    """Softmax attention of one new position per row over the KV cache, by the kernel: q [batch, heads, head_dim];
+    keys [rows, kv_heads, head_dim, slots] and values [rows, kv_heads, slots, head_dim] as `model.init_cache` keeps
+    them (rows >= batch; a `dtype` bfloat16 cache as its bits); row b attends to its slots < lengths[b]. Only the
+    slots in use are read, and the cache is read in place. → float32 [batch, heads, head_dim]."""
+    call = jax.ffi.ffi_call(_ATTEND[jnp.dtype(dtype)], jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(q.astype(jnp.float32), keys, values, lengths.astype(jnp.int32))

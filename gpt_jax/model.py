@@ -205,6 +205,9 @@ class Attention(nnx.Module):
             rows = jnp.arange(batch)
             new_cache = {"k": cache["k"].at[rows, :, :, cache_index].set(k[..., 0]),
                          "v": cache["v"].at[rows, :, cache_index, :].set(v[:, :, 0])}
+            if key_valid is None:  # the decode step
+                return ops.attention_of_new_positions(q, new_cache, cache_index, dtype,
+                                                      _DTYPES[cfg.activation_dtype]), new_cache
             mask = slots[None, None, :] <= cache_index[:, None, None]  # [batch, 1, slots]
         keys, values = (ops.from_bits(new_cache[name][:batch], dtype) for name in ("k", "v"))
         if key_valid is not None:

@@ -206,6 +206,19 @@ def attention_over_cache(q, k, v, mask, *, out_dtype=jnp.float32):
     return y.reshape(batch, seq, heads, head_dim).astype(out_dtype)
 
 
+def attention_of_new_positions(q, cache, cache_index, dtype, out_dtype):
+    """Attention of one new position per row, q [batch, 1, heads, head_dim], over a KV cache (`model.init_cache`'s
+    layout and rows, `dtype` its type) where row b attends to its slots up to cache_index[b]. On a CPU the kernel
+    (`cpu_kernel.attend`) reads the slots in use in place; elsewhere `attention_over_cache` reads all of the
+    batch's rows and slots with a mask."""
+    batch = q.shape[0]
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and cpu_kernel.available():
+        return cpu_kernel.attend(q[:, 0], cache["k"], cache["v"], cache_index + 1, dtype)[:, None].astype(out_dtype)
+    keys, values = (from_bits(cache[name][:batch], dtype) for name in ("k", "v"))
+    mask = jnp.arange(keys.shape[-1])[None, None, :] <= cache_index[:, None, None]  # [batch, 1, slots]
+    return attention_over_cache(q, keys, values, mask, out_dtype=out_dtype)
+
+
 def as_bits(x):
     """A 16-bit float array as its bits (uint16), other arrays as they are. XLA:CPU writes into a bfloat16 array by
     converting all of it to float32 and back, so the KV cache keeps 16-bit floats as bits (see model.init_cache)."""

@@ -128,6 +128,41 @@ def test_int8_and_bf16_logits_stay_close_to_float32(style):
         assert diff.max() < most and diff.mean() < mean, (weights, diff.max(), diff.mean())
 
 
+@pytest.mark.parametrize("kernel", ["cpu_kernel", "xla"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_of_new_positions_over_the_cache_is_softmax_attention_over_the_slots_in_use(dtype, kernel,
+                                                                                             monkeypatch):
+    """The decode step's attention (one new position per row over a cache with more rows than the batch, each row
+    up to its own slot) against softmax attention computed in float64 from the cache's values: by the CPU kernel,
+    and by XLA as CPUs without AVX-512 compute it. Grouped queries (1, 3, 4 and 9 per key head), head sizes that
+    are not a multiple of 16, rows using one slot or all of them. The kernel widens the cache's values exactly (to
+    1e-5); XLA multiplies a bf16 cache in bf16, rounding q and the probabilities (to 2e-2 here)."""
+    if kernel == "cpu_kernel" and not cpu_kernel.cpu_supported():
+        pytest.skip("this CPU has no AVX-512 (F, BW): the CPU kernel is not built here")
+    if kernel == "xla":
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    rng = np.random.default_rng(0)
+    for rows, batch, kv_heads, group, head_dim, slots in ((8, 8, 3, 3, 64, 64), (8, 3, 2, 4, 40, 50),
+                                                          (2, 1, 1, 9, 16, 17), (4, 4, 2, 1, 8, 33)):
+        keys = rng.standard_normal((rows, kv_heads, head_dim, slots)).astype(np.float32)
+        values = rng.standard_normal((rows, kv_heads, slots, head_dim)).astype(np.float32)
+        cache = {"k": ops.as_bits(jnp.asarray(keys).astype(dtype)), "v": ops.as_bits(jnp.asarray(values).astype(dtype))}
+        keys, values = (np.asarray(ops.from_bits(cache[n], dtype).astype(jnp.float32), np.float64) for n in "kv")
+        q = 2 * rng.standard_normal((batch, 1, kv_heads * group, head_dim)).astype(np.float32)
+        index = np.concatenate([[0, slots - 1], rng.integers(0, slots, batch)])[:batch].astype(np.int32)
+        got = jax.jit(lambda q, c, i: ops.attention_of_new_positions(q, c, i, dtype, jnp.float32))(q, cache, index)
+        assert ("GptJaxAttend" in jax.jit(lambda q, c, i: ops.attention_of_new_positions(
+            q, c, i, dtype, jnp.float32)).lower(q, cache, index).as_text()) == (kernel == "cpu_kernel")
+        for b in range(batch):
+            for h in range(kv_heads * group):
+                used = index[b] + 1
+                scores = keys[b, h // group, :, :used].T @ q[b, 0, h] / np.sqrt(head_dim)
+                probs = np.exp(scores - scores.max())
+                want = probs @ values[b, h // group, :used] / probs.sum()
+                tolerance = 2e-2 if (kernel, dtype) == ("xla", "bfloat16") else 1e-5
+                np.testing.assert_allclose(np.asarray(got[b, 0, h]), want, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.skipif(not cpu_kernel.cpu_supported(), reason="this CPU has no AVX-512 (F, BW)")
 def test_float32_weights_are_packed_where_the_cpu_kernel_runs_and_give_the_same_logits():
     """float32 sampling/serving weights are stored output channel by output channel where the CPU kernel multiplies
