@@ -1,6 +1,7 @@
-// The decode-time product of a few rows by a weight stored output channel by output channel (ops.PackedKernel):
-// y[m, n] = x[m, k] · w[n, k] over k, with x and y float32 and w bfloat16, int8 or float32. Built and registered
-// with XLA by gpt_jax/cpu_kernel.py; ops.matmul sends it the products of 2 to 8 rows on CPUs with AVX-512.
+// The decode step on a CPU with AVX-512, built and registered with XLA by gpt_jax/cpu_kernel.py: the product of a few
+// rows by a weight stored output channel by output channel (ops.PackedKernel), y[m, n] = x[m, k] · w[n, k] over k
+// with x and y float32 and w bfloat16, int8 or float32 (ops.matmul sends it 2 to 8 rows), and the attention of one
+// new position per row over the KV cache (ops.attention_of_new_positions).
 //
 // Why a kernel of our own: a decode step reads every weight once for a handful of rows. XLA:CPU multiplies a few
 // rows as a GEMM at its small-batch rate, after converting a bf16 or int8 weight to float32 (a copy per step).

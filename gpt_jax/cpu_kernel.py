@@ -1,16 +1,17 @@
-"""The decode-time product of a few rows by a packed weight (`ops.PackedKernel`) as a CPU kernel of our own
-(`cpu_kernel.cc`), compiled on first use with the system's C++ compiler and registered with XLA as a custom call.
+"""The decode step's products and attention on a CPU as a kernel of our own (`cpu_kernel.cc`), compiled on first use
+with the system's C++ compiler and registered with XLA as custom calls.
 
 A decode step multiplies 2-8 rows (the streams being served) by every weight once. XLA:CPU runs that product at its
 small-batch GEMM rate, after converting a bf16 or int8 weight to float32 (BENCHMARKS.md); the kernel reads each weight
 row once in its stored type and multiplies it with all the rows, split over XLA's intra-op threads. One row stays
 with XLA, whose fused loop already streams the weights at the memory's rate, and so do products of more rows
-(prompts), which XLA's GEMM does well.
+(prompts), which XLA's GEMM does well. Its attention reads each row's slots in use of the KV cache in place, where
+XLA reads every slot (masked) and converts a bf16 cache to float32 per layer.
 
 The kernel needs an x86-64 CPU with AVX-512 (the x86-64-v4 level: F, BW, CD, DQ, VL) and a C++17 compiler (`$CXX`,
-else `c++`); without them, or with GPT_JAX_CPU_KERNEL=0, `ops` computes the same product with XLA. The library is
-built for x86-64-v4, not for this CPU alone (as fast here as -march=native), once per source, jaxlib version and
-compiler, into $GPT_JAX_CACHE/kernels (~/.cache/gpt_jax/kernels).
+else `c++`); without them, or with GPT_JAX_CPU_KERNEL=0, `ops` computes the same with XLA. The library is built for
+x86-64-v4, not for this CPU alone (as fast here as -march=native), once per source, jaxlib version and compiler,
+into $GPT_JAX_CACHE/kernels (~/.cache/gpt_jax/kernels).
 """
 
 from __future__ import annotations
