@@ -55,9 +55,18 @@ def cpu_supported() -> bool:
     return False
 
 
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def buildable() -> bool:
+    """Whether the kernel can be built here: a CPU it runs on (`cpu_supported`) and a C++ compiler."""
+    return cpu_supported() and _compiler() is not None
+
+
 def _build() -> str:
     """The path of the compiled library, building it if this source, jaxlib and compiler have none yet."""
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    compiler = _compiler()
     if compiler is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
@@ -89,7 +98,7 @@ def available() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(_build())
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        logging.warning("the CPU decode kernel is not used (%s); XLA computes its products", e)
+        logging.warning("the CPU decode kernel is not used (%s); XLA computes what it would", e)
         return False
     for name in (*_TARGETS.values(), *_ATTEND.values()):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")

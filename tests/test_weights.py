@@ -18,6 +18,7 @@ from gpt_jax.errors import ConfigError
 from gpt_jax.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_KERNEL = "the CPU kernel is not built here: no AVX-512 (x86-64-v4) or no C++ compiler"
 
 
 def _loaded(style: str) -> workdir.LoadedModel:
@@ -57,8 +58,8 @@ def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_r
     """A packed kernel's product takes a form by its number of rows: one row an XLA loop; 2-8 rows (the decode
     step's streams) the CPU kernel where this CPU has AVX-512, else (`xla`) for bf16 one dot_general of the rows in
     bf16 and for int8 the one-row loop per row; more rows one bf16 dot_general. Every way gives the same numbers."""
-    if kernel == "cpu_kernel" and not cpu_kernel.cpu_supported():
-        pytest.skip("this CPU has no AVX-512 (F, BW): the CPU kernel is not built here")
+    if kernel == "cpu_kernel" and not cpu_kernel.buildable():
+        pytest.skip(NO_KERNEL)
     if kernel == "xla":  # the form CPUs without AVX-512 get
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     w = jax.random.normal(jax.random.key(0), (48, 40))
@@ -85,7 +86,7 @@ def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_r
     assert len(dots) == 1 and "tensor<16x48xbf16>" in dots[0], dots
 
 
-@pytest.mark.skipif(not cpu_kernel.cpu_supported(), reason="this CPU has no AVX-512 (F, BW)")
+@pytest.mark.skipif(not cpu_kernel.buildable(), reason=NO_KERNEL)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_the_cpu_kernel_multiplies_every_row_count_and_shape_exactly(dtype):
     """The CPU kernel against float64 numpy: 2-8 rows, k not a multiple of its 16 lanes (a masked tail), channels
@@ -137,8 +138,8 @@ def test_attention_of_new_positions_over_the_cache_is_softmax_attention_over_the
     and by XLA as CPUs without AVX-512 compute it. Grouped queries (1, 3, 4 and 9 per key head), head sizes that
     are not a multiple of 16, rows using one slot or all of them. The kernel widens the cache's values exactly (to
     1e-5); XLA multiplies a bf16 cache in bf16, rounding q and the probabilities (to 2e-2 here)."""
-    if kernel == "cpu_kernel" and not cpu_kernel.cpu_supported():
-        pytest.skip("this CPU has no AVX-512 (F, BW): the CPU kernel is not built here")
+    if kernel == "cpu_kernel" and not cpu_kernel.buildable():
+        pytest.skip(NO_KERNEL)
     if kernel == "xla":
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     rng = np.random.default_rng(0)
@@ -163,7 +164,7 @@ def test_attention_of_new_positions_over_the_cache_is_softmax_attention_over_the
                 np.testing.assert_allclose(np.asarray(got[b, 0, h]), want, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.skipif(not cpu_kernel.cpu_supported(), reason="this CPU has no AVX-512 (F, BW)")
+@pytest.mark.skipif(not cpu_kernel.buildable(), reason=NO_KERNEL)
 def test_float32_weights_are_packed_where_the_cpu_kernel_runs_and_give_the_same_logits():
     """float32 sampling/serving weights are stored output channel by output channel where the CPU kernel multiplies
     the decode step's rows; the logits are the unpacked model's, and so are 8 rows decoded through the kernel."""
