@@ -33,6 +33,9 @@ constexpr int64_t kMaxRows = 8;          // rows handled together; more rows are
 constexpr int kPrefetchBytes = 8192;     // how far ahead of the reads the prefetch (into L2) runs
 constexpr int64_t kMinChunk = 32;        // output channels per task, at least
 
+// The first min(left, 16) of 16 lanes.
+inline __mmask16 Tail(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
 // 16 weights widened to float32; `mask` keeps the first lanes (a row's tail), the others read as zero.
 inline __m512 Widen(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 inline __m512 Widen(const uint16_t* p, __mmask16 mask) {  // bfloat16 is the high half of a float32
@@ -70,7 +73,7 @@ inline void Channels(const float* x, const W* w, float* y, int64_t k, int64_t n,
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) step(p, i + 16 * p, 0xFFFF);
   }
-  for (; i < k; i += 16) step(0, i, k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1));
+  for (; i < k; i += 16) step(0, i, Tail(k - i));
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
 #pragma GCC unroll 8
@@ -161,8 +164,6 @@ inline __m512 Exp(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline __mmask16 Tail(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
-
 // scores[g, s] = scale · q[g] · keys[:, s] for G query heads and slots s < length; keys [head_dim, slots].
 template <int G, typename C>
 void Scores(const float* q, const C* keys, float* scores, int64_t stride, int64_t head_dim, int64_t slots,
@@ -178,7 +179,8 @@ void Scores(const float* q, const C* keys, float* scores, int64_t stride, int64_
       for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * head_dim + d]), key, acc[g]);
     }
 #pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) _mm512_mask_storeu_ps(scores + g * stride + s, mask, _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
+    for (int g = 0; g < G; ++g)
+      _mm512_mask_storeu_ps(scores + g * stride + s, mask, _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
   }
 }
 
@@ -203,7 +205,7 @@ void Values(const float* probs, const float* total, const C* values, float* y, i
 }
 
 // G query heads at a time (up to 8), by a template per count.
-template <typename C, typename F>
+template <typename F>
 void ByHeads(int64_t heads, F&& fn) {
   for (int64_t g = 0; g < heads; g += 8) {
     switch (std::min<int64_t>(heads - g, 8)) {
@@ -227,7 +229,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
                   ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> y) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || kd[0] < qd[0] || kd[2] != qd[2] || qd[1] % kd[1] ||
-      vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] || vd[3] != kd[2] || int64_t(lengths.element_count()) != qd[0])
+      vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] || vd[3] != kd[2] ||
+      int64_t(lengths.element_count()) != qd[0])
     return ffi::Error::InvalidArgument("cpu_kernel: attention shapes do not match");
   const int64_t batch = qd[0], heads = qd[1], head_dim = qd[2], kv_heads = kd[1], slots = kd[3];
   const int64_t group = heads / kv_heads, stride = (slots + 15) / 16 * 16;
@@ -245,14 +248,15 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
     const C* values = vp + (b * kv_heads + h) * slots * head_dim;
     float* yh = yp + (b * heads + h * group) * head_dim;
     std::vector<float> scores(group * stride), total(group);
-    ByHeads<C>(group, [&](auto g_count, int64_t g) {
+    ByHeads(group, [&](auto g_count, int64_t g) {
       Scores<decltype(g_count)::value>(qh + g * head_dim, keys, scores.data() + g * stride, stride, head_dim,
                                        slots, length, scale);
     });
     for (int64_t g = 0; g < group; ++g) {  // the softmax's numerators, in place, and their sum
       float* row = scores.data() + g * stride;
       __m512 top = _mm512_set1_ps(-INFINITY);
-      for (int64_t s = 0; s < length; s += 16) top = _mm512_mask_max_ps(top, Tail(length - s), top, _mm512_loadu_ps(row + s));
+      for (int64_t s = 0; s < length; s += 16)
+        top = _mm512_mask_max_ps(top, Tail(length - s), top, _mm512_loadu_ps(row + s));
       const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
       __m512 sum = _mm512_setzero_ps();
       for (int64_t s = 0; s < length; s += 16) {
@@ -263,7 +267,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
       }
       total[g] = _mm512_reduce_add_ps(sum);
     }
-    ByHeads<C>(group, [&](auto g_count, int64_t g) {
+    ByHeads(group, [&](auto g_count, int64_t g) {
       Values<decltype(g_count)::value>(scores.data() + g * stride, total.data() + g, values, yh + g * head_dim,
                                        stride, head_dim, length);
     });

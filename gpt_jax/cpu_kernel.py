@@ -92,7 +92,7 @@ def _build() -> str:
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered in this process (built on the first call; a failed build is
-    logged once and the products stay with XLA)."""
+    logged once and XLA computes the products and attention)."""
     if os.environ.get("GPT_JAX_CPU_KERNEL", "1") == "0" or not cpu_supported():
         return False
     try:

@@ -107,10 +107,10 @@ def _packed_product_of(x, values, compute_dtype):
     conversion, reading the weight once in its stored type (SmolLM2's 210 decode products and head in one chain:
     bf16 12.3 ms, int8 11.5 ms; float32 kernels [k, n] 30.1 ms; a one-row bf16 or int8 dot_general 171 and 176 ms,
     as it copies the weight to float32 first). 2 to cpu_kernel.MAX_ROWS rows (a decode step's streams) go to the CPU
-    kernel where it builds (SmolLM2's chain at 8 rows: bf16 35.5 -> 20.5 ms, int8 37.1 -> 17.9 ms, float32 53.6
-    [k, n] -> 36.7 ms packed); without it an int8 product of up to INT8_ROW_BY_ROW rows is the one-row loop once
+    kernel where it builds (SmolLM2's chain at 8 rows: bf16 35.5 -> 17.8 ms, int8 37.1 -> 16.9 ms, float32 53.6
+    [k, n] -> 22.7 ms packed); without it an int8 product of up to INT8_ROW_BY_ROW rows is the one-row loop once
     per row (the engine's 8 streams: 178 tok/s, against 34 converting the weight to float32 for one product).
-    At one row XLA's loop streams the weights faster than the kernel (chain: float32 21.0 vs 26.2 ms)."""
+    At one row the kernel is no faster than XLA's loop (BENCHMARKS.md), which stays."""
     rows, cpu = x.shape[0], jax.default_backend() == "cpu"
     if cpu and 1 < rows <= cpu_kernel.MAX_ROWS and cpu_kernel.available():
         return cpu_kernel.product(x, values)
