@@ -94,22 +94,29 @@ void ChannelRange(const float* x, const W* w, float* y, int64_t k, int64_t n, in
   for (; c < hi; ++c) Channels<M, 1>(x, w, y, k, n, c);
 }
 
-template <typename W>
-void Product(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t lo, int64_t hi) {
-  for (int64_t r = 0; r < m; r += kMaxRows) {
-    const float* xr = x + r * k;
-    float* yr = y + r * n;
-    switch (std::min(m - r, kMaxRows)) {
-      case 1: ChannelRange<1>(xr, w, yr, k, n, lo, hi); break;
-      case 2: ChannelRange<2>(xr, w, yr, k, n, lo, hi); break;
-      case 3: ChannelRange<3>(xr, w, yr, k, n, lo, hi); break;
-      case 4: ChannelRange<4>(xr, w, yr, k, n, lo, hi); break;
-      case 5: ChannelRange<5>(xr, w, yr, k, n, lo, hi); break;
-      case 6: ChannelRange<6>(xr, w, yr, k, n, lo, hi); break;
-      case 7: ChannelRange<7>(xr, w, yr, k, n, lo, hi); break;
-      default: ChannelRange<8>(xr, w, yr, k, n, lo, hi); break;
+// fn(std::integral_constant<int, G>(), start) for groups [start, start + G) of up to 8 covering [0, count): a
+// template per group size (rows of a product, query heads of attention) keeps the accumulators in registers.
+template <typename F>
+void InGroupsOf8(int64_t count, F&& fn) {
+  for (int64_t start = 0; start < count; start += 8) {
+    switch (std::min<int64_t>(count - start, 8)) {
+      case 1: fn(std::integral_constant<int, 1>(), start); break;
+      case 2: fn(std::integral_constant<int, 2>(), start); break;
+      case 3: fn(std::integral_constant<int, 3>(), start); break;
+      case 4: fn(std::integral_constant<int, 4>(), start); break;
+      case 5: fn(std::integral_constant<int, 5>(), start); break;
+      case 6: fn(std::integral_constant<int, 6>(), start); break;
+      case 7: fn(std::integral_constant<int, 7>(), start); break;
+      default: fn(std::integral_constant<int, 8>(), start); break;
     }
   }
+}
+
+template <typename W>
+void Product(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t lo, int64_t hi) {
+  InGroupsOf8(m, [&](auto rows, int64_t r) {
+    ChannelRange<decltype(rows)::value>(x + r * k, w, y + r * n, k, n, lo, hi);
+  });
 }
 
 // Runs fn(0), ..., fn(count - 1), each index claimed from a counter by the calling thread or by a helper task on
@@ -164,60 +171,25 @@ inline __m512 Exp(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// scores[g, s] = scale · q[g] · keys[:, s] for G query heads and slots s < length; keys [head_dim, slots].
+// out[g, j] = factor[g] · Σ_t coef[g, t] · rows[t, j] for G heads, t < count, j < width (rows row_stride apart,
+// coef coef_stride apart per head, out out_stride apart). Scores: coef q, rows the keys [head_dim, slots], width the
+// slots in use. Values: coef the softmax's numerators, rows the values [slots, head_dim], factor 1 / their sum.
 template <int G, typename C>
-void Scores(const float* q, const C* keys, float* scores, int64_t stride, int64_t head_dim, int64_t slots,
-            int64_t length, float scale) {
-  for (int64_t s = 0; s < length; s += 16) {
-    const __mmask16 mask = Tail(length - s);
+void WeightedRows(const float* coef, int64_t coef_stride, const C* rows, int64_t row_stride, int64_t count,
+                  int64_t width, const float* factor, float* out, int64_t out_stride) {
+  for (int64_t j = 0; j < width; j += 16) {
+    const __mmask16 mask = Tail(width - j);
     __m512 acc[G];
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const __m512 key = Widen(keys + d * slots + s, mask);
+    for (int64_t t = 0; t < count; ++t) {
+      const __m512 row = Widen(rows + t * row_stride + j, mask);
 #pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * head_dim + d]), key, acc[g]);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(coef[g * coef_stride + t]), row, acc[g]);
     }
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g)
-      _mm512_mask_storeu_ps(scores + g * stride + s, mask, _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
-  }
-}
-
-// y[g] = Σ_s probs[g, s] · values[s] / total[g] for G query heads; values [slots, head_dim].
-template <int G, typename C>
-void Values(const float* probs, const float* total, const C* values, float* y, int64_t stride, int64_t head_dim,
-            int64_t length) {
-  for (int64_t j = 0; j < head_dim; j += 16) {
-    const __mmask16 mask = Tail(head_dim - j);
-    __m512 acc[G];
-#pragma GCC unroll 8
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < length; ++s) {
-      const __m512 value = Widen(values + s * head_dim + j, mask);
-#pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * stride + s]), value, acc[g]);
-    }
-#pragma GCC unroll 8
-    for (int g = 0; g < G; ++g)
-      _mm512_mask_storeu_ps(y + g * head_dim + j, mask, _mm512_div_ps(acc[g], _mm512_set1_ps(total[g])));
-  }
-}
-
-// G query heads at a time (up to 8), by a template per count.
-template <typename F>
-void ByHeads(int64_t heads, F&& fn) {
-  for (int64_t g = 0; g < heads; g += 8) {
-    switch (std::min<int64_t>(heads - g, 8)) {
-      case 1: fn(std::integral_constant<int, 1>(), g); break;
-      case 2: fn(std::integral_constant<int, 2>(), g); break;
-      case 3: fn(std::integral_constant<int, 3>(), g); break;
-      case 4: fn(std::integral_constant<int, 4>(), g); break;
-      case 5: fn(std::integral_constant<int, 5>(), g); break;
-      case 6: fn(std::integral_constant<int, 6>(), g); break;
-      case 7: fn(std::integral_constant<int, 7>(), g); break;
-      default: fn(std::integral_constant<int, 8>(), g); break;
-    }
+      _mm512_mask_storeu_ps(out + g * out_stride + j, mask, _mm512_mul_ps(acc[g], _mm512_set1_ps(factor[g])));
   }
 }
 
@@ -247,10 +219,10 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
     const C* keys = kp + (b * kv_heads + h) * head_dim * slots;
     const C* values = vp + (b * kv_heads + h) * slots * head_dim;
     float* yh = yp + (b * heads + h * group) * head_dim;
-    std::vector<float> scores(group * stride), total(group);
-    ByHeads(group, [&](auto g_count, int64_t g) {
-      Scores<decltype(g_count)::value>(qh + g * head_dim, keys, scores.data() + g * stride, stride, head_dim,
-                                       slots, length, scale);
+    std::vector<float> scores(group * stride), scales(group, scale), inverse(group);
+    InGroupsOf8(group, [&](auto heads_now, int64_t g) {
+      WeightedRows<decltype(heads_now)::value>(qh + g * head_dim, head_dim, keys, slots, head_dim, length,
+                                               scales.data() + g, scores.data() + g * stride, stride);
     });
     for (int64_t g = 0; g < group; ++g) {  // the softmax's numerators, in place, and their sum
       float* row = scores.data() + g * stride;
@@ -265,11 +237,11 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
         _mm512_mask_storeu_ps(row + s, mask, e);
         sum = _mm512_add_ps(sum, e);
       }
-      total[g] = _mm512_reduce_add_ps(sum);
+      inverse[g] = 1.0f / _mm512_reduce_add_ps(sum);
     }
-    ByHeads(group, [&](auto g_count, int64_t g) {
-      Values<decltype(g_count)::value>(scores.data() + g * stride, total.data() + g, values, yh + g * head_dim,
-                                       stride, head_dim, length);
+    InGroupsOf8(group, [&](auto heads_now, int64_t g) {
+      WeightedRows<decltype(heads_now)::value>(scores.data() + g * stride, stride, values, head_dim, length,
+                                               head_dim, inverse.data() + g, yh + g * head_dim, head_dim);
     });
   });
   return ffi::Error::Success();

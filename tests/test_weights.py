@@ -31,6 +31,15 @@ def _loaded(style: str) -> workdir.LoadedModel:
     return workdir.LoadedModel(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, None, config, None, style)
 
 
+def _use(kernel: str, monkeypatch) -> None:
+    """`cpu_kernel`: the default, skipped where the kernel cannot be built; `xla`: the kernel turned away, the form
+    CPUs without AVX-512 get."""
+    if kernel == "cpu_kernel" and not cpu_kernel.buildable():
+        pytest.skip(NO_KERNEL)
+    if kernel == "xla":
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+
+
 def _logits(loaded, tokens) -> np.ndarray:
     graphdef, state = nnx.split(loaded.model)
     return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, tokens))
@@ -58,10 +67,7 @@ def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_r
     """A packed kernel's product takes a form by its number of rows: one row an XLA loop; 2-8 rows (the decode
     step's streams) the CPU kernel where this CPU has AVX-512, else (`xla`) for bf16 one dot_general of the rows in
     bf16 and for int8 the one-row loop per row; more rows one bf16 dot_general. Every way gives the same numbers."""
-    if kernel == "cpu_kernel" and not cpu_kernel.buildable():
-        pytest.skip(NO_KERNEL)
-    if kernel == "xla":  # the form CPUs without AVX-512 get
-        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    _use(kernel, monkeypatch)
     w = jax.random.normal(jax.random.key(0), (48, 40))
     p = ops.pack(w, jnp.bfloat16, int8=dtype == "int8")
     exact = p.values.astype(jnp.float32) * (1 if p.scale is None else p.scale[:, None])  # [40, 48]
@@ -138,10 +144,7 @@ def test_attention_of_new_positions_over_the_cache_is_softmax_attention_over_the
     and by XLA as CPUs without AVX-512 compute it. Grouped queries (1, 3, 4 and 9 per key head), head sizes that
     are not a multiple of 16, rows using one slot or all of them. The kernel widens the cache's values exactly (to
     1e-5); XLA multiplies a bf16 cache in bf16, rounding q and the probabilities (to 2e-2 here)."""
-    if kernel == "cpu_kernel" and not cpu_kernel.buildable():
-        pytest.skip(NO_KERNEL)
-    if kernel == "xla":
-        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    _use(kernel, monkeypatch)
     rng = np.random.default_rng(0)
     for rows, batch, kv_heads, group, head_dim, slots in ((8, 8, 3, 3, 64, 64), (8, 3, 2, 4, 40, 50),
                                                           (2, 1, 1, 9, 16, 17), (4, 4, 2, 1, 8, 33)):
