@@ -160,6 +160,24 @@ def test_stop_sequences_eos_max_tokens_and_streamed_text(gpt2):
     assert ended.token_ids == free.token_ids[:free.token_ids.index(eos)] and ended.finish_reason == "stop"
 
 
+def test_steps_are_queued_ahead_but_none_is_computed_for_rows_sure_to_end(gpt2):
+    """A step is queued before the previous one's tokens are read; rows that end by max_tokens take no step past
+    their last token, and a row that stops on an end token costs at most one step in vain."""
+    model, cfg = gpt2
+    engine = decode.Engine(model, cfg, max_batch=2)
+    prompt = _prompts([6], seed=3)[0]
+    before = engine.steps
+    free = engine.submit(decode.Request(prompt, 10, GREEDY))
+    engine.run_until_done()
+    assert len(free.token_ids) == 10 and engine.steps - before == 9  # the first token comes from the prefill
+    eos = free.token_ids[4]
+    before = engine.steps
+    ended = engine.submit(decode.Request(prompt, 10, GREEDY, stop_token_ids=[eos]))
+    engine.run_until_done()
+    assert ended.token_ids == free.token_ids[:4] and engine.steps - before == 5  # the fifth step's token is eos
+    assert not engine.has_work()
+
+
 def test_cancel_frees_the_row(gpt2):
     model, cfg = gpt2
     engine = decode.Engine(model, cfg, max_batch=1)
@@ -245,7 +263,8 @@ def test_a_decode_step_writes_only_the_new_positions_of_the_cache(dtype):
     # the whole cache arrays, [rows, kv heads, head_dim, slots] and [rows, kv heads, slots, head_dim], any layout
     whole = {(4, 2, 8, 64), (4, 2, 64, 8)}
     for rows in (1, 4):
-        hlo = engine._step.lower(engine.params, engine._cache, ints, floats, rows=rows).compile().as_text()
+        lowered = engine._step.lower(engine.params, engine._cache, engine._last, ints, floats, rows=rows)
+        hlo = lowered.compile().as_text()
         for line in hlo.splitlines():
             m = re.match(r"\s*%\S+ = (\w+)\[([\d,]+)\]\S* ([\w-]+)\(", line)
             if m and tuple(int(n) for n in m.group(2).split(",") if n != "1") in whole:
