@@ -48,7 +48,7 @@ inline __m512 Widen(const int8_t* p, __mmask16 mask) {
 // Channels [c, c + NB) of M rows. The NB weight rows are adjacent in memory, so the reads are one stream; P partial
 // sums per (row, channel) keep enough independent multiply-adds in flight when M·NB is small.
 template <int M, int NB, typename W>
-inline void Channels(const float* x, const W* w, float* y, int64_t k, int64_t n, int64_t c) {
+inline void Channels(const float* x, const W* w, const float* scale, float* y, int64_t k, int64_t n, int64_t c) {
   constexpr int P = M * NB == 1 ? 4 : M * NB <= 3 ? 2 : 1;
   const W* wc = w + c * k;
   __m512 acc[P][M][NB];
@@ -81,17 +81,18 @@ inline void Channels(const float* x, const W* w, float* y, int64_t k, int64_t n,
       __m512 s = acc[0][r][j];
 #pragma GCC unroll 4
       for (int p = 1; p < P; ++p) s = _mm512_add_ps(s, acc[p][r][j]);
-      y[r * n + c + j] = _mm512_reduce_add_ps(s);
+      y[r * n + c + j] = scale ? _mm512_reduce_add_ps(s) * scale[c + j] : _mm512_reduce_add_ps(s);
     }
   }
 }
 
 template <int M, typename W>
-void ChannelRange(const float* x, const W* w, float* y, int64_t k, int64_t n, int64_t lo, int64_t hi) {
+void ChannelRange(const float* x, const W* w, const float* scale, float* y, int64_t k, int64_t n, int64_t lo,
+                  int64_t hi) {
   constexpr int NB = M <= 2 ? 1 : 2;  // two channels share each x load once there are rows enough to need it
   int64_t c = lo;
-  for (; c + NB <= hi; c += NB) Channels<M, NB>(x, w, y, k, n, c);
-  for (; c < hi; ++c) Channels<M, 1>(x, w, y, k, n, c);
+  for (; c + NB <= hi; c += NB) Channels<M, NB>(x, w, scale, y, k, n, c);
+  for (; c < hi; ++c) Channels<M, 1>(x, w, scale, y, k, n, c);
 }
 
 // fn(std::integral_constant<int, G>(), start) for groups [start, start + G) of up to 8 covering [0, count): a
@@ -113,9 +114,10 @@ void InGroupsOf8(int64_t count, F&& fn) {
 }
 
 template <typename W>
-void Product(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t lo, int64_t hi) {
+void Product(const float* x, const W* w, const float* scale, float* y, int64_t m, int64_t k, int64_t n, int64_t lo,
+             int64_t hi) {
   InGroupsOf8(m, [&](auto rows, int64_t r) {
-    ChannelRange<decltype(rows)::value>(x + r * k, w, y + r * n, k, n, lo, hi);
+    ChannelRange<decltype(rows)::value>(x + r * k, w, scale, y + r * n, k, n, lo, hi);
   });
 }
 
@@ -140,19 +142,51 @@ void Parallel(ffi::ThreadPool& pool, int64_t count, F fn) {
   while (counters->done.load(std::memory_order_acquire) < count) _mm_pause();
 }
 
+// y_i[m, n_i] = x[m, k] · w_i[n_i, k] over k for each weight w_i of one call (products that share their input: a
+// layer's query, key and value, or its gate and up), times the scale of each output channel for int8 weights (the
+// arguments are then pairs w_i, scale_i [n_i]). The call's output channels are one range, split into chunks.
 template <typename W>
-ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("cpu_kernel: x must be [m, k] and w [n, k]");
-  const int64_t m = xd[0], k = xd[1], n = wd[0];
+ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets ys) {
+  constexpr size_t kArgs = std::is_same_v<W, int8_t> ? 2 : 1;  // per weight
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || ys.empty() || args.size() != kArgs * ys.size())
+    return ffi::Error::InvalidArgument("cpu_kernel: x must be [m, k], with one output per weight");
+  const int64_t m = xd[0], k = xd[1];
+  struct Part {
+    const W* w;
+    const float* scale;
+    float* y;
+    int64_t first, n;  // its channels in the call's range
+  };
+  std::vector<Part> parts;
+  int64_t total = 0;
+  for (size_t i = 0; i < ys.size(); ++i) {
+    auto w = args.get<ffi::AnyBuffer>(kArgs * i);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value() || !y.has_value()) return ffi::Error::InvalidArgument("cpu_kernel: a weight or output");
+    const auto wd = w->dimensions();
+    if (wd.size() != 2 || wd[1] != k || (*y)->element_count() != size_t(m * wd[0]))
+      return ffi::Error::InvalidArgument("cpu_kernel: each w must be [n, k] and its y [m, n]");
+    const float* scale = nullptr;
+    if (kArgs == 2) {
+      auto s = args.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
+      if (!s.has_value() || int64_t(s->element_count()) != wd[0])
+        return ffi::Error::InvalidArgument("cpu_kernel: an int8 weight [n, k] needs a float32 scale [n]");
+      scale = s->typed_data();
+    }
+    parts.push_back({reinterpret_cast<const W*>(w->untyped_data()), scale, (*y)->typed_data(), total, wd[0]});
+    total += wd[0];
+  }
   const float* xp = x.typed_data();
-  const W* wp = reinterpret_cast<const W*>(w.untyped_data());
-  float* yp = y->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t size = std::max(kMinChunk, (n + 2 * threads - 1) / (2 * threads));  // channels per chunk
-  Parallel(pool, (n + size - 1) / size,
-           [=](int64_t c) { Product(xp, wp, yp, m, k, n, c * size, std::min(n, (c + 1) * size)); });
+  const int64_t size = std::max(kMinChunk, (total + 2 * threads - 1) / (2 * threads));  // channels per chunk
+  Parallel(pool, (total + size - 1) / size, [=](int64_t c) {
+    const int64_t lo = c * size, hi = std::min(total, lo + size);
+    for (const Part& p : parts) {
+      const int64_t from = std::max(lo, p.first) - p.first, to = std::min(hi, p.first + p.n) - p.first;
+      if (from < to) Product(xp, p.w, p.scale, p.y, m, k, p.n, from, to);
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -251,13 +285,13 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxProductBF16, Run<uint16_t>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs().RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxProductS8, Run<int8_t>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs().RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxProductF32, Run<float>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs().RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxAttendBF16, Attend<uint16_t>,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::S32>>()

@@ -34,7 +34,7 @@ from absl import logging
 from gpt_jax.config import cached
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernel.cc")
-MAX_ROWS = 8  # products of 2..MAX_ROWS rows go to the kernel
+MAX_ROWS = 8  # products of up to MAX_ROWS rows go to the kernel
 _AVX512 = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 _TARGETS = {jnp.dtype(jnp.bfloat16): "GptJaxProductBF16", jnp.dtype(jnp.int8): "GptJaxProductS8",
             jnp.dtype(jnp.float32): "GptJaxProductF32"}
@@ -105,13 +105,15 @@ def available() -> bool:
     return True
 
 
-def product(x, values):
-    """x [m, k] times values [n, k] (bfloat16, int8 or float32) over k → float32 [m, n], by the kernel; for
-    1 < m <= MAX_ROWS where `available()`."""
-    call = jax.ffi.ffi_call(_TARGETS[jnp.dtype(values.dtype)],
-                            jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), jnp.float32),
+def products(x, weights, scales=None):
+    """x [m, k] times each of weights [n_i, k] (of one type: bfloat16, int8 or float32) over k → [float32 [m, n_i]],
+    in one call (their output channels split over the threads together), times `scales` [n_i] of int8 weights per
+    output channel; for m <= MAX_ROWS where `available()`."""
+    call = jax.ffi.ffi_call(_TARGETS[jnp.dtype(weights[0].dtype)],
+                            [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32) for w in weights],
                             vmap_method="sequential")
-    return call(x.astype(jnp.float32), values)
+    args = weights if scales is None else [a for pair in zip(weights, scales, strict=True) for a in pair]
+    return list(call(x.astype(jnp.float32), *args))
 
 
 def attend(q, keys, values, lengths, dtype):

@@ -99,21 +99,38 @@ def pack(w, dtype, *, int8: bool = False, transposed: bool = False) -> PackedKer
     return PackedKernel(jnp.clip(q, -127, 127).astype(jnp.int8), scale)
 
 
+def _on_cpu_kernel(rows: int, values) -> bool:
+    """Whether the CPU kernel multiplies `rows` rows by packed `values`: up to cpu_kernel.MAX_ROWS rows (a decode
+    step's streams) where it builds, except one row by float32 weights, which XLA's loop streams faster (SmolLM2's
+    decode products in one chain: 19.0 vs 23.1 ms)."""
+    return (jax.default_backend() == "cpu" and rows <= cpu_kernel.MAX_ROWS
+            and (rows > 1 or values.dtype != jnp.float32) and cpu_kernel.available())
+
+
+def packed_products(x, kernels: list[PackedKernel], compute_dtype) -> list:
+    """x [m, k] times each of `kernels` (`PackedKernel`s) → [float32 [m, n_i]]. The CPU kernel (`_on_cpu_kernel`)
+    computes them in one call, int8 scales applied (a layer's query, key and value, or gate and up: SmolLM2's
+    decode chain at one row in bf16 11.1 -> 10.6 ms, int8 8.8 -> 7.1 ms against XLA's loop, at 8 rows int8 15.0 ->
+    14.2 ms against one call per product); else each is `_packed_product_of`."""
+    values = [w.values for w in kernels]
+    if _on_cpu_kernel(x.shape[0], values[0]) and len({v.dtype for v in values}) == 1:
+        return cpu_kernel.products(x, values, [w.scale for w in kernels] if values[0].dtype == jnp.int8 else None)
+    products = [_packed_product_of(x, v, compute_dtype) for v in values]
+    return [y if w.scale is None else y * w.scale for y, w in zip(products, kernels, strict=True)]
+
+
 def _packed_product_of(x, values, compute_dtype):
-    """x [m, k] times values [n, k] over k → float32 [m, n]: a dot_general in the compute dtype, where bfloat16 and
-    int8 weights multiply in bfloat16 (int8 values are exact in it; converting them to float32 instead made the
-    product 2x slower on a CPU: 30 products of 16 rows by SmolLM2's MLP shape, 48 vs 25 ms), except for a few rows
-    on a CPU. There one row is written as dot(x, values.T) in float32, which XLA:CPU makes one loop, fused with the
-    conversion, reading the weight once in its stored type (SmolLM2's 210 decode products and head in one chain:
-    bf16 12.3 ms, int8 11.5 ms; float32 kernels [k, n] 30.1 ms; a one-row bf16 or int8 dot_general 171 and 176 ms,
-    as it copies the weight to float32 first). 2 to cpu_kernel.MAX_ROWS rows (a decode step's streams) go to the CPU
-    kernel where it builds (SmolLM2's chain at 8 rows: bf16 35.5 -> 17.8 ms, int8 37.1 -> 16.9 ms, float32 53.6
-    [k, n] -> 22.7 ms packed); without it an int8 product of up to INT8_ROW_BY_ROW rows is the one-row loop once
-    per row (the engine's 8 streams: 178 tok/s, against 34 converting the weight to float32 for one product).
-    At one row the kernel is no faster than XLA's loop (BENCHMARKS.md), which stays."""
+    """x [m, k] times values [n, k] over k → float32 [m, n] with XLA: a dot_general in the compute dtype, where
+    bfloat16 and int8 weights multiply in bfloat16 (int8 values are exact in it; converting them to float32 instead
+    made the product 2x slower on a CPU: 30 products of 16 rows by SmolLM2's MLP shape, 48 vs 25 ms), except for a
+    few rows on a CPU (where the CPU kernel does not run them). There one row is written as dot(x, values.T) in
+    float32, which XLA:CPU makes one loop, fused with the conversion, reading the weight once in its stored type
+    (SmolLM2's 210 decode products and head in one chain: bf16 12.3 ms, int8 11.5 ms; float32 kernels [k, n] 30.1
+    ms; a one-row bf16 or int8 dot_general 171 and 176 ms, as it copies the weight to float32 first); an int8
+    product of up to INT8_ROW_BY_ROW rows is that loop once per row (the engine's 8 streams: 178 tok/s, against 34
+    converting the weight to float32 for one product). The CPU kernel's 8 rows: bf16 35.5 -> 17.8 ms, int8 37.1 ->
+    16.9 ms, float32 53.6 [k, n] -> 22.7 ms packed."""
     rows, cpu = x.shape[0], jax.default_backend() == "cpu"
-    if cpu and 1 < rows <= cpu_kernel.MAX_ROWS and cpu_kernel.available():
-        return cpu_kernel.product(x, values)
     if cpu and values.dtype == jnp.int8 and 1 < rows <= INT8_ROW_BY_ROW:
         return jnp.concatenate([_packed_product_of(x[i:i + 1], values, compute_dtype) for i in range(rows)])
     if cpu and rows == 1:
@@ -145,13 +162,20 @@ def matmul(x, w, dtype: str, *, transposed: bool = False):
         assert not transposed, "LoRA adapts kernels [k, n]"
         return matmul(x, w.base, dtype) + w.scale * matmul(matmul(x, w.a, dtype), w.b, dtype)
     if isinstance(w, PackedKernel):  # stored [n, k] whichever it was
-        y = _packed_product_of(x, w.values, DTYPES[dtype])
-        return y if w.scale is None else y * w.scale
+        return packed_products(x, [w], DTYPES[dtype])[0]
     if w.dtype == jnp.bfloat16 and DTYPES[dtype] == jnp.float32:
         dtype = "bfloat16"
     if DTYPES[dtype] == jnp.float32:
         return _dot(x.astype(jnp.float32), w.astype(jnp.float32), int(transposed))
     return _matmul_low_precision(x.astype(DTYPES[dtype]), w.astype(DTYPES[dtype]), int(transposed))
+
+
+def matmuls(x, kernels: list, dtype: str) -> list:
+    """[matmul(x, w, dtype) for w in kernels]: products of one input, computed in one pass over packed weights
+    (`packed_products`), each on its own otherwise."""
+    if all(isinstance(w, PackedKernel) for w in kernels):
+        return packed_products(x, kernels, DTYPES[dtype])
+    return [matmul(x, w, dtype) for w in kernels]
 
 
 def causal_attention_by_query_blocks(q, k, v, block: int):

@@ -64,9 +64,10 @@ def test_int8_kernel_is_the_float_weight_within_half_a_step_per_channel():
 @pytest.mark.parametrize("kernel", ["cpu_kernel", "xla"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_row(dtype, kernel, monkeypatch):
-    """A packed kernel's product takes a form by its number of rows: one row an XLA loop; 2-8 rows (the decode
-    step's streams) the CPU kernel where this CPU has AVX-512, else (`xla`) for bf16 one dot_general of the rows in
-    bf16 and for int8 the one-row loop per row; more rows one bf16 dot_general. Every way gives the same numbers."""
+    """A packed kernel's product takes a form by its number of rows: 1-8 rows (the decode step's streams) the CPU
+    kernel where this CPU has AVX-512, else (`xla`) one row an XLA loop, and 2-8 rows for bf16 one dot_general of the
+    rows in bf16 and for int8 the one-row loop per row; more rows one bf16 dot_general. Every way gives the same
+    numbers."""
     _use(kernel, monkeypatch)
     w = jax.random.normal(jax.random.key(0), (48, 40))
     p = ops.pack(w, jnp.bfloat16, int8=dtype == "int8")
@@ -95,21 +96,43 @@ def test_packed_kernels_give_the_same_product_for_one_row_many_rows_and_row_by_r
 @pytest.mark.skipif(not cpu_kernel.buildable(), reason=NO_KERNEL)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_the_cpu_kernel_multiplies_every_row_count_and_shape_exactly(dtype):
-    """The CPU kernel against float64 numpy: 2-8 rows, k not a multiple of its 16 lanes (a masked tail), channels
-    split over threads into chunks that do not divide them, for each stored type. The product of float32 x and
-    the stored weights is exact up to float32 summation."""
+    """The CPU kernel against float64 numpy: 1-8 rows, k not a multiple of its 16 lanes (a masked tail), channels
+    split over threads into chunks that do not divide them, one weight or three in one call (their channels
+    chunked together), each stored type, int8 with its scale per output channel. The product of float32 x and the
+    stored weights is exact up to float32 summation."""
     assert cpu_kernel.available()
     rng = np.random.default_rng(0)
-    for k, n in ((50, 37), (576, 203), (16, 1)):
-        w = rng.standard_normal((n, k)).astype(np.float32)
-        w = np.clip(np.round(w * 40), -127, 127).astype(np.int8) if dtype == "int8" else w
-        values = jnp.asarray(w).astype(dtype)
-        exact = np.asarray(values.astype(jnp.float32), np.float64)
-        for m in range(2, cpu_kernel.MAX_ROWS + 1):
+    for k, ns in ((50, (37,)), (576, (203,)), (16, (1,)), (70, (5, 90, 33))):
+        weights, scales, exact = [], [], []
+        for n in ns:
+            w = rng.standard_normal((n, k)).astype(np.float32)
+            w = np.clip(np.round(w * 40), -127, 127).astype(np.int8) if dtype == "int8" else w
+            weights.append(jnp.asarray(w).astype(dtype))
+            scales.append(jnp.asarray(rng.uniform(0.5, 2.0, n).astype(np.float32)))
+            scale = np.asarray(scales[-1], np.float64)[:, None] if dtype == "int8" else 1.0
+            exact.append(np.asarray(weights[-1].astype(jnp.float32), np.float64) * scale)
+        call = jax.jit(lambda x, ws, ss: cpu_kernel.products(x, ws, ss if dtype == "int8" else None))
+        for m in range(1, cpu_kernel.MAX_ROWS + 1):
             x = rng.standard_normal((m, k)).astype(np.float32)
-            got = jax.jit(cpu_kernel.product)(jnp.asarray(x), values)
-            assert got.shape == (m, n) and got.dtype == jnp.float32
-            np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ exact.T, rtol=1e-5, atol=1e-4 * k)
+            got = call(jnp.asarray(x), weights, scales)
+            assert len(got) == len(ns)
+            for y, e in zip(got, exact, strict=True):
+                assert y.shape == (m, e.shape[0]) and y.dtype == jnp.float32
+                np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ e.T, rtol=1e-5, atol=1e-4 * k)
+
+
+@pytest.mark.skipif(not cpu_kernel.buildable(), reason=NO_KERNEL)
+@pytest.mark.parametrize("weights", [("bfloat16", "none"), ("float32", "int8"), ("float32", "none")])
+def test_a_decode_step_multiplies_a_layers_products_of_one_input_in_one_kernel_call(weights):
+    """Packed weights on the CPU kernel: query, key and value are one call, gate and up another, so a Llama layer
+    makes 4 calls and the step one more for the head; one float32 row stays with XLA's loop, 2-8 rows do not."""
+    loaded = workdir.with_weights(_loaded("llama"), *weights)
+    engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=4)
+    ints, floats = np.zeros((4, 6), np.int32), np.zeros((4, 2), np.float32)
+    for rows in (1, 4):
+        text = engine._step.lower(engine.params, engine._cache, engine._last, ints, floats, rows=rows).as_text()
+        calls = text.count("GptJaxProduct")
+        assert calls == (0 if rows == 1 and weights == ("float32", "none") else 2 * 4 + 1), (rows, calls)
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
