@@ -296,7 +296,9 @@ class Engine:
         # committed to one device, so every call sees the same placement (else the first call compiles twice)
         self._device = jax.local_devices()[0]
         graphdef, params = nnx.split(model, nnx.Param)
-        self.params = jax.device_put(params, self._device)
+        # as plain arrays: jit flattens a dict in C++, an nnx.State per Variable in Python (SmolLM2, one stream:
+        # int8 1.09x, bf16 1.04x the tokens/s)
+        self.params = jax.device_put(nnx.to_pure_dict(params), self._device)
         self._prefill, self._step, self._sample, self._grow, self._logprobs = _compiled(graphdef, cfg)
         self._capacity = min(CACHE_BUCKET, self.max_len)
         self._cache = self._new_cache()
