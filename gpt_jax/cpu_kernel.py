@@ -100,7 +100,7 @@ def available() -> bool:
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         logging.warning("the CPU decode kernel is not used (%s); XLA computes what it would", e)
         return False
-    for name in (*_TARGETS.values(), *_ATTEND.values()):
+    for name in (*_TARGETS.values(), *_ATTEND.values(), "GptJaxArgmax"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     return True
 
@@ -124,3 +124,10 @@ def attend(q, keys, values, lengths, dtype):
     call = jax.ffi.ffi_call(_ATTEND[jnp.dtype(dtype)], jax.ShapeDtypeStruct(q.shape, jnp.float32),
                             vmap_method="sequential")
     return call(q.astype(jnp.float32), keys, values, lengths.astype(jnp.int32))
+
+
+def argmax(x):
+    """The index of each row's largest value in x [rows, n] (float32; the first of equals, as jnp.argmax for rows
+    without NaN) → int32 [rows], by the kernel."""
+    call = jax.ffi.ffi_call("GptJaxArgmax", jax.ShapeDtypeStruct(x.shape[:1], jnp.int32), vmap_method="sequential")
+    return call(x.astype(jnp.float32))

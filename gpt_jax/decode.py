@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gpt_jax import ops
 from gpt_jax.model import CACHE_SLOTS, ModelConfig, init_cache
 
 PROMPT_BUCKET = 16  # smallest prompt bucket; buckets double up to the cache length
@@ -80,7 +81,7 @@ def sample_tokens(logits, keys, temperature, top_k, top_p):
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch,))
     top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (batch,))
     top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (batch,))
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = ops.argmax(logits)
     sampling = temperature > 0.0
 
     def sample(_):

@@ -142,6 +142,14 @@ def _packed_product_of(x, values, compute_dtype):
     return _dot(x.astype(dtype), values.astype(dtype), 1, jnp.float32)
 
 
+def argmax(x):
+    """jnp.argmax of x [rows, n] over its last axis (int32), by the CPU kernel on a CPU: XLA:CPU's reduction takes
+    ~0.3 ms over SmolLM2's 49152 logits, 3-4% of a one-stream decode step."""
+    if jax.default_backend() == "cpu" and x.ndim == 2 and cpu_kernel.available():
+        return cpu_kernel.argmax(x)
+    return jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+
 def take_rows(table, ids):
     """Rows `ids` of an embedding table (an array, or a `PackedKernel`) as float32 or its dtype."""
     if isinstance(table, PackedKernel):

@@ -122,6 +122,22 @@ def test_the_cpu_kernel_multiplies_every_row_count_and_shape_exactly(dtype):
 
 
 @pytest.mark.skipif(not cpu_kernel.buildable(), reason=NO_KERNEL)
+def test_the_cpu_kernels_argmax_is_jnp_argmax():
+    """The greedy token by the kernel: the first of equal largest values, -inf rows, lengths not a multiple of its
+    16 lanes, one row or several."""
+    assert cpu_kernel.available()
+    rng = np.random.default_rng(0)
+    argmax = jax.jit(ops.argmax)
+    assert "GptJaxArgmax" in argmax.lower(jnp.zeros((2, 40))).as_text()
+    for rows, n in ((1, 49152), (3, 37), (8, 1), (2, 16)):
+        x = rng.standard_normal((rows, n)).astype(np.float32)
+        x[0, n // 2:] = x[0].max() + 1.0  # ties: the first wins
+        if rows > 1:
+            x[1] = -np.inf
+        np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+@pytest.mark.skipif(not cpu_kernel.buildable(), reason=NO_KERNEL)
 @pytest.mark.parametrize("weights", [("bfloat16", "none"), ("float32", "int8"), ("float32", "none")])
 def test_a_decode_step_multiplies_a_layers_products_of_one_input_in_one_kernel_call(weights):
     """Packed weights on the CPU kernel: query, key and value are one call, gate and up another, so a Llama layer
