@@ -45,6 +45,7 @@ PROMPT_BUCKET = 16  # smallest prompt bucket; buckets double up to the cache len
 CACHE_BUCKET = 64  # smallest cache capacity; capacities double up to the cache length
 PREFILL_CHUNK = 256  # prompts are prefilled this many tokens at a time (bounds the logits held in memory)
 MAX_LOGPROBS = 5  # most likely alternatives a request may ask for per token (OpenAI's limit)
+STEPS_PER_CALL = 4  # decode steps run in one call while no request waits (see Engine._queue_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,19 +171,29 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
                  for layer, new in zip(cache, small, strict=True)]
         return last, cache, scores
 
-    def step(params, cache, last, ints, floats, rows: int):
-        """Writes the token of each of the first `rows` rows at its position and samples the next: returns (their
-        next-token logits [rows, vocab], `last` with the sampled tokens in its first rows, cache). A row's token is
-        ints[:, TOKEN], or where that is negative the one the previous step sampled (last [max_batch]), so a step
-        can be queued before the host has read the previous one's. Rows past `rows` are left as they are, so one
-        stream in row 0 multiplies one row."""
+    def step(params, cache, last, ints, floats, rows: int, steps: int = 1):
+        """`steps` decode steps of the first `rows` rows, each writing a row's token at its position and sampling
+        the next: returns (the last step's next-token logits [rows, vocab], the sampled tokens [steps, rows],
+        `last` with the final ones in its first rows, cache). A row's first token is ints[:, TOKEN], or where that
+        is negative the one the previous call sampled (last [max_batch]), so a step can be queued before the host
+        has read the previous one's. Rows past `rows` are left as they are, so one stream in row 0 multiplies one
+        row."""
         model = nnx.merge(graphdef, params)
-        lengths = ints[:rows, _I_LENGTH]  # each row's slot for its token: it attends to the slots up to it
-        positions = jnp.minimum(lengths, last_position)[:, None]
-        tokens = jnp.where(ints[:rows, _I_TOKEN] >= 0, ints[:rows, _I_TOKEN], last[:rows])
-        logits, cache = model(tokens[:, None], positions, cache=cache, cache_index=lengths)
-        sampled = _sample_packed(logits[:, 0], ints[:rows], floats[:rows])
-        return logits[:, 0], jax.lax.dynamic_update_slice(last, sampled, (0,)), cache
+
+        def one(carry, i):
+            cache, last = carry
+            lengths = ints[:rows, _I_LENGTH] + i  # each row's slot for its token: it attends to the slots up to it
+            positions = jnp.minimum(lengths, last_position)[:, None]
+            tokens = jnp.where((ints[:rows, _I_TOKEN] >= 0) & (i == 0), ints[:rows, _I_TOKEN], last[:rows])
+            logits, cache = model(tokens[:, None], positions, cache=cache, cache_index=lengths)
+            sampled = _sample_packed(logits[:, 0], ints[:rows].at[:, _I_COUNTER].add(i), floats[:rows])
+            return (cache, jax.lax.dynamic_update_slice(last, sampled, (0,))), (logits[:, 0], sampled)
+
+        if steps == 1:
+            (cache, last), (logits, sampled) = one((cache, last), 0)
+            return logits, sampled[None], last, cache
+        (cache, last), (logits, sampled) = jax.lax.scan(one, (cache, last), jnp.arange(steps))
+        return logits[-1], sampled, last, cache
 
     def grow(cache, capacity: int):
         def pad(x, name):
@@ -193,7 +204,7 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
         return [{name: pad(layer[name], name) for name in ("k", "v")} for layer in cache]
 
     return (jax.jit(prefill, donate_argnums=(1,), static_argnames=("score",)),
-            jax.jit(step, donate_argnums=(1,), static_argnames=("rows",)),
+            jax.jit(step, donate_argnums=(1,), static_argnames=("rows", "steps")),
             jax.jit(_sample_packed), jax.jit(grow, static_argnums=(1,)), jax.jit(token_logprobs))
 
 
@@ -362,36 +373,44 @@ class Engine:
         self._start_small_when_idle()
 
     def _queue_step(self):
-        """Dispatches a decode step for the rows with a request, unless each of them is certain to end when the step
-        before it is taken; returns (logits, last, rows, lengths and epochs at dispatch) or None."""
+        """Dispatches decode steps for the rows with a request, unless each of them is certain to end when the
+        steps before are taken: STEPS_PER_CALL in one call while no request waits, none asks for log-probabilities
+        and every row has that many tokens to go, else one. Returns (logits, tokens, rows, lengths and epochs at
+        dispatch) or None."""
         active = [i for i, r in enumerate(self._rows) if r is not None]
-        lengths = self._ints[:, _I_LENGTH]
-        if not any(lengths[i] < self.max_len and self._ints[i, _I_COUNTER] < self._rows[i].request.max_tokens
-                   for i in active):
+        lengths, counters = self._ints[:, _I_LENGTH], self._ints[:, _I_COUNTER]
+        left = {i: min(self.max_len - lengths[i], self._rows[i].request.max_tokens - counters[i]) for i in active}
+        if not any(n > 0 for n in left.values()):
             return None
-        self._ensure_capacity(int(lengths[active].max()) + 1)
+        steps = STEPS_PER_CALL if not self._pending and min(left.values()) >= STEPS_PER_CALL and all(
+            self._rows[i].request.logprobs is None for i in active) else 1
+        self._ensure_capacity(int(lengths[active].max()) + steps)
         rows = 1 if active == [0] else self.max_batch  # one stream (it takes row 0) or all rows
         # copies: the step may read its host inputs after this returns, while the host goes on changing them
-        logits, self._last, self._cache = self._step(self.params, self._cache, self._last, self._ints.copy(),
-                                                     self._floats.copy(), rows=rows)
-        queued = (logits, self._last, rows, lengths.copy(), self._epochs.copy())
+        logits, tokens, self._last, self._cache = self._step(self.params, self._cache, self._last, self._ints.copy(),
+                                                             self._floats.copy(), rows=rows, steps=steps)
+        queued = (logits, tokens, rows, lengths.copy(), self._epochs.copy())
         self._ints[active, _I_TOKEN] = -1  # the next step reads the token this one samples
-        self._ints[active, _I_LENGTH] += 1
-        self._ints[active, _I_COUNTER] += 1
-        self.steps += 1
+        self._ints[active, _I_LENGTH] += steps
+        self._ints[active, _I_COUNTER] += steps
+        self.steps += steps
         return queued
 
     def _take(self, queued) -> None:
-        """Accepts the tokens a queued step sampled for the rows whose requests are still where they were when it
-        was queued (same request, not prefilled again since)."""
-        logits, last, rows, lengths, epochs = queued
+        """Accepts the tokens queued steps sampled, in order, for the rows whose requests are still where they were
+        when they were queued (same request, not prefilled again since) and have not ended."""
+        logits, tokens, rows, lengths, epochs = queued
         current = [i for i in range(rows) if self._rows[i] is not None and self._epochs[i] == epochs[i]]
         if not current:
             return  # nothing to wait for
-        tokens = np.asarray(last)[:rows]
-        scored = self._score_tokens(logits, tokens, [self._rows[i] if i in current else None for i in range(rows)])
-        for i in current:
-            self._accept(i, int(tokens[i]), int(lengths[i]) + 1, scored[i])
+        tokens = np.asarray(tokens)
+        # log-probabilities are asked for only of single steps (see _queue_step)
+        scored = self._score_tokens(logits, tokens[0], [self._rows[i] if i in current else None
+                                                        for i in range(rows)]) if len(tokens) == 1 else [None] * rows
+        for j, step_tokens in enumerate(tokens):
+            for i in current:
+                if self._rows[i] is not None and self._epochs[i] == epochs[i] and i not in self._refill:
+                    self._accept(i, int(step_tokens[i]), int(lengths[i]) + 1 + j, scored[i])
 
     def run_until_done(self) -> None:
         while self.has_work():
@@ -410,15 +429,15 @@ class Engine:
         self._ahead = None
 
     def warmup(self, prompt_len: int = PROMPT_BUCKET) -> None:
-        """Compiles the decode step at the smallest capacity, sampling, and the prefill of one prompt and of
-        `max_batch` prompts for every prompt bucket up to `prompt_len`, so early requests don't wait for the
-        compiler."""
+        """Compiles the decode step (one step and STEPS_PER_CALL per call) at the smallest capacity, sampling, and
+        the prefill of one prompt and of `max_batch` prompts for every prompt bucket up to `prompt_len`, so early
+        requests don't wait for the compiler."""
         prompt_len = min(prompt_len, self.max_len)
         for batch in sorted({1, self.max_batch}):
             length = min(PROMPT_BUCKET, prompt_len)
             while True:
                 for _ in range(batch):
-                    self.submit(Request([0] * length, max_tokens=2, sampling=SamplingParams(0.0)))
+                    self.submit(Request([0] * length, max_tokens=STEPS_PER_CALL + 2, sampling=SamplingParams(0.0)))
                 self.run_until_done()
                 if length >= prompt_len:
                     break

@@ -161,8 +161,9 @@ def test_stop_sequences_eos_max_tokens_and_streamed_text(gpt2):
 
 
 def test_steps_are_queued_ahead_but_none_is_computed_for_rows_sure_to_end(gpt2):
-    """A step is queued before the previous one's tokens are read; rows that end by max_tokens take no step past
-    their last token, and a row that stops on an end token costs at most one step in vain."""
+    """Steps are queued before the previous ones' tokens are read, STEPS_PER_CALL per call while no request waits;
+    rows that end by max_tokens take no step past their last token, and a row that stops on an end token costs at
+    most one call (STEPS_PER_CALL steps) in vain."""
     model, cfg = gpt2
     engine = decode.Engine(model, cfg, max_batch=2)
     prompt = _prompts([6], seed=3)[0]
@@ -174,7 +175,8 @@ def test_steps_are_queued_ahead_but_none_is_computed_for_rows_sure_to_end(gpt2):
     before = engine.steps
     ended = engine.submit(decode.Request(prompt, 10, GREEDY, stop_token_ids=[eos]))
     engine.run_until_done()
-    assert ended.token_ids == free.token_ids[:4] and engine.steps - before == 5  # the fifth step's token is eos
+    # tokens 1-4 in one call, the next call queued before they are read: its tokens are dropped
+    assert ended.token_ids == free.token_ids[:4] and engine.steps - before == 2 * decode.STEPS_PER_CALL
     assert not engine.has_work()
 
 
@@ -252,9 +254,10 @@ def test_warmup_compiles_what_first_requests_need_and_an_idle_engine_starts_smal
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_decode_step_writes_only_the_new_positions_of_the_cache(dtype):
-    """The compiled decode step, for one stream and for every row, neither copies a whole cache array (nor copies
-    it transposed: attention reads it in its own layout) nor writes into a float32 version of a bfloat16 one
-    (XLA:CPU converts a whole bf16 array to float32 and back to write into it, hence the cache keeps bf16 as bits)."""
+    """The compiled decode step, for one stream and for every row, one step or several in one call, neither copies a
+    whole cache array (nor copies it transposed: attention reads it in its own layout) nor writes into a float32
+    version of a bfloat16 one (XLA:CPU converts a whole bf16 array to float32 and back to write into it, hence the
+    cache keeps bf16 as bits)."""
     cfg = ModelConfig(vocab_size=len(CHARS), n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=64,
                       pos_embedding="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, dtype=dtype,
                       param_dtype=dtype)
@@ -262,8 +265,8 @@ def test_a_decode_step_writes_only_the_new_positions_of_the_cache(dtype):
     ints, floats = np.zeros((4, 6), np.int32), np.zeros((4, 2), np.float32)
     # the whole cache arrays, [rows, kv heads, head_dim, slots] and [rows, kv heads, slots, head_dim], any layout
     whole = {(4, 2, 8, 64), (4, 2, 64, 8)}
-    for rows in (1, 4):
-        lowered = engine._step.lower(engine.params, engine._cache, engine._last, ints, floats, rows=rows)
+    for rows, steps in ((1, 1), (4, 1), (1, decode.STEPS_PER_CALL), (4, decode.STEPS_PER_CALL)):
+        lowered = engine._step.lower(engine.params, engine._cache, engine._last, ints, floats, rows=rows, steps=steps)
         hlo = lowered.compile().as_text()
         for line in hlo.splitlines():
             m = re.match(r"\s*%\S+ = (\w+)\[([\d,]+)\]\S* ([\w-]+)\(", line)

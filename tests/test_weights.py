@@ -122,6 +122,25 @@ def test_the_cpu_kernel_multiplies_every_row_count_and_shape_exactly(dtype):
 
 
 @pytest.mark.skipif(not cpu_kernel.buildable(), reason=NO_KERNEL)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_the_cpu_kernel_takes_rows_of_a_packed_table(dtype):
+    """Embedding rows by the kernel (`ops.take_rows` of a `PackedKernel`): the stored rows as float32, int8 ones
+    times their scale, for ids of any shape and rows not a multiple of its 16 lanes."""
+    assert cpu_kernel.available()
+    table = jax.random.normal(jax.random.key(0), (37, 50))
+    packed = ops.pack(table, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, int8=dtype == "int8",
+                      transposed=True)
+    exact = np.asarray(packed.values.astype(jnp.float32)) * (1 if packed.scale is None else
+                                                             np.asarray(packed.scale)[:, None])
+    ids = jnp.asarray([[0, 36, 5], [5, 1, 17]])
+    take = jax.jit(ops.take_rows)
+    assert "GptJaxRows" in take.lower(packed, ids).as_text()
+    got = take(packed, ids)
+    assert got.shape == (2, 3, 50) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), exact[np.asarray(ids)], rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not cpu_kernel.buildable(), reason=NO_KERNEL)
 def test_the_cpu_kernels_argmax_is_jnp_argmax():
     """The greedy token by the kernel: the first of equal largest values, -inf rows, lengths not a multiple of its
     16 lanes, one row or several."""
@@ -146,7 +165,8 @@ def test_a_decode_step_multiplies_a_layers_products_of_one_input_in_one_kernel_c
     engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=4)
     ints, floats = np.zeros((4, 6), np.int32), np.zeros((4, 2), np.float32)
     for rows in (1, 4):
-        text = engine._step.lower(engine.params, engine._cache, engine._last, ints, floats, rows=rows).as_text()
+        args = (engine.params, engine._cache, engine._last, ints, floats)
+        text = engine._step.lower(*args, rows=rows, steps=1).as_text()
         calls = text.count("GptJaxProduct")
         assert calls == (0 if rows == 1 and weights == ("float32", "none") else 2 * 4 + 1), (rows, calls)
 
@@ -229,8 +249,9 @@ def test_float32_weights_are_packed_where_the_cpu_kernel_runs_and_give_the_same_
 
 def test_int8_decoding_compiles_a_fixed_set_of_programs_over_a_long_generation():
     """130 tokens after a 16-token prompt cross the cache capacities 64 and 128 into 256: the decode step compiles
-    once per capacity (3). The engine is idle between generations, so the next prompts start at the smallest
-    capacity again: nothing more compiles."""
+    once per capacity for STEPS_PER_CALL steps per call (3), and once for the single step that ends the requests.
+    The engine is idle between generations, so the next prompts start at the smallest capacity again: nothing more
+    compiles."""
     loaded = workdir.with_weights(_loaded("llama"), "float32", "int8")
     engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=2)
 
@@ -244,7 +265,7 @@ def test_int8_decoding_compiles_a_fixed_set_of_programs_over_a_long_generation()
     before = [f._cache_size() for f in jitted]
     generate()
     first = [f._cache_size() for f in jitted]
-    assert first[1] - before[1] == 3, (before, first)  # the step at capacities 64, 128, 256
+    assert first[1] - before[1] == 4, (before, first)  # 4 steps at capacities 64, 128, 256; 1 step at 256
     for _ in range(2):
         generate()
         assert [f._cache_size() for f in jitted] == first
