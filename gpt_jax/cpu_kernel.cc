@@ -281,6 +281,36 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
   return ffi::Error::Success();
 }
 
+// -- Rows of an embedding table ------------------------------------------------------------------------------------
+
+// y[r, :] = w[ids[r], :] widened to float32 (times scale[ids[r]] for int8: the arguments are then w, scale), ids
+// clamped to the table. XLA:CPU gathers from a bf16 table inside a loop of decode steps by converting all of it.
+template <typename W>
+ffi::Error Rows(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32> y) {
+  constexpr size_t kArgs = std::is_same_v<W, int8_t> ? 2 : 1;
+  auto w = args.get<ffi::AnyBuffer>(0);
+  if (args.size() != kArgs || !w.has_value() || w->dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("cpu_kernel: rows of a table [n, k] (and for int8 its scale [n])");
+  const int64_t n = w->dimensions()[0], k = w->dimensions()[1], count = ids.element_count();
+  if (int64_t(y->element_count()) != count * k) return ffi::Error::InvalidArgument("cpu_kernel: rows' shape");
+  const float* scale = nullptr;
+  if (kArgs == 2) {
+    auto s = args.get<ffi::Buffer<ffi::F32>>(1);
+    if (!s.has_value() || int64_t(s->element_count()) != n)
+      return ffi::Error::InvalidArgument("cpu_kernel: an int8 table [n, k] needs a float32 scale [n]");
+    scale = s->typed_data();
+  }
+  const W* wp = reinterpret_cast<const W*>(w->untyped_data());
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t row = std::clamp<int64_t>(ids.typed_data()[r], 0, n - 1);
+    const __m512 factor = _mm512_set1_ps(scale ? scale[row] : 1.0f);
+    float* out = y->typed_data() + r * k;
+    for (int64_t i = 0; i < k; i += 16)
+      _mm512_mask_storeu_ps(out + i, Tail(k - i), _mm512_mul_ps(Widen(wp + row * k + i, Tail(k - i)), factor));
+  }
+  return ffi::Error::Success();
+}
+
 // -- The greedy token: each row's first largest value ------------------------------------------------------------
 
 // x [rows, n] → y [rows]: the index of each row's largest value, the first of equals (as jnp.argmax, for rows
@@ -331,3 +361,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxAttendF32, Attend<float>,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxArgmax, Argmax,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::S32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxRowsBF16, Rows<uint16_t>,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::S32>>().RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxRowsS8, Rows<int8_t>,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::S32>>().RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptJaxRowsF32, Rows<float>,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::S32>>().RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -38,6 +38,8 @@ MAX_ROWS = 8  # products of up to MAX_ROWS rows go to the kernel
 _AVX512 = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 _TARGETS = {jnp.dtype(jnp.bfloat16): "GptJaxProductBF16", jnp.dtype(jnp.int8): "GptJaxProductS8",
             jnp.dtype(jnp.float32): "GptJaxProductF32"}
+_ROWS = {jnp.dtype(jnp.bfloat16): "GptJaxRowsBF16", jnp.dtype(jnp.int8): "GptJaxRowsS8",
+         jnp.dtype(jnp.float32): "GptJaxRowsF32"}
 _ATTEND = {jnp.dtype(jnp.bfloat16): "GptJaxAttendBF16", jnp.dtype(jnp.float32): "GptJaxAttendF32"}  # by cache type
 
 
@@ -100,7 +102,7 @@ def available() -> bool:
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         logging.warning("the CPU decode kernel is not used (%s); XLA computes what it would", e)
         return False
-    for name in (*_TARGETS.values(), *_ATTEND.values(), "GptJaxArgmax"):
+    for name in (*_TARGETS.values(), *_ROWS.values(), *_ATTEND.values(), "GptJaxArgmax"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
     return True
 
@@ -114,6 +116,16 @@ def products(x, weights, scales=None):
                             vmap_method="sequential")
     args = weights if scales is None else [a for pair in zip(weights, scales, strict=True) for a in pair]
     return list(call(x.astype(jnp.float32), *args))
+
+
+def take_rows(values, ids, scale=None):
+    """Rows `ids` (int, any shape) of values [n, k] (bfloat16, int8 or float32) as float32 [*ids.shape, k], times
+    `scale` [n] of int8 values per row, by the kernel."""
+    call = jax.ffi.ffi_call(_ROWS[jnp.dtype(values.dtype)], jax.ShapeDtypeStruct((ids.size, values.shape[1]),
+                                                                                 jnp.float32),
+                            vmap_method="sequential")
+    args = (values,) if scale is None else (values, scale)
+    return call(ids.reshape(-1).astype(jnp.int32), *args).reshape(*ids.shape, values.shape[1])
 
 
 def attend(q, keys, values, lengths, dtype):

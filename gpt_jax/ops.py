@@ -151,8 +151,12 @@ def argmax(x):
 
 
 def take_rows(table, ids):
-    """Rows `ids` of an embedding table (an array, or a `PackedKernel`) as float32 or its dtype."""
+    """Rows `ids` of an embedding table (an array, or a `PackedKernel`) as float32 or its dtype. A packed table's
+    rows come from the CPU kernel where it runs: inside a loop of decode steps XLA:CPU gathers from a bf16 table by
+    converting all of it to float32 once per call (1.7x the time of a one-row step of SmolLM2)."""
     if isinstance(table, PackedKernel):
+        if jax.default_backend() == "cpu" and cpu_kernel.available():
+            return cpu_kernel.take_rows(table.values, ids, table.scale)
         rows = jnp.take(table.values, ids, axis=0)
         if table.scale is None:
             return rows
