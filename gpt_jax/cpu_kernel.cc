@@ -1,7 +1,9 @@
 // The decode step on a CPU with AVX-512, built and registered with XLA by gpt_jax/cpu_kernel.py: the product of a few
-// rows by a weight stored output channel by output channel (ops.PackedKernel), y[m, n] = x[m, k] · w[n, k] over k
-// with x and y float32 and w bfloat16, int8 or float32 (ops.matmul sends it 2 to 8 rows), and the attention of one
-// new position per row over the KV cache (ops.attention_of_new_positions).
+// rows by weights stored output channel by output channel (ops.PackedKernel), y[m, n] = x[m, k] · w[n, k] over k
+// with x and y float32 and w bfloat16, int8 or float32 (ops.packed_products sends it 1 to 8 rows, one row not for
+// float32, and the weights of one input together), the attention of one new position per row over the KV cache
+// (ops.attention_of_new_positions), rows of a packed embedding table (ops.take_rows) and the greedy token
+// (ops.argmax).
 //
 // Why a kernel of our own: a decode step reads every weight once for a handful of rows. XLA:CPU multiplies a few
 // rows as a GEMM at its small-batch rate, after converting a bf16 or int8 weight to float32 (a copy per step).

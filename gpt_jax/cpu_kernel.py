@@ -1,12 +1,13 @@
 """The decode step's products and attention on a CPU as a kernel of our own (`cpu_kernel.cc`), compiled on first use
 with the system's C++ compiler and registered with XLA as custom calls.
 
-A decode step multiplies 2-8 rows (the streams being served) by every weight once. XLA:CPU runs that product at its
+A decode step multiplies 1-8 rows (the streams being served) by every weight once. XLA:CPU runs that product at its
 small-batch GEMM rate, after converting a bf16 or int8 weight to float32 (BENCHMARKS.md); the kernel reads each weight
-row once in its stored type and multiplies it with all the rows, split over XLA's intra-op threads. One row stays
-with XLA, whose fused loop already streams the weights at the memory's rate, and so do products of more rows
-(prompts), which XLA's GEMM does well. Its attention reads each row's slots in use of the KV cache in place, where
-XLA reads every slot (masked) and converts a bf16 cache to float32 per layer.
+row once in its stored type and multiplies it with all the rows, the weights of one input (query, key and value;
+gate and up) in one call, split over XLA's intra-op threads. One float32 row stays with XLA, whose fused loop streams
+it faster, and so do products of more rows (prompts), which XLA's GEMM does well. Its attention reads each row's
+slots in use of the KV cache in place, where XLA reads every slot (masked) and converts a bf16 cache to float32 per
+layer. It also takes the rows of a packed embedding table and the greedy token, which XLA:CPU does slowly.
 
 The kernel needs an x86-64 CPU with AVX-512 (the x86-64-v4 level: F, BW, CD, DQ, VL) and a C++17 compiler (`$CXX`,
 else `c++`); without them, or with GPT_JAX_CPU_KERNEL=0, `ops` computes the same with XLA. The library is built for
