@@ -173,29 +173,29 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
                  for layer, new in zip(cache, small, strict=True)]
         return last, cache, scores
 
-    def step(params, cache, last, ints, floats, rows: int, steps: int = 1):
-        """`steps` decode steps of the first `rows` rows, each writing a row's token at its position and sampling
-        the next: returns (the last step's next-token logits [rows, vocab], the sampled tokens [steps, rows],
+    def step(params, cache, last, ints, floats, steps, rows: int):
+        """`steps` (1 to STEPS_PER_CALL; traced, so one program serves every count) decode steps of the first `rows`
+        rows, each writing a row's token at its position and sampling the next: returns (the last step's
+        next-token logits [rows, vocab], the sampled tokens [STEPS_PER_CALL, rows] (the first `steps` of them),
         `last` with the final ones in its first rows, cache). A row's first token is ints[:, TOKEN], or where that
-        is negative the one the previous call sampled (last [max_batch]), so a step can be queued before the host
+        is negative the one the previous call sampled (last [max_batch]), so a call can be queued before the host
         has read the previous one's. Rows past `rows` are left as they are, so one stream in row 0 multiplies one
         row."""
         model = nnx.merge(graphdef, params)
 
-        def one(carry, i):
-            cache, last = carry
+        def one(i, carry):
+            cache, last, _, sampled = carry
             lengths = ints[:rows, _I_LENGTH] + i  # each row's slot for its token: it attends to the slots up to it
             positions = jnp.minimum(lengths, last_position)[:, None]
             tokens = jnp.where((ints[:rows, _I_TOKEN] >= 0) & (i == 0), ints[:rows, _I_TOKEN], last[:rows])
             logits, cache = model(tokens[:, None], positions, cache=cache, cache_index=lengths)
-            sampled = _sample_packed(logits[:, 0], ints[:rows].at[:, _I_COUNTER].add(i), floats[:rows])
-            return (cache, jax.lax.dynamic_update_slice(last, sampled, (0,))), (logits[:, 0], sampled)
+            new = _sample_packed(logits[:, 0], ints[:rows].at[:, _I_COUNTER].add(i), floats[:rows])
+            return cache, jax.lax.dynamic_update_slice(last, new, (0,)), logits[:, 0], sampled.at[i].set(new)
 
-        if steps == 1:
-            (cache, last), (logits, sampled) = one((cache, last), 0)
-            return logits, sampled[None], last, cache
-        (cache, last), (logits, sampled) = jax.lax.scan(one, (cache, last), jnp.arange(steps))
-        return logits[-1], sampled, last, cache
+        start = (cache, last, jnp.zeros((rows, cfg.vocab_size), jnp.float32),
+                 jnp.zeros((STEPS_PER_CALL, rows), jnp.int32))
+        cache, last, logits, sampled = jax.lax.fori_loop(0, steps, one, start)
+        return logits, sampled, last, cache
 
     def grow(cache, capacity: int):
         def pad(x, name):
@@ -206,7 +206,7 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
         return [{name: pad(layer[name], name) for name in ("k", "v")} for layer in cache]
 
     return (jax.jit(prefill, donate_argnums=(1,), static_argnames=("score",)),
-            jax.jit(step, donate_argnums=(1,), static_argnames=("rows", "steps")),
+            jax.jit(step, donate_argnums=(1,), static_argnames=("rows",)),
             jax.jit(_sample_packed), jax.jit(grow, static_argnums=(1,)), jax.jit(token_logprobs))
 
 
@@ -390,8 +390,8 @@ class Engine:
         rows = 1 if active == [0] else self.max_batch  # one stream (it takes row 0) or all rows
         # copies: the step may read its host inputs after this returns, while the host goes on changing them
         logits, tokens, self._last, self._cache = self._step(self.params, self._cache, self._last, self._ints.copy(),
-                                                             self._floats.copy(), rows=rows, steps=steps)
-        queued = (logits, tokens, rows, lengths.copy(), self._epochs.copy())
+                                                             self._floats.copy(), np.int32(steps), rows=rows)
+        queued = (logits, tokens, steps, rows, lengths.copy(), self._epochs.copy())
         self._ints[active, _I_TOKEN] = -1  # the next step reads the token this one samples
         self._ints[active, _I_LENGTH] += steps
         self._ints[active, _I_COUNTER] += steps
@@ -401,11 +401,11 @@ class Engine:
     def _take(self, queued) -> None:
         """Accepts the tokens queued steps sampled, in order, for the rows whose requests are still where they were
         when they were queued (same request, not prefilled again since) and have not ended."""
-        logits, tokens, rows, lengths, epochs = queued
+        logits, tokens, steps, rows, lengths, epochs = queued
         current = [i for i in range(rows) if self._rows[i] is not None and self._epochs[i] == epochs[i]]
         if not current:
             return  # nothing to wait for
-        tokens = np.asarray(tokens)
+        tokens = np.asarray(tokens)[:steps]
         # log-probabilities are asked for only of single steps (see _queue_step)
         scored = self._score_tokens(logits, tokens[0], [self._rows[i] if i in current else None
                                                         for i in range(rows)]) if len(tokens) == 1 else [None] * rows
@@ -431,15 +431,15 @@ class Engine:
         self._ahead = None
 
     def warmup(self, prompt_len: int = PROMPT_BUCKET) -> None:
-        """Compiles the decode step (one step and STEPS_PER_CALL per call) at the smallest capacity, sampling, and
-        the prefill of one prompt and of `max_batch` prompts for every prompt bucket up to `prompt_len`, so early
-        requests don't wait for the compiler."""
+        """Compiles the decode step at the smallest capacity, sampling, and the prefill of one prompt and of
+        `max_batch` prompts for every prompt bucket up to `prompt_len`, so early requests don't wait for the
+        compiler."""
         prompt_len = min(prompt_len, self.max_len)
         for batch in sorted({1, self.max_batch}):
             length = min(PROMPT_BUCKET, prompt_len)
             while True:
                 for _ in range(batch):
-                    self.submit(Request([0] * length, max_tokens=STEPS_PER_CALL + 2, sampling=SamplingParams(0.0)))
+                    self.submit(Request([0] * length, max_tokens=2, sampling=SamplingParams(0.0)))
                 self.run_until_done()
                 if length >= prompt_len:
                     break

@@ -254,10 +254,10 @@ def test_warmup_compiles_what_first_requests_need_and_an_idle_engine_starts_smal
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_decode_step_writes_only_the_new_positions_of_the_cache(dtype):
-    """The compiled decode step, for one stream and for every row, one step or several in one call, neither copies a
-    whole cache array (nor copies it transposed: attention reads it in its own layout) nor writes into a float32
-    version of a bfloat16 one (XLA:CPU converts a whole bf16 array to float32 and back to write into it, hence the
-    cache keeps bf16 as bits)."""
+    """The compiled decode step (a loop of up to STEPS_PER_CALL steps), for one stream and for every row, neither
+    copies a whole cache array (nor copies it transposed: attention reads it in its own layout) nor writes into a
+    float32 version of a bfloat16 one (XLA:CPU converts a whole bf16 array to float32 and back to write into it,
+    hence the cache keeps bf16 as bits)."""
     cfg = ModelConfig(vocab_size=len(CHARS), n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=64,
                       pos_embedding="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, dtype=dtype,
                       param_dtype=dtype)
@@ -265,8 +265,8 @@ def test_a_decode_step_writes_only_the_new_positions_of_the_cache(dtype):
     ints, floats = np.zeros((4, 6), np.int32), np.zeros((4, 2), np.float32)
     # the whole cache arrays, [rows, kv heads, head_dim, slots] and [rows, kv heads, slots, head_dim], any layout
     whole = {(4, 2, 8, 64), (4, 2, 64, 8)}
-    for rows, steps in ((1, 1), (4, 1), (1, decode.STEPS_PER_CALL), (4, decode.STEPS_PER_CALL)):
-        lowered = engine._step.lower(engine.params, engine._cache, engine._last, ints, floats, rows=rows, steps=steps)
+    for rows in (1, 4):
+        lowered = engine._step.lower(engine.params, engine._cache, engine._last, ints, floats, np.int32(1), rows=rows)
         hlo = lowered.compile().as_text()
         for line in hlo.splitlines():
             m = re.match(r"\s*%\S+ = (\w+)\[([\d,]+)\]\S* ([\w-]+)\(", line)

@@ -165,8 +165,8 @@ def test_a_decode_step_multiplies_a_layers_products_of_one_input_in_one_kernel_c
     engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=4)
     ints, floats = np.zeros((4, 6), np.int32), np.zeros((4, 2), np.float32)
     for rows in (1, 4):
-        args = (engine.params, engine._cache, engine._last, ints, floats)
-        text = engine._step.lower(*args, rows=rows, steps=1).as_text()
+        args = (engine.params, engine._cache, engine._last, ints, floats, np.int32(1))
+        text = engine._step.lower(*args, rows=rows).as_text()
         calls = text.count("GptJaxProduct")
         assert calls == (0 if rows == 1 and weights == ("float32", "none") else 2 * 4 + 1), (rows, calls)
 
@@ -249,9 +249,8 @@ def test_float32_weights_are_packed_where_the_cpu_kernel_runs_and_give_the_same_
 
 def test_int8_decoding_compiles_a_fixed_set_of_programs_over_a_long_generation():
     """130 tokens after a 16-token prompt cross the cache capacities 64 and 128 into 256: the decode step compiles
-    once per capacity for STEPS_PER_CALL steps per call (3), and once for the single step that ends the requests.
-    The engine is idle between generations, so the next prompts start at the smallest capacity again: nothing more
-    compiles."""
+    once per capacity (3), whether a call runs one step or several. The engine is idle between generations, so the
+    next prompts start at the smallest capacity again: nothing more compiles."""
     loaded = workdir.with_weights(_loaded("llama"), "float32", "int8")
     engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=2)
 
@@ -265,7 +264,7 @@ def test_int8_decoding_compiles_a_fixed_set_of_programs_over_a_long_generation()
     before = [f._cache_size() for f in jitted]
     generate()
     first = [f._cache_size() for f in jitted]
-    assert first[1] - before[1] == 4, (before, first)  # 4 steps at capacities 64, 128, 256; 1 step at 256
+    assert first[1] - before[1] == 3, (before, first)  # the step at capacities 64, 128, 256
     for _ in range(2):
         generate()
         assert [f._cache_size() for f in jitted] == first
