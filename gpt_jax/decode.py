@@ -377,8 +377,8 @@ class Engine:
     def _queue_step(self):
         """Dispatches decode steps for the rows with a request, unless each of them is certain to end when the
         steps before are taken: STEPS_PER_CALL in one call while no request waits, none asks for log-probabilities
-        and every row has that many tokens to go, else one. Returns (logits, tokens, rows, lengths and epochs at
-        dispatch) or None."""
+        and every row has that many tokens to go, else one. Returns (logits, tokens, steps, rows, lengths and epochs
+        at dispatch) or None."""
         active = [i for i, r in enumerate(self._rows) if r is not None]
         lengths, counters = self._ints[:, _I_LENGTH], self._ints[:, _I_COUNTER]
         left = {i: min(self.max_len - lengths[i], self._rows[i].request.max_tokens - counters[i]) for i in active}
