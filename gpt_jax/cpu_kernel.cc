@@ -31,12 +31,27 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;          // rows handled together; more rows are done in groups of this many
 constexpr int kPrefetchBytes = 8192;     // how far ahead of the reads the prefetch (into L2) runs
 constexpr int64_t kMinChunk = 32;        // output channels per task, at least
 
 // The first min(left, 16) of 16 lanes.
 inline __mmask16 Tail(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+// The largest of row[0..n), or -inf.
+inline float MaxOf(const float* row, int64_t n) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < n; i += 16)
+    top = _mm512_mask_max_ps(top, Tail(n - i), top, _mm512_maskz_loadu_ps(Tail(n - i), row + i));
+  return _mm512_reduce_max_ps(top);
+}
+
+// The float32 scale [n] that follows an int8 weight or table [n, k] among a call's arguments, at `index`.
+inline ffi::ErrorOr<const float*> ScaleAt(const ffi::RemainingArgs& args, size_t index, int64_t n) {
+  auto s = args.get<ffi::Buffer<ffi::F32>>(index);
+  if (!s.has_value() || int64_t(s->element_count()) != n)
+    return ffi::Unexpected(ffi::Error::InvalidArgument("cpu_kernel: int8 values [n, k] need a float32 scale [n]"));
+  return s->typed_data();
+}
 
 // 16 weights widened to float32; `mask` keeps the first lanes (a row's tail), the others read as zero.
 inline __m512 Widen(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
@@ -171,10 +186,9 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs
       return ffi::Error::InvalidArgument("cpu_kernel: each w must be [n, k] and its y [m, n]");
     const float* scale = nullptr;
     if (kArgs == 2) {
-      auto s = args.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
-      if (!s.has_value() || int64_t(s->element_count()) != wd[0])
-        return ffi::Error::InvalidArgument("cpu_kernel: an int8 weight [n, k] needs a float32 scale [n]");
-      scale = s->typed_data();
+      auto s = ScaleAt(args, 2 * i + 1, wd[0]);
+      if (!s.has_value()) return s.error();
+      scale = *s;
     }
     parts.push_back({reinterpret_cast<const W*>(w->untyped_data()), scale, (*y)->typed_data(), total, wd[0]});
     total += wd[0];
@@ -262,10 +276,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
     });
     for (int64_t g = 0; g < group; ++g) {  // the softmax's numerators, in place, and their sum
       float* row = scores.data() + g * stride;
-      __m512 top = _mm512_set1_ps(-INFINITY);
-      for (int64_t s = 0; s < length; s += 16)
-        top = _mm512_mask_max_ps(top, Tail(length - s), top, _mm512_loadu_ps(row + s));
-      const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+      const __m512 most = _mm512_set1_ps(MaxOf(row, length));
       __m512 sum = _mm512_setzero_ps();
       for (int64_t s = 0; s < length; s += 16) {
         const __mmask16 mask = Tail(length - s);
@@ -297,10 +308,9 @@ ffi::Error Rows(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs args, ffi::ResultB
   if (int64_t(y->element_count()) != count * k) return ffi::Error::InvalidArgument("cpu_kernel: rows' shape");
   const float* scale = nullptr;
   if (kArgs == 2) {
-    auto s = args.get<ffi::Buffer<ffi::F32>>(1);
-    if (!s.has_value() || int64_t(s->element_count()) != n)
-      return ffi::Error::InvalidArgument("cpu_kernel: an int8 table [n, k] needs a float32 scale [n]");
-    scale = s->typed_data();
+    auto s = ScaleAt(args, 1, n);
+    if (!s.has_value()) return s.error();
+    scale = *s;
   }
   const W* wp = reinterpret_cast<const W*>(w->untyped_data());
   for (int64_t r = 0; r < count; ++r) {
@@ -316,18 +326,15 @@ ffi::Error Rows(ffi::Buffer<ffi::S32> ids, ffi::RemainingArgs args, ffi::ResultB
 // -- The greedy token: each row's first largest value ------------------------------------------------------------
 
 // x [rows, n] → y [rows]: the index of each row's largest value, the first of equals (as jnp.argmax, for rows
-// without NaN). XLA:CPU's
-// reduction over SmolLM2's 49152 logits takes ~0.3 ms of a one-row decode step; this reads them at memory speed.
+// without NaN). XLA:CPU's reduction over SmolLM2's 49152 logits takes ~0.3 ms of a one-row decode step; this reads
+// them at memory speed.
 ffi::Error Argmax(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> y) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || xd[1] < 1) return ffi::Error::InvalidArgument("cpu_kernel: argmax takes x [rows, n > 0]");
   const int64_t n = xd[1];
   for (int64_t r = 0; r < xd[0]; ++r) {
     const float* row = x.typed_data() + r * n;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < n; i += 16)
-      top = _mm512_mask_max_ps(top, Tail(n - i), top, _mm512_maskz_loadu_ps(Tail(n - i), row + i));
-    const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    const __m512 most = _mm512_set1_ps(MaxOf(row, n));
     int32_t first = 0;  // a row of NaNs gives 0
     for (int64_t i = 0; i < n; i += 16) {
       const __mmask16 hit = _mm512_mask_cmp_ps_mask(Tail(n - i), _mm512_maskz_loadu_ps(Tail(n - i), row + i), most,

@@ -402,7 +402,10 @@ class Engine:
         """Accepts the tokens queued steps sampled, in order, for the rows whose requests are still where they were
         when they were queued (same request, not prefilled again since) and have not ended."""
         logits, tokens, steps, rows, lengths, epochs = queued
-        current = [i for i in range(rows) if self._rows[i] is not None and self._epochs[i] == epochs[i]]
+        def unchanged(i):  # a release or a new prefill bumps the row's epoch
+            return self._rows[i] is not None and self._epochs[i] == epochs[i]
+
+        current = [i for i in range(rows) if unchanged(i)]
         if not current:
             return  # nothing to wait for
         tokens = np.asarray(tokens)[:steps]
@@ -411,7 +414,7 @@ class Engine:
                                                         for i in range(rows)]) if len(tokens) == 1 else [None] * rows
         for j, step_tokens in enumerate(tokens):
             for i in current:
-                if self._rows[i] is not None and self._epochs[i] == epochs[i] and i not in self._refill:
+                if unchanged(i) and i not in self._refill:  # not ended or queued to slide by an earlier token
                     self._accept(i, int(step_tokens[i]), int(lengths[i]) + 1 + j, scored[i])
 
     def run_until_done(self) -> None:

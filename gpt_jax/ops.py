@@ -99,12 +99,16 @@ def pack(w, dtype, *, int8: bool = False, transposed: bool = False) -> PackedKer
     return PackedKernel(jnp.clip(q, -127, 127).astype(jnp.int8), scale)
 
 
+def _cpu_kernel() -> bool:
+    """Whether this computation runs on a CPU where the CPU kernel is built (`cpu_kernel.available`)."""
+    return jax.default_backend() == "cpu" and cpu_kernel.available()
+
+
 def _on_cpu_kernel(rows: int, values) -> bool:
     """Whether the CPU kernel multiplies `rows` rows by packed `values`: up to cpu_kernel.MAX_ROWS rows (a decode
     step's streams) where it builds, except one row by float32 weights, which XLA's loop streams faster (SmolLM2's
     decode products in one chain: 19.0 vs 23.1 ms)."""
-    return (jax.default_backend() == "cpu" and rows <= cpu_kernel.MAX_ROWS
-            and (rows > 1 or values.dtype != jnp.float32) and cpu_kernel.available())
+    return rows <= cpu_kernel.MAX_ROWS and (rows > 1 or values.dtype != jnp.float32) and _cpu_kernel()
 
 
 def packed_products(x, kernels: list[PackedKernel], compute_dtype) -> list:
@@ -145,7 +149,7 @@ def _packed_product_of(x, values, compute_dtype):
 def argmax(x):
     """jnp.argmax of x [rows, n] over its last axis (int32), by the CPU kernel on a CPU: XLA:CPU's reduction takes
     ~0.3 ms over SmolLM2's 49152 logits, 3-4% of a one-stream decode step."""
-    if jax.default_backend() == "cpu" and x.ndim == 2 and cpu_kernel.available():
+    if x.ndim == 2 and _cpu_kernel():
         return cpu_kernel.argmax(x)
     return jnp.argmax(x, axis=-1).astype(jnp.int32)
 
@@ -155,7 +159,7 @@ def take_rows(table, ids):
     rows come from the CPU kernel where it runs: inside a loop of decode steps XLA:CPU gathers from a bf16 table by
     converting all of it to float32 once per call (1.7x the time of a one-row step of SmolLM2)."""
     if isinstance(table, PackedKernel):
-        if jax.default_backend() == "cpu" and cpu_kernel.available():
+        if _cpu_kernel():
             return cpu_kernel.take_rows(table.values, ids, table.scale)
         rows = jnp.take(table.values, ids, axis=0)
         if table.scale is None:
@@ -248,7 +252,7 @@ def attention_of_new_positions(q, cache, cache_index, dtype, out_dtype):
     (`cpu_kernel.attend`) reads the slots in use in place; elsewhere `attention_over_cache` reads all of the
     batch's rows and slots with a mask."""
     batch = q.shape[0]
-    if jax.default_backend() == "cpu" and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and cpu_kernel.available():
+    if jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and _cpu_kernel():
         return cpu_kernel.attend(q[:, 0], cache["k"], cache["v"], cache_index + 1, dtype)[:, None].astype(out_dtype)
     keys, values = (from_bits(cache[name][:batch], dtype) for name in ("k", "v"))
     mask = jnp.arange(keys.shape[-1])[None, None, :] <= cache_index[:, None, None]  # [batch, 1, slots]
