@@ -41,7 +41,9 @@ for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eige
 # a program compiled again (by a resumed run, the other sample of a pair, the same model in another test's process) is
 # read back instead of compiled. The key is the whole program with its compile options and devices, so a cached
 # executable is the one a fresh compile gives and no result changes. The size limit turns on JAX's file lock, so no
-# process reads an entry another is still writing. This process keeps JAX's in-memory caches only: JAX reads these
+# process reads an entry another is still writing; it also makes every write list and stat the whole folder, so only
+# programs that took 0.5 s or more to compile are kept (with every one kept, the folder grew to thousands of entries and
+# the session took 740 s on 2 cores; 579 s so). This process keeps JAX's in-memory caches only: JAX reads these
 # variables when it is imported, so it is imported first. xdist's workers inherit them from this (the controlling)
 # process and use the cache in-process too; the tests that count compiles still count every one, since
 # `jax.log_compiles` names a program as it is lowered, before the cache is asked.
@@ -50,7 +52,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import jax  # noqa: F401
 
     _COMPILATION_CACHE = tempfile.mkdtemp(prefix="gpt_jax_tests_xla_cache_")
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
                       JAX_COMPILATION_CACHE_MAX_SIZE=str(4 << 30))
 
 
