@@ -272,6 +272,41 @@ class Request:
     score_prompt: bool = False  # the same for the prompt's tokens (with `logprobs`); max_tokens may then be 0
 
 
+class IncrementalText:
+    """The text of a growing token list, equal to `tokenizer.decode` of the whole list, for the decoding of a few
+    tokens per token added: decoding the whole list each time costs time quadratic in its length (a SmolLM2
+    tokenizer: 1.5 ms per call at 8,192 tokens, per row and step).
+
+    The text of the settled tokens (those whose text ends in a whole character) is kept; a new token's text is what
+    decoding the tokens from `start` adds to decoding the settled ones from `start` alone. Decoding both from the same
+    token matters: tokenizers drop the space of a string's first word (SentencePiece, Metaspace), and a token that
+    decodes to nothing (a control token) would move that drop to the next word, so `start` only moves to tokens whose
+    text is not empty."""
+
+    def __init__(self, tokenizer):
+        self._decode = tokenizer.decode
+        self._start = 0  # the decoded window begins at this token
+        self._settled = 0  # tokens [:_settled] have settled text
+        self._settled_text = ""  # the text of tokens [:_settled]
+        self._head = ""  # the text of tokens [_start:_settled] decoded alone
+
+    def update(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, the list given before with tokens appended."""
+        window = self._decode(ids[self._start:])
+        if window.startswith(self._head):
+            text = self._settled_text + window[len(self._head):]
+        else:  # a tokenizer whose text of the settled tokens changes with what follows: decode it all
+            text = self._decode(ids)
+        if not text.endswith("\ufffd"):  # a whole character (a partial one decodes to the replacement character)
+            new = self._decode(ids[self._settled:])
+            if new:
+                self._start, self._head = self._settled, new
+            else:
+                self._head = window
+            self._settled, self._settled_text = len(ids), text
+        return text
+
+
 class RequestState:
     """A submitted request and what it has produced so far."""
 
@@ -287,6 +322,7 @@ class RequestState:
         self.done = threading.Event()
         self._shown = 0  # characters of text already sent in updates
         self._stop_set = frozenset(request.stop_token_ids)
+        self._text: IncrementalText | None = None  # with a tokenizer, made at the first token
 
     @property
     def prompt_tokens(self) -> int:
@@ -580,7 +616,9 @@ class Engine:
         return True
 
     def _update_text(self, state: RequestState) -> str | None:
-        text = self.tokenizer.decode(state.token_ids)
+        if state._text is None:
+            state._text = IncrementalText(self.tokenizer)
+        text = state._text.update(state.token_ids)
         stops = state.request.stop
         if stops:
             start = max(0, len(state.text) - max(len(s) for s in stops))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_TEXT
 from flax import nnx
 
 from gpt_jax import decode
@@ -158,6 +159,51 @@ def test_stop_sequences_eos_max_tokens_and_streamed_text(gpt2):
     ended = engine.submit(decode.Request(prompt, 30, GREEDY, stop_token_ids=[eos]))
     engine.run_until_done()
     assert ended.token_ids == free.token_ids[:free.token_ids.index(eos)] and ended.finish_reason == "stop"
+
+
+def _text_tokenizers(tmp_path, tiny_bpe) -> dict:
+    """Tokenizers of every kind the engine decodes with, trained on TINY_TEXT (ü, é and 日本 take several bytes)."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from gpt_jax.tokenizer import HFTokenizer, SentencePieceTokenizer
+
+    lines = TINY_TEXT.splitlines(keepends=True) * 10
+    ours = SentencePieceTokenizer.train(lines, 400, str(tmp_path / "ours"))
+    # SentencePiece's defaults (ours turns them off): a space before the text, dropped again by decoding, and <s>,
+    # </s> as control tokens, which decode to nothing
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "default"),
+                                   vocab_size=400, byte_fallback=True, hard_vocab_limit=False, minloglevel=2)
+    metaspace = Tokenizer(models.BPE(unk_token="<unk>"))
+    metaspace.pre_tokenizer, metaspace.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    metaspace.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"],
+                                                             show_progress=False))
+    return {"char": CharTokenizer("".join(sorted(set(TINY_TEXT)))), "byte-level BPE": HFTokenizer(tiny_bpe, eos_id=0),
+            "SentencePiece (ours)": ours,
+            "SentencePiece (defaults)": SentencePieceTokenizer(str(tmp_path / "default.model")),
+            "Metaspace BPE": HFTokenizer(metaspace, eos_id=1)}
+
+
+def test_streamed_text_decodes_a_few_tokens_per_token_and_equals_decoding_them_all(tmp_path, tiny_bpe):
+    """decode.IncrementalText, which the engine keeps per request: after every token its text is what decoding the
+    whole list gives (characters split over byte tokens, the dropped space of a first word, control tokens), and the
+    tokens it decodes grow linearly with the length (decoding the whole list each time grows quadratically)."""
+    rng = np.random.default_rng(0)
+    for name, tok in _text_tokenizers(tmp_path, tiny_bpe).items():
+        decoded = []
+        counting = type("Counting", (), {"decode": lambda self, ids: decoded.append(len(ids)) or tok.decode(ids)})()
+        text_ids = tok.encode(TINY_TEXT * 3)
+        sequences = [text_ids, rng.integers(0, tok.vocab_size, 300).tolist()]  # the latter: bytes out of order
+        if tok.eos_id is not None:  # the end token after every third token (SentencePiece's decodes to nothing)
+            ends = [[t, tok.eos_id] if i % 3 == 2 else [t] for i, t in enumerate(text_ids[:300])]
+            sequences.append([x for pair in ends for x in pair])
+        for ids in sequences:
+            decoded.clear()
+            incremental = decode.IncrementalText(counting)
+            for n in range(1, len(ids) + 1):
+                assert incremental.update(ids[:n]) == tok.decode(ids[:n]), (name, n)
+            if ids is text_ids:
+                assert sum(decoded) <= 8 * len(ids), (name, sum(decoded), len(ids))
 
 
 def test_steps_are_queued_ahead_but_none_is_computed_for_rows_sure_to_end(gpt2):
