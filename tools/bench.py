@@ -6,8 +6,9 @@
     python tools/bench.py kernels [--rounds=5]
     python tools/bench.py finetune [--finetune_steps=5] [--finetune_batch=8]
         [--finetune_configs=finetune_shakespeare_lora,finetune_shakespeare] [--nofinetune_peer]
-    python tools/bench.py --gpu [--gpu_batch=16,32] [--gpu_steps=10] [--gpu_remat=none,dots]
-        [--gpu_activation_dtype=float32,bfloat16]   (on a GPU machine)
+    python tools/bench.py gpu [--gpu_batch=16,32] [--gpu_steps=10] [--gpu_remat=none,dots]
+        [--gpu_activation_dtype=float32,bfloat16] [--gpu_loss_chunk=0,2048] [--gpu_profile]
+        [--nogpu_isolate] [--gpu_variant_timeout=150]   (on a GPU machine)
 
 Sections:
 - `data`: tools/prepare_data.py (the Beam pipeline, every core) on corpora generated from tinyshakespeare of the
@@ -398,9 +399,9 @@ TRAIN_SHAPES = {
 
 
 def _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype, train_steps=2000, remat="none",
-                     activation_dtype="float32", attention_block=None):
+                     activation_dtype="float32", attention_block=None, loss_chunk=None):
     """(mesh, model config, state, jitted train step, parameter count) on one device, with
-    configs/shakespeare_char.py's optimizer settings; `attention_block` overrides model.attention_block."""
+    configs/shakespeare_char.py's optimizer settings; `attention_block` and `loss_chunk` override the config's."""
     import jax
 
     from gpt_jax import config as config_lib
@@ -414,12 +415,14 @@ def _jax_train_setup(n_layer, n_head, d_model, seq_len, batch, vocab, dtype, tra
     c.model.dtype, c.model.remat, c.model.activation_dtype = dtype, remat, activation_dtype
     if attention_block is not None:
         c.model.attention_block = attention_block
+    if loss_chunk is not None:
+        c.loss_chunk = loss_chunk
     c.mesh.data = 1
     model_cfg = ModelConfig.from_config(c)
     mesh = sharding.make_mesh(c.mesh)
     with jax.set_mesh(mesh):
         run = steps.setup(c, model_cfg, mesh)
-        step = jax.jit(steps.make_train_step(run, 1, False), donate_argnums=(0,))
+        step = jax.jit(steps.make_train_step(run, 1, False, loss_chunk=c.loss_chunk), donate_argnums=(0,))
     return mesh, model_cfg, run.state, step, sum(x.size for x in jax.tree.leaves(run.state["params"]))
 
 
@@ -610,72 +613,190 @@ def bench_kernels(args) -> list[str]:
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA's datasheet figure without sparsity)
 
 
-def bench_gpu(args) -> list[str]:
-    """GPT-2 124M (configs/small.py's shape) training MFU on one GPU: bf16 matmuls with cuDNN flash attention, over
-    the given batch sizes, activation dtypes and remat policies. Each variant prints a line as it starts and its row
-    as it finishes (progress; the table comes at the end); a variant that fails (out of memory, say) gets a row
-    saying so."""
-    import itertools
-
+def _gpu_variant(args, batch_size: int, act: str, remat: str, loss_chunk: int, peak: float) -> tuple[dict, list]:
+    """Times one GPT-2 124M variant in this process: (its row as a dict, the profile table's lines with
+    --gpu_profile). The bf16 matmul ceiling is measured here too, beside the step it is compared with."""
     import jax
     import numpy as np
 
     from gpt_jax.metrics import flops_per_token
 
-    device = jax.devices()[0]
-    peak = args.peak_flops or (H100_BF16_PEAK if "H100" in device.device_kind or "H200" in device.device_kind
-                               else 0.0)
-    ceiling = matmul_ceiling_flops(8192, 10, "bfloat16")
-    lines = [f"## gpu: GPT-2 124M training, bf16 matmuls + cuDNN attention, on {device.device_kind} "
-             f"(jax {jax.__version__})",
-             f"command: python tools/bench.py gpu --gpu_batch={args.gpu_batch} --gpu_steps={args.gpu_steps} "
-             f"--gpu_remat={args.gpu_remat} --gpu_activation_dtype={args.gpu_activation_dtype}",
-             f"measured bf16 matmul ceiling (8192^3, best of 10): {ceiling / 1e12:.0f} TFLOP/s"]
-    header = ["batch", "activations", "remat", "ms/step", "tokens/s", "TFLOP/s", "MFU", "of ceiling", "setup s",
-              "compile s", "loss"]
-    rows = []
-    n_params = 0
-    variants = itertools.product([int(b) for b in args.gpu_batch.split(",")], args.gpu_activation_dtype.split(","),
-                                 args.gpu_remat.split(","))
-    for batch_size, act, remat in variants:
-        print(f"{time.strftime('%H:%M:%S')} starting batch={batch_size} activations={act} remat={remat}", flush=True)
-        try:
+    ceiling = matmul_ceiling_flops(args.gpu_ceiling_n, 10, "bfloat16")
+    t = time.perf_counter()
+    mesh, model_cfg, state, step, n_params = _jax_train_setup(
+        12, 12, 768, 1024, batch_size, 50304, "bfloat16", train_steps=1000, remat=remat, activation_dtype=act,
+        loss_chunk=loss_chunk)
+    setup_s = time.perf_counter() - t  # parameter and optimizer initialisation (their compiles included)
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh):
+        batch = {"tokens": jax.device_put(rng.integers(0, 50257, (batch_size, 1025), dtype=np.int32))}
+        t = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics["train_loss"])
+        compile_s = time.perf_counter() - t
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics["train_loss"])
+        times = []
+        for _ in range(args.gpu_steps):
             t = time.perf_counter()
-            mesh, model_cfg, state, step, n_params = _jax_train_setup(
-                12, 12, 768, 1024, batch_size, 50304, "bfloat16", train_steps=1000, remat=remat, activation_dtype=act)
-            setup_s = time.perf_counter() - t  # parameter and optimizer initialisation (their compiles included)
-            rng = np.random.default_rng(0)
-            with jax.set_mesh(mesh):
-                batch = {"tokens": jax.device_put(rng.integers(0, 50257, (batch_size, 1025), dtype=np.int32))}
-                t = time.perf_counter()
-                state, metrics = step(state, batch)
-                jax.block_until_ready(metrics["train_loss"])
-                compile_s = time.perf_counter() - t
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics["train_loss"])
+            times.append(time.perf_counter() - t)
+        profile = []
+        if args.gpu_profile:
+            with tempfile.TemporaryDirectory() as trace_dir:
+                jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
                 for _ in range(3):
                     state, metrics = step(state, batch)
                 jax.block_until_ready(metrics["train_loss"])
-                times = []
-                for _ in range(args.gpu_steps):
-                    t = time.perf_counter()
-                    state, metrics = step(state, batch)
-                    jax.block_until_ready(metrics["train_loss"])
-                    times.append(time.perf_counter() - t)
-            step_s = statistics.median(times)
-            tokens_per_s = batch_size * 1024 / step_s
-            achieved = flops_per_token(model_cfg, n_params, 1024) * tokens_per_s
-            row = [batch_size, act, remat, f"{step_s * 1e3:.1f}", tokens_per_s, f"{achieved / 1e12:.0f}",
-                   f"{achieved / peak:.1%}" if peak else "n/a", f"{achieved / ceiling:.1%}", f"{setup_s:.0f}",
-                   f"{compile_s:.0f}", f"{float(metrics['train_loss']):.3f}"]
-            del state, metrics
-        except Exception as e:  # noqa: BLE001 - one failed variant (e.g. out of memory) must not lose the others
-            row = [batch_size, act, remat, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"] + [""] * 7
-        rows.append(row)
-        print(" | ".join(str(x) for x in row), flush=True)
+                jax.profiler.stop_trace()
+                profile = _profile_table(trace_dir, 3, statistics.median(times))
+    step_s = statistics.median(times)
+    tokens_per_s = batch_size * 1024 / step_s
+    achieved = flops_per_token(model_cfg, n_params, 1024) * tokens_per_s
+    row = {"batch": batch_size, "activations": act, "remat": remat, "loss chunk": loss_chunk,
+           "ms/step": f"{step_s * 1e3:.1f}", "tokens/s": round(tokens_per_s), "TFLOP/s": f"{achieved / 1e12:.3g}",
+           "MFU": f"{achieved / peak:.1%}" if peak else "n/a",
+           "of ceiling": f"{achieved / ceiling:.1%} ({ceiling / 1e12:.3g})", "setup s": f"{setup_s:.0f}",
+           "compile s": f"{compile_s:.0f}", "loss": f"{float(metrics['train_loss']):.3f}", "parameters": n_params}
+    return row, profile
+
+
+def _profile_table(trace_dir: str, steps: int, step_s: float, top: int = 15) -> list[str]:
+    """The ops that took the most time in a jax.profiler trace of `steps` steps, per step. On a GPU the device's
+    "XLA Ops" line (else its streams' kernels); on a CPU, where XLA runs its ops on host threads, the host's events
+    less the Python functions ("$...") and the runtime's scopes around the ops ("...::...", "PjitFunction(...)")."""
+    import glob
+    import gzip
+    import json
+
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True) + \
+        glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        return [f"(no trace file under {trace_dir})"]
+    with gzip.open(paths[0], "rt") as f:
+        events = json.load(f)["traceEvents"]
+    meta = [e for e in events if e.get("ph") == "M"]
+    device = {e["pid"] for e in meta if e.get("name") == "process_name" and "/device:" in e["args"]["name"]}
+    lines = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e.get("name") == "thread_name"
+             and e["pid"] in device}
+    lanes = ({k for k, name in lines.items() if "XLA Ops" in name}
+             or {k for k, name in lines.items() if "Stream" in name} or set(lines))
+
+    def counted(e) -> bool:
+        if device:
+            return (e["pid"], e["tid"]) in lanes
+        return not e["name"].startswith(("$", "PjitFunction(")) and "::" not in e["name"]
+
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and counted(e):
+            totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"] / 1e3 / steps
+    busy = sum(totals.values())
+    rows = [[name[:70], f"{ms:.2f}", f"{ms / (step_s * 1e3):.1%}"]
+            for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+    where = "device" if device else "host"
+    return [f"profile: {steps} steps traced; {busy:.1f} ms per step of {where} events, step {step_s * 1e3:.1f} ms"] + \
+        table(["op", "ms/step", "of step"], rows)
+
+
+def _gpu_child(args, variant: tuple, peak: float) -> tuple[dict, list]:
+    """Runs one variant as `python tools/bench.py gpu` in its own process, under --gpu_variant_timeout, echoing its
+    output: one that hangs or runs out of memory costs only its own time and leaves the GPU to the next."""
+    import json
+    import subprocess
+    import threading
+
+    batch_size, act, remat, loss_chunk = variant
+    command = [sys.executable, "-u", os.path.abspath(__file__), "gpu", "--nogpu_isolate", f"--gpu_batch={batch_size}",
+               f"--gpu_activation_dtype={act}", f"--gpu_remat={remat}", f"--gpu_loss_chunk={loss_chunk}",
+               f"--gpu_steps={args.gpu_steps}", f"--gpu_ceiling_n={args.gpu_ceiling_n}", f"--peak_flops={peak}",
+               "--gpu_profile" if args.gpu_profile else "--nogpu_profile"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    found: dict = {"row": None, "profile": []}
+
+    def echo():
+        for line in proc.stdout:  # the child's lines up to its row (its own table after that repeats the row)
+            if line.startswith("ROW "):
+                found.update(json.loads(line[4:]))
+            elif found["row"] is None:
+                print("    " + line, end="", flush=True)
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=args.gpu_variant_timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    reader.join(5)
+    if found["row"] is None:
+        why = "timed out" if proc.returncode == -9 else f"exit status {proc.returncode}"
+        return {"batch": batch_size, "activations": act, "remat": remat, "loss chunk": loss_chunk,
+                "ms/step": f"failed: {why} (output above)"}, []
+    return found["row"], found["profile"]
+
+
+def bench_gpu(args) -> list[str]:
+    """GPT-2 124M (configs/small.py's shape) training MFU on one GPU: bf16 matmuls with cuDNN flash attention, over
+    the given batch sizes, activation dtypes, remat policies and loss chunks. Each variant prints a line as it
+    starts and its row as it finishes (the table comes at the end); with --gpu_isolate (the default) each runs in a
+    process of its own under a time limit, and one that fails gets a row saying so. --gpu_profile adds each
+    variant's slowest ops from a jax.profiler trace of 3 steps."""
+    import itertools
+    import json
+
+    import jax
+
+    device = jax.devices()[0] if not args.gpu_isolate else None  # the parent leaves the GPU to its children
+    kind = device.device_kind if device else _gpu_kind()
+    peak = args.peak_flops or (H100_BF16_PEAK if "H100" in kind or "H200" in kind else 0.0)
+    lines = [f"## gpu: GPT-2 124M training, bf16 matmuls + cuDNN attention, on {kind} (jax {jax.__version__})",
+             f"command: python tools/bench.py gpu --gpu_batch={args.gpu_batch} --gpu_steps={args.gpu_steps} "
+             f"--gpu_remat={args.gpu_remat} --gpu_activation_dtype={args.gpu_activation_dtype} "
+             f"--gpu_loss_chunk={args.gpu_loss_chunk}" + (" --gpu_profile" if args.gpu_profile else "") +
+             ("" if args.gpu_isolate else " --nogpu_isolate")]
+    header = ["batch", "activations", "remat", "loss chunk", "ms/step", "tokens/s", "TFLOP/s", "MFU", "of ceiling",
+              "setup s", "compile s", "loss"]
+    rows, profiles, n_params = [], [], 0
+    variants = itertools.product([int(b) for b in args.gpu_batch.split(",")], args.gpu_activation_dtype.split(","),
+                                 args.gpu_remat.split(","), [int(c) for c in args.gpu_loss_chunk.split(",")])
+    for variant in variants:
+        print(f"{time.strftime('%H:%M:%S')} starting batch={variant[0]} activations={variant[1]} remat={variant[2]} "
+              f"loss_chunk={variant[3]}", flush=True)
+        if args.gpu_isolate:
+            row, profile = _gpu_child(args, variant, peak)
+        else:
+            try:
+                row, profile = _gpu_variant(args, *variant, peak)
+            except Exception as e:  # noqa: BLE001 - one failed variant (e.g. out of memory) must not lose the others
+                row, profile = dict(zip(header, [*variant, f"failed: {type(e).__name__}: "
+                                                 f"{str(e).splitlines()[0][:80]}"], strict=False)), []
+            print("ROW " + json.dumps({"row": row, "profile": profile}), flush=True)
+        n_params = row.get("parameters", n_params)
+        rows.append([row.get(h, "") for h in header])
+        profiles += [f"### batch={variant[0]} activations={variant[1]} remat={variant[2]} loss_chunk={variant[3]}",
+                     *profile] if profile else []
     lines += table(header, rows)
     lines.append(f"(x 1024 tokens per sequence, {n_params:,} parameters with vocab 50304; FLOPs = 6N + attention per "
-                 f"token; MFU against {peak / 1e12:.0f} TFLOP/s, the datasheet's dense bf16 peak; median of "
-                 f"{args.gpu_steps} steps)")
-    return lines
+                 f"token; MFU against {peak / 1e12:.0f} TFLOP/s, the datasheet's dense bf16 peak; of ceiling: against "
+                 f"a {args.gpu_ceiling_n}^3 bf16 matmul timed in the variant's process (best of 10), TFLOP/s in "
+                 f"brackets; median of {args.gpu_steps} steps; loss chunk 0 = the output layer and loss over all "
+                 f"tokens at once)")
+    return lines + profiles
+
+
+def _gpu_kind() -> str:
+    """The first GPU's name from nvidia-smi, without starting JAX on it (which would take most of its memory)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return out.splitlines()[0] if out else "no GPU found by nvidia-smi"
 
 
 SECTIONS = {"data": bench_data, "train": bench_train, "kernels": bench_kernels, "finetune": bench_finetune,
@@ -703,6 +824,11 @@ flags.DEFINE_string("gpu_batch", "16", "gpu: comma-separated sequences of 1024 t
 flags.DEFINE_integer("gpu_steps", 10, "gpu: timed steps")
 flags.DEFINE_string("gpu_remat", "none", "gpu: comma-separated model.remat variants")
 flags.DEFINE_string("gpu_activation_dtype", "bfloat16", "gpu: comma-separated model.activation_dtype variants")
+flags.DEFINE_string("gpu_loss_chunk", "2048", "gpu: comma-separated loss_chunk variants (0 = the whole batch at once)")
+flags.DEFINE_bool("gpu_isolate", True, "gpu: each variant in a process of its own, under --gpu_variant_timeout")
+flags.DEFINE_integer("gpu_variant_timeout", 150, "gpu: seconds one variant's process may take")
+flags.DEFINE_integer("gpu_ceiling_n", 8192, "gpu: size of the square bf16 matmul timed as the ceiling")
+flags.DEFINE_bool("gpu_profile", False, "gpu: also trace 3 steps of each variant and print its slowest ops")
 flags.DEFINE_float("peak_flops", 0.0, "gpu: peak FLOP/s (default: H100/H200 bf16)")
 
 
