@@ -6,7 +6,7 @@
 # No registry (or an intercepting HTTPS proxy)? tools/build_image.sh --local-base builds FROM a Debian base made
 # on this machine; any base with `python` (3.11 or newer) and pip on the PATH will do.
 ARG BASE_IMAGE=python:3.11-slim
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS deps
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -26,6 +26,16 @@ RUN mkdir gpt_jax && touch gpt_jax/__init__.py && pip install ".[serve,convert]"
 COPY gpt_jax ./gpt_jax
 RUN pip install --no-deps . && rm -rf build gpt_jax.egg-info
 
+# The CPU decode kernel (gpt_jax/cpu_kernel.cc; it runs on CPUs with AVX-512, XLA computes the same elsewhere),
+# built by gpt_jax with g++ in a stage of its own: the server image gets the library and no compiler.
+FROM deps AS kernel
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ >/dev/null \
+    && GPT_JAX_CACHE=/tmp/kernel python -c "import shutil; from gpt_jax import cpu_kernel; \
+shutil.copy(cpu_kernel._build(), '/cpu_kernel.so')"
+
+FROM deps
+COPY --from=kernel /cpu_kernel.so /app/cpu_kernel.so
+ENV GPT_JAX_CPU_KERNEL_LIBRARY=/app/cpu_kernel.so
 RUN useradd --create-home --uid 1000 gptjax
 USER gptjax
 

@@ -12,7 +12,8 @@ layer. It also takes the rows of a packed embedding table and the greedy token, 
 The kernel needs an x86-64 CPU with AVX-512 (the x86-64-v4 level: F, BW, CD, DQ, VL) and a C++17 compiler (`$CXX`,
 else `c++`); without them, or with GPT_JAX_CPU_KERNEL=0, `ops` computes the same with XLA. The library is built for
 x86-64-v4, not for this CPU alone (as fast here as -march=native), once per source, jaxlib version and compiler,
-into $GPT_JAX_CACHE/kernels (~/.cache/gpt_jax/kernels).
+into $GPT_JAX_CACHE/kernels (~/.cache/gpt_jax/kernels). GPT_JAX_CPU_KERNEL_LIBRARY names a library built beforehand
+for this source and jaxlib (the server image builds it in a stage of its own and ships no compiler).
 """
 
 from __future__ import annotations
@@ -68,7 +69,13 @@ def buildable() -> bool:
 
 
 def _build() -> str:
-    """The path of the compiled library, building it if this source, jaxlib and compiler have none yet."""
+    """The path of the compiled library: GPT_JAX_CPU_KERNEL_LIBRARY's, else the one built for this source, jaxlib
+    and compiler (built now if there is none yet)."""
+    prebuilt = os.environ.get("GPT_JAX_CPU_KERNEL_LIBRARY")
+    if prebuilt:
+        if not os.path.isfile(prebuilt):
+            raise RuntimeError(f"GPT_JAX_CPU_KERNEL_LIBRARY={prebuilt}: no such file")
+        return prebuilt
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")

@@ -157,6 +157,22 @@ def test_the_cpu_kernels_argmax_is_jnp_argmax():
 
 
 @pytest.mark.skipif(not cpu_kernel.buildable(), reason=NO_KERNEL)
+def test_a_library_built_beforehand_serves_where_no_compiler_is(tmp_path):
+    """GPT_JAX_CPU_KERNEL_LIBRARY (the server image's library, built in a stage with g++) registers the kernel in a
+    process with no compiler and an empty kernel cache; without it, or naming no file, XLA computes."""
+    prebuilt = str(tmp_path / "cpu_kernel.so")
+    with open(cpu_kernel._build(), "rb") as f, open(prebuilt, "wb") as out:
+        out.write(f.read())
+    check = "from gpt_jax import cpu_kernel; print(cpu_kernel.available())"
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "GPT_JAX_CACHE": str(tmp_path / "cache")}
+    for library, expected in ((prebuilt, "True"), (None, "False"), (str(tmp_path / "missing.so"), "False")):
+        run = subprocess.run([sys.executable, "-c", check], env={**env, "GPT_JAX_CPU_KERNEL_LIBRARY": library or ""},
+                             capture_output=True, text=True, timeout=120)
+        assert run.stdout.strip() == expected, (library, run.stdout, run.stderr[-2000:])
+    assert "missing.so: no such file" in run.stderr and not os.path.exists(tmp_path / "cache" / "kernels")
+
+
+@pytest.mark.skipif(not cpu_kernel.buildable(), reason=NO_KERNEL)
 @pytest.mark.parametrize("weights", [("bfloat16", "none"), ("float32", "int8"), ("float32", "none")])
 def test_a_decode_step_multiplies_a_layers_products_of_one_input_in_one_kernel_call(weights):
     """Packed weights on the CPU kernel: query, key and value are one call, gate and up another, so a Llama layer
