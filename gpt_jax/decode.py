@@ -50,6 +50,15 @@ MAX_LOGPROBS = 5  # most likely alternatives a request may ask for per token (Op
 STEPS_PER_CALL = 4  # decode steps run in one call while no request waits (see Engine._queue_step)
 
 
+def steps_per_call(params, rows: int) -> int:
+    """The most decode steps one call of `rows` rows runs: STEPS_PER_CALL, or 1 where XLA multiplies weights it
+    must convert (bfloat16, int8: the CPU without the kernel, more than its rows). XLA hoists those conversions out
+    of a loop of steps and so makes float32 copies of all of them per call (SmolLM2 int8 on a CPU without the
+    kernel, one stream: 115 → 11 tokens/s with the loop)."""
+    converted = [x for x in jax.tree.leaves(params) if x.ndim >= 2 and x.dtype != jnp.float32]
+    return STEPS_PER_CALL if not converted or ops._on_cpu_kernel(rows, converted[0]) else 1
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
@@ -174,9 +183,9 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
         return last, cache, scores
 
     def step(params, cache, last, ints, floats, steps, rows: int):
-        """`steps` (1 to STEPS_PER_CALL; traced, so one program serves every count) decode steps of the first `rows`
-        rows, each writing a row's token at its position and sampling the next: returns (the last step's
-        next-token logits [rows, vocab], the sampled tokens [STEPS_PER_CALL, rows] (the first `steps` of them),
+        """`steps` (1 to steps_per_call(params, rows); traced, so one program serves every count) decode steps of the
+        first `rows` rows, each writing a row's token at its position and sampling the next: returns (the last
+        step's next-token logits [rows, vocab], the sampled tokens [steps_per_call, rows] (the first `steps`),
         `last` with the final ones in its first rows, cache). A row's first token is ints[:, TOKEN], or where that
         is negative the one the previous call sampled (last [max_batch]), so a call can be queued before the host
         has read the previous one's. Rows past `rows` are left as they are, so one stream in row 0 multiplies one
@@ -192,9 +201,9 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
             new = _sample_packed(logits[:, 0], ints[:rows].at[:, _I_COUNTER].add(i), floats[:rows])
             return cache, jax.lax.dynamic_update_slice(last, new, (0,)), logits[:, 0], sampled.at[i].set(new)
 
-        start = (cache, last, jnp.zeros((rows, cfg.vocab_size), jnp.float32),
-                 jnp.zeros((STEPS_PER_CALL, rows), jnp.int32))
-        cache, last, logits, sampled = jax.lax.fori_loop(0, steps, one, start)
+        most = steps_per_call(params, rows)
+        start = (cache, last, jnp.zeros((rows, cfg.vocab_size), jnp.float32), jnp.zeros((most, rows), jnp.int32))
+        cache, last, logits, sampled = jax.lax.fori_loop(0, steps, one, start) if most > 1 else one(0, start)
         return logits, sampled, last, cache
 
     def grow(cache, capacity: int):
@@ -420,10 +429,11 @@ class Engine:
         left = {i: min(self.max_len - lengths[i], self._rows[i].request.max_tokens - counters[i]) for i in active}
         if not any(n > 0 for n in left.values()):
             return None
-        steps = STEPS_PER_CALL if not self._pending and min(left.values()) >= STEPS_PER_CALL and all(
+        rows = 1 if active == [0] else self.max_batch  # one stream (it takes row 0) or all rows
+        most = steps_per_call(self.params, rows)
+        steps = most if not self._pending and min(left.values()) >= most and all(
             self._rows[i].request.logprobs is None for i in active) else 1
         self._ensure_capacity(int(lengths[active].max()) + steps)
-        rows = 1 if active == [0] else self.max_batch  # one stream (it takes row 0) or all rows
         # copies: the step may read its host inputs after this returns, while the host goes on changing them
         logits, tokens, self._last, self._cache = self._step(self.params, self._cache, self._last, self._ints.copy(),
                                                              self._floats.copy(), np.int32(steps), rows=rows)

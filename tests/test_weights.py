@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -38,6 +39,9 @@ def _use(kernel: str, monkeypatch) -> None:
         pytest.skip(NO_KERNEL)
     if kernel == "xla":
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+        # a cache of its own for the decode programs: those traced with the kernel before would be reused, and the
+        # tests after this one get the kernel's again
+        monkeypatch.setattr(decode, "_compiled", functools.lru_cache(maxsize=8)(decode._compiled.__wrapped__))
 
 
 def _logits(loaded, tokens) -> np.ndarray:
@@ -185,6 +189,25 @@ def test_a_decode_step_multiplies_a_layers_products_of_one_input_in_one_kernel_c
         text = engine._step.lower(*args, rows=rows).as_text()
         calls = text.count("GptJaxProduct")
         assert calls == (0 if rows == 1 and weights == ("float32", "none") else 2 * 4 + 1), (rows, calls)
+
+
+@pytest.mark.parametrize("kernel", ["cpu_kernel", "xla"])
+def test_a_call_loops_over_several_steps_only_where_its_products_read_the_weights_as_stored(kernel, monkeypatch):
+    """decode.steps_per_call: float32 weights, or the CPU kernel's products, take STEPS_PER_CALL steps per call (a
+    loop in the step program); bf16 and int8 weights that XLA multiplies take one, without the loop: XLA would hoist
+    their conversion out of it and copy every weight to float32 per call."""
+    _use(kernel, monkeypatch)
+    for weights in (("float32", "none"), ("bfloat16", "none"), ("float32", "int8")):
+        loaded = workdir.with_weights(_loaded("llama"), *weights)
+        engine = decode.Engine(loaded.model, loaded.model_cfg, max_batch=2)
+        looped = weights == ("float32", "none") or kernel == "cpu_kernel"
+        assert decode.steps_per_call(engine.params, 1) == (decode.STEPS_PER_CALL if looped else 1), weights
+        _, tokens, _, _ = jax.eval_shape(lambda *a: engine._step(*a, rows=1), engine.params, engine._cache,
+                                         engine._last, engine._ints, engine._floats, np.int32(1))
+        assert tokens.shape == (decode.STEPS_PER_CALL if looped else 1, 1), weights  # the loop's tokens, or one's
+        engine.submit(decode.Request([1, 2, 3], 9, decode.SamplingParams(0.0)))
+        engine.run_until_done()  # one call per step, or up to STEPS_PER_CALL
+        assert engine.steps == 8, weights
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
