@@ -52,9 +52,10 @@ STEPS_PER_CALL = 4  # decode steps run in one call while no request waits (see E
 
 def steps_per_call(params, rows: int) -> int:
     """The most decode steps one call of `rows` rows runs: STEPS_PER_CALL, or 1 where XLA multiplies weights it
-    must convert (bfloat16, int8: the CPU without the kernel, more than its rows). XLA hoists those conversions out
-    of a loop of steps and so makes float32 copies of all of them per call (SmolLM2 int8 on a CPU without the
-    kernel, one stream: 115 → 11 tokens/s with the loop)."""
+    must convert (bfloat16, int8: the CPU without the kernel, more than its rows). With such weights a loop of steps
+    ran ~10x slower (SmolLM2 int8 on a CPU without the kernel, one stream: 115 → 11 tokens/s), likely because XLA
+    moves the loop-invariant conversions out of the loop, making float32 copies of every weight per call (not
+    confirmed in the compiled program)."""
     converted = [x for x in jax.tree.leaves(params) if x.ndim >= 2 and x.dtype != jnp.float32]
     return STEPS_PER_CALL if not converted or ops._on_cpu_kernel(rows, converted[0]) else 1
 
