@@ -4,7 +4,7 @@
 # The model is whatever is mounted at /model: a gpt_jax workdir or an HF model directory; for a GGUF file mount it
 # and name it: docker run ... -v "$PWD/m.gguf:/models/m.gguf:ro" gpt-jax --config.init_from=/models/m.gguf
 # No registry (or an intercepting HTTPS proxy)? tools/build_image.sh --local-base builds FROM a Debian base made
-# on this machine; any base with `python` (3.11 or newer) and pip on the PATH will do.
+# on this machine; any Debian-based image with `python` (3.11 or newer) and pip on the PATH will do (apt: g++).
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE} AS deps
 
