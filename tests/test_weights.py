@@ -194,8 +194,8 @@ def test_a_decode_step_multiplies_a_layers_products_of_one_input_in_one_kernel_c
 @pytest.mark.parametrize("kernel", ["cpu_kernel", "xla"])
 def test_a_call_loops_over_several_steps_only_where_its_products_read_the_weights_as_stored(kernel, monkeypatch):
     """decode.steps_per_call: float32 weights, or the CPU kernel's products, take STEPS_PER_CALL steps per call (a
-    loop in the step program); bf16 and int8 weights that XLA multiplies take one, without the loop: XLA would hoist
-    their conversion out of it and copy every weight to float32 per call."""
+    loop in the step program); bf16 and int8 weights that XLA multiplies take one, without the loop (with it they
+    decoded ~10x slower: XLA likely copies every weight to float32 per call)."""
     _use(kernel, monkeypatch)
     for weights in (("float32", "none"), ("bfloat16", "none"), ("float32", "int8")):
         loaded = workdir.with_weights(_loaded("llama"), *weights)
@@ -206,8 +206,8 @@ def test_a_call_loops_over_several_steps_only_where_its_products_read_the_weight
                                          engine._last, engine._ints, engine._floats, np.int32(1))
         assert tokens.shape == (decode.STEPS_PER_CALL if looped else 1, 1), weights  # the loop's tokens, or one's
         engine.submit(decode.Request([1, 2, 3], 9, decode.SamplingParams(0.0)))
-        engine.run_until_done()  # one call per step, or up to STEPS_PER_CALL
-        assert engine.steps == 8, weights
+        engine.run_until_done()
+        assert engine.steps == 8, weights  # decodes either way: 8 steps after the prefill's token
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
