@@ -36,6 +36,7 @@ import functools
 import hmac
 import json
 import logging
+import logging.config
 import math
 import os
 import secrets
@@ -768,7 +769,10 @@ def create_app(server: Server, api_key: str | None = None, max_body_bytes: int =
     @contextlib.asynccontextmanager
     async def lifespan(_):
         if warmup_prompt_len:
+            start = time.perf_counter()
+            log.info("compiling the prefill and decode steps for prompts of up to %d tokens", warmup_prompt_len)
             await asyncio.to_thread(server.engine.warmup, warmup_prompt_len)
+            log.info("compiled in %.1f s", time.perf_counter() - start)
         server.runner.start()
         log.info("serving %s (context %d tokens, %d cache rows)", server.name, server.context,
                  server.engine.max_batch)
@@ -1041,8 +1045,12 @@ def main(source: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
         raise UserError("nothing to serve: --workdir has no config.json and --config.init_from is empty")
     if max_batch < 1:
         raise UserError(f"max_batch={max_batch} must be at least 1")
+    logging.config.dictConfig(log_config(log_level))  # uvicorn.run sets it again; this shows the loading
+    start = time.perf_counter()
+    log.info("loading %s", source)
     loaded = workdir.load(source, weights)
     server = Server(loaded, max_batch=max_batch, max_len=max_len, name=name)
+    log.info("loaded in %.1f s", time.perf_counter() - start)
     app = create_app(server, api_key=api_key)
     # uvicorn handles SIGINT/SIGTERM (stop accepting, finish requests in flight) and afterwards raises the signal
     # again for the handler it found; a no-op one lets the process exit 0 after a graceful shutdown

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -323,7 +324,8 @@ def test_schemathesis_finds_no_server_error(served):
 
 @pytest.mark.slow
 def test_serve_mode_shuts_down_gracefully(tiny_workdir):
-    """`--mode=serve` binds 127.0.0.1, logs access lines, and on SIGTERM lets a stream in flight finish."""
+    """`--mode=serve` binds 127.0.0.1, logs its start (loading, compiling) and access lines, and on SIGTERM lets a
+    stream in flight finish."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -357,6 +359,9 @@ def test_serve_mode_shuts_down_gracefully(tiny_workdir):
             httpx.get(url + "/health")
         stderr = proc.stderr.read()
         assert '"POST /v1/completions" 200' in stderr and "127.0.0.1" in stderr
+        start = [line.split(": ", 1)[1] for line in stderr.splitlines() if "gpt_jax.serve:" in line][:4]
+        assert re.fullmatch(r"loading .+\|loaded in [\d.]+ s\|compiling the prefill and decode steps for prompts "
+                            r"of up to 64 tokens\|compiled in [\d.]+ s", "|".join(start)), start
     finally:
         if proc.poll() is None:
             proc.kill()
