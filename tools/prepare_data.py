@@ -105,7 +105,8 @@ def beam_options(args: list[str]):
     defaults = [] if any(a.startswith("--runner") for a in args) else ["--runner=DirectRunner"]
     defaults += corpus.direct_runner_flags(args)  # every core, unless the flags say otherwise
     if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
-        defaults.append("--default_sdk_harness_log_level=WARNING")  # multi_processing workers log at INFO
+        # multi_processing workers log at INFO, and warn of options they ignore; their errors reach this process
+        defaults.append("--default_sdk_harness_log_level=ERROR")
     return PipelineOptions([*defaults, *args])
 
 
