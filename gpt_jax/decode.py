@@ -57,7 +57,7 @@ def steps_per_call(params, rows: int) -> int:
     moves the loop-invariant conversions out of the loop, making float32 copies of every weight per call (not
     confirmed in the compiled program)."""
     converted = [x for x in jax.tree.leaves(params) if x.ndim >= 2 and x.dtype != jnp.float32]
-    return STEPS_PER_CALL if not converted or ops._on_cpu_kernel(rows, converted[0]) else 1
+    return STEPS_PER_CALL if not converted or ops.on_cpu_kernel(rows, converted[0]) else 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,7 +104,7 @@ def _cpu_kernel() -> bool:
     return jax.default_backend() == "cpu" and cpu_kernel.available()
 
 
-def _on_cpu_kernel(rows: int, values) -> bool:
+def on_cpu_kernel(rows: int, values) -> bool:
     """Whether the CPU kernel multiplies `rows` rows by packed `values`: up to cpu_kernel.MAX_ROWS rows (a decode
     step's streams) where it builds, except one row by float32 weights, which XLA's loop streams faster (SmolLM2's
     decode products in one chain: 19.0 vs 23.1 ms)."""
@@ -112,12 +112,12 @@ def _on_cpu_kernel(rows: int, values) -> bool:
 
 
 def packed_products(x, kernels: list[PackedKernel], compute_dtype) -> list:
-    """x [m, k] times each of `kernels` (`PackedKernel`s) → [float32 [m, n_i]]. The CPU kernel (`_on_cpu_kernel`)
+    """x [m, k] times each of `kernels` (`PackedKernel`s) → [float32 [m, n_i]]. The CPU kernel (`on_cpu_kernel`)
     computes them in one call, int8 scales applied (a layer's query, key and value, or gate and up: SmolLM2's
     decode chain at one row in bf16 11.1 -> 10.6 ms, int8 8.8 -> 7.1 ms against XLA's loop, at 8 rows int8 15.0 ->
     14.2 ms against one call per product); else each is `_packed_product_of`."""
     values = [w.values for w in kernels]
-    if _on_cpu_kernel(x.shape[0], values[0]) and len({v.dtype for v in values}) == 1:
+    if on_cpu_kernel(x.shape[0], values[0]) and len({v.dtype for v in values}) == 1:
         return cpu_kernel.products(x, values, [w.scale for w in kernels] if values[0].dtype == jnp.int8 else None)
     products = [_packed_product_of(x, v, compute_dtype) for v in values]
     return [y if w.scale is None else y * w.scale for y, w in zip(products, kernels, strict=True)]
