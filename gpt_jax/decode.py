@@ -139,16 +139,17 @@ def token_logprobs(logits, tokens, top: int = MAX_LOGPROBS):
 
 @functools.lru_cache(maxsize=8)
 def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
-    """(prefill, step, sample, grow, logprobs) jitted for one model graph; shapes pick the compiled variant.
-    The decode step samples its tokens itself; after a prefill, sampling is compiled on its own, once per batch
-    size rather than once per prefill shape."""
+    """(prefill, write, step, sample, grow, logprobs) jitted for one model graph; shapes pick the compiled
+    variant. The decode step samples its tokens itself; after a prefill, sampling is compiled on its own, once per
+    batch size rather than once per prefill shape. A prefill fills a cache of its own, which `write` copies into
+    the engine's rows: the model's program is compiled per prompt shape only, not again at every cache capacity."""
     last_position = cfg.max_seq_len - 1
 
-    def prefill(params, cache, tokens, slots, ints, score: bool = False):
-        """Prefills prompts tokens [batch, padded] (right-padded; ints[:, LENGTH] real tokens) into cache rows
-        `slots` (out-of-range slots are dropped), returns (logits after each prompt [batch, vocab], cache, scores).
-        With `score`, scores are `token_logprobs` of every next prompt token ([batch, padded] and [batch, padded,
-        top]: position j scores token j + 1), else None."""
+    def prefill(params, tokens, ints, score: bool = False):
+        """Prefills prompts tokens [batch, padded] (right-padded; ints[:, LENGTH] real tokens) into a cache of
+        their own; returns (logits after each prompt [batch, vocab], that cache, scores). With `score`, scores are
+        `token_logprobs` of every next prompt token ([batch, padded] and [batch, padded, top]: position j scores
+        token j + 1), else None."""
         batch, padded = tokens.shape
         chunk = min(padded, PREFILL_CHUNK)
         lengths = ints[:, _I_LENGTH]
@@ -178,10 +179,13 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
         (small, last), scores = jax.lax.scan(body, (small, last), jnp.arange(0, padded, chunk))
         if score:  # [chunks, batch, chunk, ...] → [batch, padded, ...]
             scores = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, padded, *x.shape[3:]), scores)
-        n = min(padded, _capacity(cache))
-        cache = [{name: _write_slots(layer[name], slots, name, new[name], n) for name in ("k", "v")}
-                 for layer, new in zip(cache, small, strict=True)]
-        return last, cache, scores
+        return last, small, scores
+
+    def write(cache, small, slots):
+        """The cache with its rows `slots` (out-of-range ones dropped) holding a prefill's cache `small`."""
+        n = min(_capacity(small), _capacity(cache))
+        return [{name: _write_slots(layer[name], slots, name, new[name], n) for name in ("k", "v")}
+                for layer, new in zip(cache, small, strict=True)]
 
     def step(params, cache, last, ints, floats, steps, rows: int):
         """`steps` (1 to steps_per_call(params, rows); traced, so one program serves every count) decode steps of the
@@ -215,7 +219,7 @@ def _compiled(graphdef: nnx.GraphDef, cfg: ModelConfig):
 
         return [{name: pad(layer[name], name) for name in ("k", "v")} for layer in cache]
 
-    return (jax.jit(prefill, donate_argnums=(1,), static_argnames=("score",)),
+    return (jax.jit(prefill, static_argnames=("score",)), jax.jit(write, donate_argnums=(0,)),
             jax.jit(step, donate_argnums=(1,), static_argnames=("rows",)),
             jax.jit(_sample_packed), jax.jit(grow, static_argnums=(1,)), jax.jit(token_logprobs))
 
@@ -360,7 +364,7 @@ class Engine:
         # int8 1.09x, bf16 1.04x the tokens/s)
         self.params = jax.device_put(nnx.to_pure_dict(params), self._device)
         self._steps_per_call = {n: steps_per_call(self.params, n) for n in (1, max_batch)}  # by rows, not per step
-        self._prefill, self._step, self._sample, self._grow, self._logprobs = _compiled(graphdef, cfg)
+        self._prefill, self._write, self._step, self._sample, self._grow, self._logprobs = _compiled(graphdef, cfg)
         self._capacity = min(CACHE_BUCKET, self.max_len)
         self._cache = self._new_cache()
         self._rows: list[RequestState | None] = [None] * max_batch
@@ -547,7 +551,8 @@ class Engine:
                 self._set_row(i, state, len(context))
                 ints[b] = self._ints[i]
                 floats[b] = self._floats[i]
-            logits, self._cache, scores = self._prefill(self.params, self._cache, tokens, slots, ints, score=score)
+            logits, small, scores = self._prefill(self.params, tokens, ints, score=score)
+            self._cache = self._write(self._cache, small, slots)
             first = np.asarray(self._sample(logits, ints, floats))
             scored = self._score_tokens(logits, first, [job[1] for job in group])
             if score:

@@ -264,19 +264,22 @@ def test_steady_traffic_does_not_recompile(gpt2):
             engine.run_until_done()
 
     traffic()
-    sizes = [f._cache_size() for f in (engine._prefill, engine._step, engine._sample, engine._grow)]
+    jitted = (engine._prefill, engine._write, engine._step, engine._sample, engine._grow)
+    sizes = [f._cache_size() for f in jitted]
     traffic()
-    assert [f._cache_size() for f in (engine._prefill, engine._step, engine._sample, engine._grow)] == sizes
+    assert [f._cache_size() for f in jitted] == sizes
 
 
 def test_warmup_compiles_what_first_requests_need_and_an_idle_engine_starts_small_again():
     """After `warmup` (the server's default prompt length, 64: its longest prompts grow the cache), one short
-    request and then a burst filling every row compile nothing; a long request grows the cache, and once the engine
-    is idle it is back at the smallest capacity, so the next short requests again compile nothing."""
+    request and then a burst filling every row compile nothing; a long request grows the cache, and a short one
+    joining it there compiles no prefill (only the small program that copies a prefill into the rows); once the
+    engine is idle it is back at the smallest capacity, so the next short requests again compile nothing."""
     cfg = ModelConfig(vocab_size=len(CHARS), n_layer=1, n_head=4, d_model=16, d_ff=32, max_seq_len=256)
-    engine = decode.Engine(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, max_batch=4)
+    engine_model = Transformer(cfg, rngs=nnx.Rngs(0))
+    engine = decode.Engine(engine_model, cfg, max_batch=4)
     engine.warmup(prompt_len=64)
-    jitted = (engine._prefill, engine._step, engine._sample, engine._grow)
+    jitted = (engine._prefill, engine._write, engine._step, engine._sample, engine._grow)
     sizes = [f._cache_size() for f in jitted]
 
     def short_requests():
@@ -291,7 +294,13 @@ def test_warmup_compiles_what_first_requests_need_and_an_idle_engine_starts_smal
     short_requests()
     assert [f._cache_size() for f in jitted] == sizes
     long = engine.submit(decode.Request(_prompts([40])[0], 50, GREEDY))  # 90 positions: capacity 128
+    while engine._capacity == decode.CACHE_BUCKET:
+        engine.step()
+    prefills = engine._prefill._cache_size()
+    joining = engine.submit(decode.Request(_prompts([5], seed=2)[0], 8, GREEDY))
     engine.run_until_done()
+    assert engine._prefill._cache_size() == prefills
+    assert joining.token_ids == decode.generate(engine_model, cfg, [joining.request.prompt], 8, GREEDY)[0].token_ids
     assert len(long.token_ids) == 50 and engine._capacity == decode.CACHE_BUCKET
     sizes = [f._cache_size() for f in jitted]  # the long request compiled its larger capacities
     short_requests()
