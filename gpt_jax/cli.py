@@ -12,6 +12,9 @@ import types
 from gpt_jax.config import cached
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow 2.21 logs that its math ops use oneDNN (two lines, each time it loads) whatever that level; gpt_jax's
+# tf.data and TensorBoard ops do no math that oneDNN speeds up, so it is off, and quiet.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # gpt_jax uses TensorFlow for tf.data and TensorBoard only. TensorFlow 2.21 imports Keras 3 eagerly unless told to
 # use the separate tf_keras package (which is not installed, so nothing is imported): 3.5 of the 8.5 s that
 # `import tensorflow` takes here. A user who wants tf.keras in the same process sets TF_USE_LEGACY_KERAS=0.

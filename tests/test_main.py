@@ -61,8 +61,8 @@ def test_missing_config_file(tmp_path):
 
 @pytest.mark.slow
 def test_train_then_sample_and_eval(tmp_path):
-    """A short run on a custom text file; `--mode=sample` prints exactly the continuation on stdout and
-    `--mode=eval` writes eval.json."""
+    """A short run on a custom text file prints no library noise; `--mode=sample` prints exactly the continuation on
+    stdout and `--mode=eval` writes eval.json."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 400)
     workdir = tmp_path / "w"
@@ -72,6 +72,8 @@ def test_train_then_sample_and_eval(tmp_path):
                  "--config.sample.max_new_tokens=20", "--config.sample.prompt=the")
     assert r.returncode == 0, r.stderr
     assert "--- sample\nthe" in r.stdout
+    # what a run prints is its own: no lines from the libraries it loads (TensorFlow's oneDNN notice, absl's)
+    assert not [line for line in r.stderr.splitlines() if "oneDNN" in line or "absl::" in line], r.stderr
     # the samples and the evaluation only read the workdir: they run as three processes at once
     sample = ["--mode=sample", *common, "--max_new_tokens=9", "--temperature=0"]
     (tmp_path / "prompts.txt").write_text("the quick\nthe lazy\n")
