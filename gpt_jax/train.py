@@ -42,6 +42,11 @@ def _set(node, values: dict) -> None:
                 node[key] = value
 
 
+def _take_architecture(config, model_cfg) -> None:
+    """config.model takes a pretrained model's architecture (its `ModelConfig`); the training choices stay."""
+    _set(config.model, {k: v for k, v in vars(model_cfg).items() if k in config.model})
+
+
 def _warm_start(config, workdir: str) -> dict:
     """An encoder-decoder's stacks from `model.encoder_from` / `model.decoder_from` (HF BERT, RoBERTa, GPT-2):
     their architecture and special tokens into the config, their tokenizers into the workdir. Returns the
@@ -84,7 +89,7 @@ def prepare_run(config, workdir: str):
     elif config.init_from:
         progress(f"loading init_from={config.init_from}")
         loaded = workdir_lib.load(config.init_from)
-        _set(config.model, {k: v for k, v in vars(loaded.model_cfg).items() if k in config.model})
+        _take_architecture(config, loaded.model_cfg)
         if config.seq_len > loaded.model_cfg.max_seq_len:
             raise ConfigError(f"seq_len={config.seq_len} is longer than init_from's context of "
                               f"{loaded.model_cfg.max_seq_len}")
@@ -319,8 +324,7 @@ def compile_report(config) -> dict:
     config = ml_collections.ConfigDict(config.to_dict())
     if config.init_from and config.model.kind == "decoder_only":  # the architecture is the pretrained model's
         progress(f"loading init_from={config.init_from} for its architecture")
-        _set(config.model, {k: v for k, v in vars(workdir_lib.load(config.init_from).model_cfg).items()
-                            if k in config.model and k not in TRAINING_CHOICES})
+        _take_architecture(config, workdir_lib.load(config.init_from).model_cfg)
     if not config.model.vocab_size:
         if config.data.tokenizer == "char":
             raise ConfigError("--mode=compile needs model.vocab_size (or a trained tokenizer's data.vocab_size)")
