@@ -34,6 +34,7 @@ import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -343,6 +344,16 @@ class RequestState:
         return len(self.request.prompt)
 
 
+class _Prefill(NamedTuple):
+    """A row's prefill: the request, the tokens to prefill (its context) and whether their log-probabilities are
+    scored."""
+
+    row: int
+    state: RequestState
+    context: list[int]
+    score: bool
+
+
 class Engine:
     """Continuous-batching decoder over `max_batch` KV-cache rows of up to `max_len` tokens.
 
@@ -516,11 +527,11 @@ class Engine:
             self._finish(state, "cancelled")
 
     def _admit(self) -> None:
-        jobs: list[tuple[int, RequestState, list[int], bool]] = []  # (row, state, context to prefill, score it)
+        jobs: list[_Prefill] = []
         for i in self._refill:
             state = self._rows[i]
             if state is not None:
-                jobs.append((i, state, state.history[-(self.max_len // 2):], False))
+                jobs.append(_Prefill(i, state, state.history[-(self.max_len // 2):], False))
         self._refill.clear()
         free = [i for i, r in enumerate(self._rows) if r is None]
         with self._lock:
@@ -528,13 +539,13 @@ class Engine:
                 state = self._pending.popleft()
                 i = free.pop(0)
                 self._rows[i] = state
-                jobs.append((i, state, state.history[-self.max_len:], state.request.score_prompt))
+                jobs.append(_Prefill(i, state, state.history[-self.max_len:], state.request.score_prompt))
         if not jobs:
             return
         # one prefill call per prompt bucket (and whether its prompts are scored)
-        groups: dict[tuple[int, bool], list[tuple[int, RequestState, list[int], bool]]] = {}
+        groups: dict[tuple[int, bool], list[_Prefill]] = {}
         for job in jobs:
-            groups.setdefault((_bucket(len(job[2]), PROMPT_BUCKET, self.max_len), job[3]), []).append(job)
+            groups.setdefault((_bucket(len(job.context), PROMPT_BUCKET, self.max_len), job.score), []).append(job)
         for (padded_len, score), group in sorted(groups.items()):
             self._ensure_capacity(padded_len)
             chunk = min(padded_len, PREFILL_CHUNK)
@@ -554,7 +565,7 @@ class Engine:
             logits, small, scores = self._prefill(self.params, tokens, ints, score=score)
             self._cache = self._write(self._cache, small, slots)
             first = np.asarray(self._sample(logits, ints, floats))
-            scored = self._score_tokens(logits, first, [job[1] for job in group])
+            scored = self._score_tokens(logits, first, [job.state for job in group])
             if score:
                 chosen, top_values, top_ids = (np.asarray(x) for x in scores)
                 for b, (_, state, context, _) in enumerate(group):
