@@ -60,25 +60,37 @@ def table(header: list[str], rows: list[list]) -> list[str]:
     return [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]]
 
 
-def timed_process(command: list[str], marks: dict[str, str], env: dict | None = None) -> dict:
-    """Runs `command` under `/usr/bin/time -v`, reading its output as it comes: the seconds from start to the first
-    line containing each of `marks` (name → text), the output lines, and its peak RSS in bytes."""
+def timed_process(command: list[str], marks: dict[str, str], env: dict | None = None, tree: bool = False) -> dict:
+    """Runs `command` under `/usr/bin/time -v`, reading its output (stdout and stderr together) as it comes: the
+    seconds from start to the first line containing each of `marks` (name → text), the output lines, and from
+    /usr/bin/time the wall seconds, CPU % and peak RSS in bytes of the largest process; with `tree`, also the
+    summed peak RSS of the process and all its descendants (`tree_rss`, sampled)."""
     import re
     import subprocess
 
     start = time.perf_counter()
     process = subprocess.Popen(["/usr/bin/time", "-v", *command], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    memory = _TreeMemory(process.pid) if tree else None
     seen, lines = {}, []
     for line in process.stdout:
         lines.append(line.rstrip("\n"))
         for name, text in marks.items():
             if name not in seen and text in line:
                 seen[name] = time.perf_counter() - start
+    tree_rss = memory.stop() if memory else None
     if process.wait() != 0:
         raise RuntimeError(f"{command[:4]} failed:\n" + "\n".join(lines[-40:]))
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", "\n".join(lines)).group(1)) * 1024
-    return {"marks": seen, "lines": lines, "rss": rss}
+    text = "\n".join(lines)
+
+    def field(name: str) -> str:
+        return re.search(rf"{re.escape(name)}: (.+)", text).group(1).strip()
+
+    wall = 0.0
+    for part in field("Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":"):
+        wall = wall * 60 + float(part)
+    return {"marks": seen, "lines": lines, "wall": wall, "cpu": int(field("Percent of CPU this job got").rstrip("%")),
+            "rss": int(field("Maximum resident set size (kbytes)")) * 1024, "tree_rss": tree_rss}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,34 +288,17 @@ class _TreeMemory:
 
 def run_prepare_data(input_dir: str, output_dir: str, extra: list[str]) -> dict:
     """tools/prepare_data.py on a corpus (paragraph documents, exact and near dedup, vocabulary 8000, the tool's
-    default runner) in a process of its own under `/usr/bin/time -v`: wall seconds, CPU %, the largest process's
-    peak RSS, the process tree's summed peak RSS, and the manifest."""
+    default runner) in a process of its own (`timed_process`): wall seconds, CPU %, the largest process's peak RSS,
+    the process tree's summed peak RSS and the manifest."""
     import json
-    import re
-    import subprocess
 
-    command = ["/usr/bin/time", "-v", sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"),
-               f"--input={os.path.join(input_dir, '*.txt')}", f"--output_dir={output_dir}", "--doc_split=paragraph",
-               "--dedup=exact,near", "--vocab_size=8000", "--overwrite", "--progress=30", *extra]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": ROOT})
-    tree = _TreeMemory(process.pid)
-    out, err = process.communicate()
-    tree_peak = tree.stop()
-    if process.returncode != 0:
-        raise RuntimeError(f"prepare_data failed:\n{err[-3000:]}")
-
-    def field(name: str) -> str:
-        return re.search(rf"{re.escape(name)}: (.+)", err).group(1).strip()
-
-    wall = 0.0
-    for part in field("Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":"):
-        wall = wall * 60 + float(part)
+    result = timed_process(
+        [sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"), f"--input={os.path.join(input_dir, '*.txt')}",
+         f"--output_dir={output_dir}", "--doc_split=paragraph", "--dedup=exact,near", "--vocab_size=8000",
+         "--overwrite", "--progress=30", *extra], {}, env={"PYTHONPATH": ROOT}, tree=True)
     with open(os.path.join(output_dir, "manifest.json")) as f:
-        manifest = json.load(f)
-    return {"wall": wall, "cpu": int(field("Percent of CPU this job got").rstrip("%")),
-            "rss": int(field("Maximum resident set size (kbytes)")) * 1024, "tree_rss": tree_peak,
-            "manifest": manifest, "progress": [line for line in err.splitlines() if line.startswith("prepare_data")]}
+        result["manifest"] = json.load(f)
+    return result
 
 
 def measure_reader(data_dir: str, batch_size: int, seq_len: int, batches: int) -> float:
@@ -611,6 +606,11 @@ def bench_kernels(args) -> list[str]:
 # gpu
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA's datasheet figure without sparsity)
+VARIANT = ("batch", "activations", "remat", "loss chunk")  # a variant's settings: the first columns of its row
+
+
+def _failed_row(variant: tuple, why: str) -> dict:
+    return {**dict(zip(VARIANT, variant, strict=True)), "ms/step": f"failed: {why}"}
 
 
 def _gpu_variant(args, batch_size: int, act: str, remat: str, loss_chunk: int, peak: float) -> tuple[dict, list]:
@@ -655,7 +655,7 @@ def _gpu_variant(args, batch_size: int, act: str, remat: str, loss_chunk: int, p
     step_s = statistics.median(times)
     tokens_per_s = batch_size * 1024 / step_s
     achieved = flops_per_token(model_cfg, n_params, 1024) * tokens_per_s
-    row = {"batch": batch_size, "activations": act, "remat": remat, "loss chunk": loss_chunk,
+    row = {**dict(zip(VARIANT, (batch_size, act, remat, loss_chunk), strict=True)),
            "ms/step": f"{step_s * 1e3:.1f}", "tokens/s": round(tokens_per_s), "TFLOP/s": f"{achieved / 1e12:.3g}",
            "MFU": f"{achieved / peak:.1%}" if peak else "n/a",
            "of ceiling": f"{achieved / ceiling:.1%} ({ceiling / 1e12:.3g})", "setup s": f"{setup_s:.0f}",
@@ -733,8 +733,7 @@ def _gpu_child(args, variant: tuple, peak: float) -> tuple[dict, list]:
     reader.join(5)
     if found["row"] is None:
         why = "timed out" if proc.returncode == -9 else f"exit status {proc.returncode}"
-        return {"batch": batch_size, "activations": act, "remat": remat, "loss chunk": loss_chunk,
-                "ms/step": f"failed: {why} (output above)"}, []
+        return _failed_row(variant, f"{why} (output above)"), []
     return found["row"], found["profile"]
 
 
@@ -757,7 +756,7 @@ def bench_gpu(args) -> list[str]:
              f"--gpu_remat={args.gpu_remat} --gpu_activation_dtype={args.gpu_activation_dtype} "
              f"--gpu_loss_chunk={args.gpu_loss_chunk}" + (" --gpu_profile" if args.gpu_profile else "") +
              ("" if args.gpu_isolate else " --nogpu_isolate")]
-    header = ["batch", "activations", "remat", "loss chunk", "ms/step", "tokens/s", "TFLOP/s", "MFU", "of ceiling",
+    header = [*VARIANT, "ms/step", "tokens/s", "TFLOP/s", "MFU", "of ceiling",
               "setup s", "compile s", "loss"]
     rows, profiles, n_params = [], [], 0
     variants = itertools.product([int(b) for b in args.gpu_batch.split(",")], args.gpu_activation_dtype.split(","),
@@ -771,8 +770,7 @@ def bench_gpu(args) -> list[str]:
             try:
                 row, profile = _gpu_variant(args, *variant, peak)
             except Exception as e:  # noqa: BLE001 - one failed variant (e.g. out of memory) must not lose the others
-                row, profile = dict(zip(header, [*variant, f"failed: {type(e).__name__}: "
-                                                 f"{str(e).splitlines()[0][:80]}"], strict=False)), []
+                row, profile = _failed_row(variant, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"), []
             print("ROW " + json.dumps({"row": row, "profile": profile}), flush=True)
         n_params = row.get("parameters", n_params)
         rows.append([row.get(h, "") for h in header])
