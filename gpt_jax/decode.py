@@ -556,30 +556,30 @@ class Engine:
             ints = np.zeros((batch, 6), np.int32)
             floats = np.zeros((batch, 2), np.float32)
             ints[:, _I_LENGTH] = 1
-            for b, (i, state, context, _) in enumerate(group):
-                tokens[b, :len(context)] = context
-                slots[b] = i
-                self._set_row(i, state, len(context))
-                ints[b] = self._ints[i]
-                floats[b] = self._floats[i]
+            for b, job in enumerate(group):
+                tokens[b, :len(job.context)] = job.context
+                slots[b] = job.row
+                self._set_row(job.row, job.state, len(job.context))
+                ints[b] = self._ints[job.row]
+                floats[b] = self._floats[job.row]
             logits, small, scores = self._prefill(self.params, tokens, ints, score=score)
             self._cache = self._write(self._cache, small, slots)
             first = np.asarray(self._sample(logits, ints, floats))
             scored = self._score_tokens(logits, first, [job.state for job in group])
             if score:
                 chosen, top_values, top_ids = (np.asarray(x) for x in scores)
-                for b, (_, state, context, _) in enumerate(group):
-                    k = state.request.logprobs
-                    state.prompt_logprobs = [None] + [
-                        _entry(context[j + 1], chosen[b, j], top_values[b, j], top_ids[b, j], k)
-                        for j in range(len(context) - 1)]
-            for b, (i, state, context, _) in enumerate(group):
-                if state.request.max_tokens <= 0:  # scoring the prompt was all it asked for
-                    self._release(i, "length")
+                for b, job in enumerate(group):
+                    k = job.state.request.logprobs
+                    job.state.prompt_logprobs = [None] + [
+                        _entry(job.context[j + 1], chosen[b, j], top_values[b, j], top_ids[b, j], k)
+                        for j in range(len(job.context) - 1)]
+            for b, job in enumerate(group):
+                if job.state.request.max_tokens <= 0:  # scoring the prompt was all it asked for
+                    self._release(job.row, "length")
                     continue
-                self._ints[i, _I_COUNTER] += 1
-                if self._accept(i, int(first[b]), len(context), scored[b]):
-                    self._ints[i, _I_TOKEN] = first[b]
+                self._ints[job.row, _I_COUNTER] += 1
+                if self._accept(job.row, int(first[b]), len(job.context), scored[b]):
+                    self._ints[job.row, _I_TOKEN] = first[b]
 
     def _score_tokens(self, logits, tokens: np.ndarray, states: list[RequestState | None]) -> list[TokenLogprob | None]:
         """Per row, the sampled token's `TokenLogprob` where its request asks for logprobs, else None."""
