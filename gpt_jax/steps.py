@@ -213,20 +213,24 @@ def make_train_step(run: TrainSetup, grad_accum_steps: int, use_dropout: bool, l
         grads = jax.tree.map(lambda g: g / count, grads)
         grads_finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(grads_finite)))
-        updates, new_opt_state = run.tx.update(grads, state["opt_state"], params)
-        # Each choice between new and old values is one `lax.cond` on a scalar, not a select per leaf: XLA would
+        # A non-finite step keeps the old values by one `lax.cond` on a scalar, not a select per leaf: XLA would
         # copy the reduction behind `finite` into every leaf's select, which grows the program with the square of
-        # the number of parameter arrays (a 30-layer LoRA step compiled for minutes).
-        choose = lambda pred, new, old: jax.lax.cond(pred, lambda: new, lambda: old)
+        # the number of parameter arrays (a 30-layer LoRA step compiled for minutes). The optimizer runs inside the
+        # taken branch, so it updates the donated parameters and moments in place; a cond choosing between updated
+        # and old values after the update copied all of them every step.
+        def apply_update(grads, opt_state, params):
+            updates, opt_state = run.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        new_params, new_opt_state = jax.lax.cond(finite, apply_update, lambda _, opt_state, params: (params, opt_state),
+                                                 grads, state["opt_state"], params)
         health = state["health"]
         first_bad = (health["count"] == 0) & ~finite
         new_health = {
             "count": health["count"] + (~finite).astype(jnp.int32),
             "first_step": jnp.where(first_bad, step + 1, health["first_step"]),
-            "grads_finite": choose(first_bad, grads_finite, health["grads_finite"]),
+            "grads_finite": jax.lax.cond(first_bad, lambda: grads_finite, lambda: health["grads_finite"]),
         }
-        new_params, new_opt_state = choose(finite, (optax.apply_updates(params, updates), new_opt_state),
-                                           (params, state["opt_state"]))
         new_state = {"params": new_params, "opt_state": new_opt_state, "rng": state["rng"], "step": step + 1,
                      "health": new_health}
         return new_state, {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}

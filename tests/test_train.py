@@ -221,25 +221,67 @@ def test_non_finite_step_is_skipped_and_reported_then_halts(tmp_path, monkeypatc
         train.train_and_evaluate(tiny_config(train_steps=8, max_nonfinite_steps=1), str(tmp_path / "halt"))
 
 
+def _tiny_train_step(n_layer):
+    """(setup, the jitted train step with its state donated, a batch's shapes) of a tiny model."""
+    from gpt_jax import model as model_lib
+    from gpt_jax import sharding, steps
+
+    config = config_lib.base_config()
+    config.batch_size, config.seq_len = 2, 16
+    config.model.n_layer, config.model.n_head, config.model.d_model, config.model.vocab_size = n_layer, 2, 16, 64
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+        run = steps.setup(config, model_lib.ModelConfig.from_config(config), mesh)
+        step = jax.jit(steps.make_train_step(run, 1, False), donate_argnums=(0,))
+    return run, step, {"tokens": jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)}
+
+
 def test_the_non_finite_guard_compiles_to_a_program_linear_in_the_layers():
     """The guard that skips a non-finite step reduces one flag over every gradient array, then keeps new or old
     values. Kept as a `where` per array, XLA copied that reduction's chain of `and`s into each of them: a program
     that grew with the square of the array count (SmolLM2's LoRA step compiled for 6 minutes). With one `lax.cond`
     the `and`s grow linearly: 4x the layers (4x the arrays) gives fewer than 4x the `and` instructions (the old step
     gave 11x from 1 to 4 layers)."""
-    from gpt_jax import model as model_lib
-    from gpt_jax import sharding, steps
 
     def and_count(n_layer):
-        config = config_lib.base_config()
-        config.batch_size, config.seq_len = 2, 16
-        config.model.n_layer, config.model.n_head, config.model.d_model, config.model.vocab_size = n_layer, 2, 16, 64
-        mesh = sharding.make_mesh(config.mesh)
-        with jax.set_mesh(mesh):
-            run = steps.setup(config, model_lib.ModelConfig.from_config(config), mesh, abstract=True)
-            step = jax.jit(steps.make_train_step(run, 1, False))
-            batch = {"tokens": jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)}
-            return len(re.findall(r"= pred\S* and\(", step.lower(run.state, batch).compile().as_text()))
+        run, step, batch = _tiny_train_step(n_layer)
+        return len(re.findall(r"= pred\S* and\(", step.lower(run.state, batch).compile().as_text()))
 
     one, four = and_count(1), and_count(4)
     assert 0 < four < 4 * one, (one, four)
+
+
+def test_the_guard_updates_in_place_and_a_non_finite_step_changes_nothing(monkeypatch):
+    """The optimizer runs inside the guard's taken branch: the compiled branches copy no float array (a cond
+    choosing between updated and old values copied the parameters and both moments, 3x the parameter count, every
+    step). A finite step changes the parameters; a non-finite one leaves parameters and optimizer state bit for
+    bit as they were."""
+    monkeypatch.setenv("GPT_JAX_INJECT_NAN_AT_STEP", "2")
+    run, step, shapes = _tiny_train_step(2)
+    hlo = step.lower(run.state, shapes).compile().as_text()
+    bodies, name = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?(%\S+) ", line)
+        if header:
+            name = header.group(1)
+            bodies[name] = []
+        elif name:
+            bodies[name].append(line)
+    branches = {b for line in hlo.splitlines() if " conditional(" in line
+                for b in re.findall(r"%[\w.\-]+", line.split("branch_computations=")[1].split("}")[0])}
+    assert branches and run.parameter_counts()[0] > 1000
+    copied = sum(int(np.prod([int(d) for d in dims.split(",") if d])) for b in branches for line in bodies[b]
+                 for dims in re.findall(r"= f32\[([\d,]*)\]\{[^}]*\} copy\(", line))
+    assert copied == 0, copied
+
+    batch = {"tokens": jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 17)), jnp.int32)}
+    as_numpy = lambda state: jax.tree.map(np.array, {k: state[k] for k in ("params", "opt_state")})
+    before = as_numpy(run.state)
+    state, metrics = step(run.state, batch)  # step 1: finite
+    after_one = as_numpy(state)
+    assert np.isfinite(metrics["train_loss"])
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before["params"], after_one["params"])
+    assert all(jax.tree.leaves(changed)), changed
+    state, metrics = step(state, batch)  # step 2: non-finite, skipped
+    assert np.isnan(metrics["train_loss"]) and int(state["health"]["count"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, as_numpy(state), after_one)
