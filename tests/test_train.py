@@ -207,8 +207,8 @@ def test_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
 def test_on_cpu_a_step_is_dispatched_only_after_the_one_before_finished(tmp_path, monkeypatch):
     """Between log steps the host does not run ahead of the CPU: when the loop dispatches a train step, the step
     before it has finished. Run ahead, SmolLM2-135M fine-tuning at its configs' defaults held more than one step's
-    temporaries (peak RSS 16-21 GB full, 3.3-3.6 GB LoRA, against 7.8 and 2.4-2.8). The steps here take ~0.1 s each,
-    long enough that a loop running ahead finds the one before still running."""
+    temporaries (peak RSS 16-21 GB full, 3.3-3.6 GB LoRA, against 7.8 and 2.4-2.8). The steps here (batch 32 x 256)
+    are long enough that a loop running ahead finds the one before still running: the old loop did at every step."""
     from gpt_jax import train
 
     real_jit, finished_before = jax.jit, []
