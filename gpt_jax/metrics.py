@@ -78,7 +78,7 @@ def device_peak_flops(config) -> float:
     matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     matmul(a).block_until_ready()
     # The best of at least 5 runs and up to 50 within 0.2 s: inside a training process on a 2-core AMX Xeon, the
-    # best of 5 bf16 runs ranged 1.0-1.4 TFLOP/s between identical runs (and their MFU by as much), of 30 1.7-1.8.
+    # best of 5 bf16 runs ranged 0.9-1.7 TFLOP/s between identical runs (and their MFU by as much), of 30 1.7-1.8.
     best, spent, runs = float("inf"), 0.0, 0
     while runs < 5 or (spent < 0.2 and runs < 50):
         t = time.perf_counter()
