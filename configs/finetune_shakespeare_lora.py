@@ -14,15 +14,15 @@ from `init_from` again, so keep that file. For a model that stands alone (and an
     python tools/convert.py --input=/tmp/lora_shakespeare --output=/tmp/lora_shakespeare_merged
 
 Memory and speed (a 2-core CPU, batch 8 x 256; BENCHMARKS.md): the step scans the 30 layers and recomputes each
-one's forward pass in the backward pass (`model.scan_layers`, `model.remat=full`), the frozen base is stacked
-once for the scan, and the loss goes 512 tokens at a time: ~2.6 GiB peak RSS (2.2 when the step comes from the
-compilation cache). The matmuls take bfloat16 inputs and accumulate in float32 (`model.dtype`; the weights,
-adapters and AdamW moments stay float32): 1.5x the tokens/s of float32 matmuls on the AVX512-BF16 CPU we
-measured; on a CPU without bf16 instructions compare with `--config.model.dtype=float32`. The recomputation costs
-speed too; with memory to spare, run the layers unrolled and keep their activations at ~7 GiB:
-`--config.model.scan_layers=False --config.model.remat=none`. The scanned step also comes back from the
-compilation cache (README.md) in seconds, so a resumed or repeated run's first step takes well under half the
-time (17-18 s against 42-45 s); the unrolled one loads as slowly as it compiles.
+one's forward pass in the backward pass (`model.scan_layers`, `model.remat=full`), the frozen base is stacked once
+for the scan, and the loss goes 512 tokens at a time: ~2.6 GiB peak RSS (2.2 when the step comes from the
+compilation cache). The matmuls take bfloat16 inputs and accumulate in float32 where the device multiplies bf16 in
+hardware (`model.dtype=auto`: TPUs, GPUs, CPUs with AVX512-BF16 or AMX; float32 elsewhere; the weights, adapters
+and AdamW moments stay float32): 1.5x the tokens/s of float32 matmuls on the AVX512-BF16 CPU we measured. The
+recomputation costs speed too; with memory to spare, run the layers unrolled and keep their activations at ~7 GiB:
+`--config.model.scan_layers=False --config.model.remat=none`. The scanned step also comes back from the compilation
+cache (README.md) in seconds, so a resumed or repeated run's first step takes well under half the time (17-18 s
+against 42-45 s); the unrolled one loads as slowly as it compiles.
 
 Everything but the LoRA keys, the `model` keys above, the learning rates and the checkpoints is
 configs/finetune_shakespeare.py's.
@@ -39,7 +39,7 @@ def get_config():
     config.lora.targets = "query,key,value,out,gate,up,down"
     config.model.scan_layers = True  # memory first: see the docstring
     config.model.remat = "full"
-    config.model.dtype = "bfloat16"  # matmul inputs; float32 accumulation
+    config.model.dtype = "auto"  # matmul inputs (float32 accumulation): see the docstring
     config.train_steps = 300
     config.batch_size = 8
     config.seq_len = 256

@@ -24,7 +24,8 @@ def get_config():
     config.model.n_layer = 12
     config.model.n_head = 12
     config.model.d_model = 768
-    config.model.dtype = "bfloat16"
+    config.model.dtype = "auto"  # bfloat16 matmul inputs on TPUs, GPUs and CPUs with bf16 instructions
+    config.model.activation_dtype = "auto"  # bfloat16 on TPUs and GPUs, float32 on CPUs
     config.sample.max_new_tokens = 0
     config.mesh.data = 1
     config.mesh.fsdp = -1

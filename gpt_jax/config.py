@@ -62,8 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.use_bias = True
     c.model.dropout = 0.0
     c.model.tie_embeddings = True
-    c.model.dtype = "float32"  # matmul inputs
-    c.model.activation_dtype = "float32"  # residual stream and the tensors between matmuls
+    # auto: bfloat16 on TPUs and GPUs; on CPUs bfloat16 matmul inputs where the CPU has bf16 instructions (AVX512-BF16,
+    # AMX), else float32, and float32 activations (gpt_jax.ops.auto_dtypes says what was measured)
+    c.model.dtype = "float32"  # matmul inputs: float32 | bfloat16 | float16 | auto
+    c.model.activation_dtype = "float32"  # residual stream and the tensors between matmuls (same choices)
     c.model.param_dtype = "float32"  # bfloat16: weights stored and read by the matmuls as bf16
     c.model.quantize = "none"  # int8: sampling, eval and serving with int8 weights, a scale per output channel
     c.model.remat = "none"  # none | full | dots
@@ -184,8 +186,8 @@ _CHOICES = {
     "layout": ("pre", "post"),
     "head": ("linear", "mlm"),
     "remat": ("none", "full", "dots"),
-    "dtype": ("float32", "bfloat16", "float16"),
-    "activation_dtype": ("float32", "bfloat16", "float16"),
+    "dtype": ("float32", "bfloat16", "float16", "auto"),
+    "activation_dtype": ("float32", "bfloat16", "float16", "auto"),
     "param_dtype": ("float32", "bfloat16"),
     "quantize": ("none", "int8"),
 }

@@ -45,18 +45,22 @@ _ROWS = {jnp.dtype(jnp.bfloat16): "GptJaxRowsBF16", jnp.dtype(jnp.int8): "GptJax
 _ATTEND = {jnp.dtype(jnp.bfloat16): "GptJaxAttendBF16", jnp.dtype(jnp.float32): "GptJaxAttendF32"}  # by cache type
 
 
-def cpu_supported() -> bool:
-    """Whether this CPU has what the kernel needs (x86-64-v4's AVX-512 F, BW, CD, DQ, VL; from /proc/cpuinfo)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. off Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(_AVX512) <= set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU has what the kernel needs (x86-64-v4's AVX-512 F, BW, CD, DQ, VL)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and set(_AVX512) <= cpu_flags()
 
 
 def _compiler() -> str | None:

@@ -62,9 +62,9 @@ class MetricsWriter:
             self.tb.flush()
 
 
-def device_peak_flops(config) -> float:
+def device_peak_flops(config, model_cfg) -> float:
     """Peak FLOP/s of one device for MFU: the config's `peak_flops`, a table for known accelerators, or on CPU the
-    rate of a matmul in the config's compute dtype (`model.dtype`) measured now."""
+    rate of a matmul in the model's compute dtype (`model.dtype` as resolved in `model_cfg`) measured now."""
     if config.peak_flops:
         return float(config.peak_flops)
     kind = jax.devices()[0].device_kind.lower()
@@ -74,7 +74,7 @@ def device_peak_flops(config) -> float:
         if name in kind:
             return flops
     n = 1024
-    a = jnp.ones((n, n), ops.DTYPES[config.model.dtype])
+    a = jnp.ones((n, n), ops.DTYPES[getattr(model_cfg, "decoder", model_cfg).dtype])
     matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     matmul(a).block_until_ready()
     # The best of at least 5 runs and up to 50 within 0.2 s: inside a training process on a 2-core AMX Xeon, the

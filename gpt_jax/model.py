@@ -49,7 +49,7 @@ class ModelConfig:
     position_offset: int = 0  # learned positions start at this row (RoBERTa: pad_token_id + 1)
     embed_norm: bool = False  # a norm on the embeddings (BERT)
     head: str = "linear"  # output: linear (tied or lm_head) | mlm (dense, activation, norm, tied output + bias)
-    dtype: str = "float32"  # matmul inputs (accumulation stays float32)
+    dtype: str = "float32"  # matmul inputs (accumulation stays float32); never "auto" here (from_dict resolves it)
     activation_dtype: str = "float32"  # the residual stream and the tensors between matmuls
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots
@@ -63,8 +63,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values, seq_len: int = 0) -> ModelConfig:
         """From a config's `model` subtree (or an encoder-decoder's stack): its keys that are fields here, with
-        0 meaning the documented default (n_kv_head = n_head, d_ff = 4 d_model, max_seq_len = seq_len)."""
+        0 meaning the documented default (n_kv_head = n_head, d_ff = 4 d_model, max_seq_len = seq_len) and "auto"
+        dtypes this process's devices' pick (`ops.auto_dtypes`)."""
         fields = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+        if "auto" in (fields.get("dtype"), fields.get("activation_dtype")):
+            fields.update({k: v for k, v in ops.auto_dtypes().items() if fields.get(k) == "auto"})
         if not fields.get("vocab_size"):
             raise ValueError("model.vocab_size must be resolved from the tokenizer before building the model")
         return cls(**{**fields, "n_kv_head": fields.get("n_kv_head") or fields.get("n_head", cls.n_head),

@@ -161,6 +161,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     early."""
     config, data, pretrained = prepare_run(config, workdir)
     model_cfg = model_lib.model_config(config)
+    if "auto" in (config.model.dtype, config.model.activation_dtype):
+        picked = getattr(model_cfg, "decoder", model_cfg)
+        progress(f"model.dtype={config.model.dtype}, model.activation_dtype={config.model.activation_dtype} on "
+                 f"{jax.devices()[0].platform}: matmul inputs {picked.dtype}, activations {picked.activation_dtype}")
     mesh = sharding.make_mesh(config.mesh)
     if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"] * config.grad_accum_steps):
         raise ConfigError(f"batch_size={config.batch_size} is not divisible by grad_accum_steps × the mesh's "
@@ -267,7 +271,7 @@ class _Log:
         self.writer = metrics.MetricsWriter(workdir, start_step)
         trained, frozen = run.parameter_counts()
         self.flops_per_token = metrics.flops_per_token(model_cfg, trained, config.seq_len, frozen)
-        self.peak = metrics.device_peak_flops(config) * jax.device_count()
+        self.peak = metrics.device_peak_flops(config, model_cfg) * jax.device_count()
         self.schedule = optim.learning_rate_schedule(config)
         self.nonfinite_seen = 0
         self.start = self.last_time = time.perf_counter()
@@ -383,6 +387,7 @@ def compile_report(config) -> dict:
     gib = 1024**3
     lines = [f"compiled the train step for {mesh.size} device(s), mesh {dict(mesh.shape)}, in {compile_seconds:.1f}s",
              f"  parameters            {n_params:,}",
+             f"  dtypes                matmul inputs {model_cfg.dtype}, activations {model_cfg.activation_dtype}",
              f"  params / device       {report['param_bytes_per_device'] / gib:.3f} GiB",
              f"  optimizer / device    {report['opt_state_bytes_per_device'] / gib:.3f} GiB",
              f"  step arguments        {report['argument_bytes'] / gib:.3f} GiB (per device)",

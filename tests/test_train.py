@@ -316,3 +316,35 @@ def test_the_guard_updates_in_place_and_a_non_finite_step_changes_nothing(monkey
     state, metrics = step(state, batch)  # step 2: non-finite, skipped
     assert np.isnan(metrics["train_loss"]) and int(state["health"]["count"]) == 1
     jax.tree.map(np.testing.assert_array_equal, as_numpy(state), after_one)
+
+
+def test_auto_dtypes_pick_per_device_kind_and_the_run_keeps_auto(tmp_path, capsys):
+    """model.dtype / model.activation_dtype = "auto" (configs/small.py, the fine-tuning configs): bfloat16 on TPUs
+    and GPUs; on CPUs float32 activations and bf16 matmul inputs only with bf16 instructions. A run prints what it
+    picked and keeps "auto" in config.json (like mesh.data=-1: the device that loads the model picks); a value set
+    explicitly stays as it is."""
+    from gpt_jax import model as model_lib
+    from gpt_jax import ops, train
+    from gpt_jax import workdir as workdir_lib
+
+    both_bf16 = {"dtype": "bfloat16", "activation_dtype": "bfloat16"}
+    assert ops.auto_dtypes("tpu") == ops.auto_dtypes("gpu") == both_bf16
+    assert ops.auto_dtypes("cpu", frozenset({"avx2", "fma"})) == {"dtype": "float32", "activation_dtype": "float32"}
+    for flag in ops.CPU_BF16_FLAGS:
+        assert ops.auto_dtypes("cpu", frozenset({"avx512f", flag})) == {"dtype": "bfloat16",
+                                                                        "activation_dtype": "float32"}
+    picked = ops.auto_dtypes()
+    mixed = model_lib.ModelConfig.from_dict({"dtype": "auto", "activation_dtype": "bfloat16", "vocab_size": 65})
+    assert (mixed.dtype, mixed.activation_dtype) == (picked["dtype"], "bfloat16")
+
+    workdir = str(tmp_path / "w")
+    auto = {"model.dtype": "auto", "model.activation_dtype": "auto"}
+    train.train_and_evaluate(tiny_config(train_steps=2, **auto), workdir)
+    assert f"matmul inputs {picked['dtype']}, activations {picked['activation_dtype']}" in capsys.readouterr().err
+    saved = workdir_lib.read_config(workdir)
+    assert (saved.model.dtype, saved.model.activation_dtype) == ("auto", "auto")
+    loaded = workdir_lib.load(workdir).model_cfg
+    assert (loaded.dtype, loaded.activation_dtype) == (picked["dtype"], picked["activation_dtype"])
+    train.compile_report(tiny_config(**auto, **{"model.vocab_size": 65}))
+    assert re.search(rf"dtypes +matmul inputs {picked['dtype']}, activations {picked['activation_dtype']}",
+                     capsys.readouterr().out)
