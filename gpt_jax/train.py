@@ -31,6 +31,10 @@ TRAINING_CHOICES = ("kind", "dropout", "dtype", "activation_dtype", "param_dtype
                     "attention_block")
 
 
+# On CPU, a step with at least this many bytes of temporaries is not followed by the next until they are freed
+WATCHED_TEMPORARIES = 256 * 2**20
+
+
 class TrainingError(Exception):
     """Training cannot go on (e.g. too many non-finite steps); the message is the diagnostic."""
 
@@ -193,15 +197,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
                                      host_batch)
                 if step == start_step + 1:
-                    _compile(train_step, run, batch, log)
+                    temp_bytes = _compile(train_step, run, batch, log)
+                    watch = on_cpu and temp_bytes >= WATCHED_TEMPORARIES and hostmem.in_use() is not None
+                used_before = hostmem.in_use() if watch else 0
                 run.state, step_metrics = train_step(run.state, batch, *run.frozen)
                 if on_cpu:
                     # On CPU the loop waits for each step before dispatching the next. Running ahead (the host
                     # blocks only at log steps) held more than one step's temporaries in memory: SmolLM2-135M
                     # fine-tuning at its configs' defaults peaked at 16-21 GB resident (full) and 3.3-3.6 GB
                     # (LoRA), against 7.8 and 2.4-2.8 waiting, at the same tokens/s. Accelerators run ahead, which
-                    # keeps them busy.
+                    # keeps them busy. Large temporaries are also waited for until freed (hostmem.py says why).
                     jax.block_until_ready(step_metrics)
+                    if watch:
+                        hostmem.wait_until_in_use_below(used_before + temp_bytes // 2)
                 out_of_time = bool(config.time_limit_s) and log.elapsed() > config.time_limit_s
                 last = step == config.train_steps or out_of_time
                 if step % config.log_every == 0 or last:
@@ -232,16 +240,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return {**result, "step": step}
 
 
-def _compile(train_step, run: steps.TrainSetup, batch: dict, log: _Log) -> None:
+def _compile(train_step, run: steps.TrainSetup, batch: dict, log: _Log) -> int:
     """Compiles the train step ahead of its first call (which then finds it compiled), says how long that took, and
     releases what the setup, the pretrained host copy and the compiler freed before the step's temporaries are
     allocated (hostmem.py; SmolLM2-135M LoRA, scanned: peak RSS through the first steps 3.54 → 2.90 GiB). The
-    first step's tokens/s leave the compile out."""
+    first step's tokens/s leave the compile out. Returns the bytes of the step's temporaries."""
     start = time.perf_counter()
-    train_step.lower(run.state, batch, *run.frozen).compile()
+    compiled = train_step.lower(run.state, batch, *run.frozen).compile()
     hostmem.release_freed_memory()
     progress(f"compiled the train step in {time.perf_counter() - start:.1f}s")
     log.restart_clock()
+    memory = compiled.memory_analysis()
+    return int(getattr(memory, "temp_size_in_bytes", 0)) if memory is not None else 0
 
 
 def _restore(ckpt, run: steps.TrainSetup, mesh, config, pretrained) -> tuple[int, dict | None]:

@@ -92,3 +92,43 @@ def test_release_freed_memory_hands_the_kept_pages_back():
     if not result["applied"]:
         pytest.skip("this libc has no mallopt (not glibc)")
     assert result["kept"] - result["released"] > 200 * 2**20, result
+
+
+_TEMPORARIES = r"""
+import json
+from gpt_jax import hostmem
+hostmem.keep_freed_memory()
+import jax, jax.numpy as jnp
+
+@jax.jit
+def step(a, b):  # a [n, 8] @ b [8, n]: ~0.6 GB of temporaries for 2 GFLOP
+    return jnp.sin(a @ b).sum()
+
+a = jnp.ones((12000, 8), jnp.float32)
+temp = step.lower(a, a.T).compile().memory_analysis().temp_size_in_bytes
+rows = []
+for _ in range(10):
+    before = hostmem.in_use()  # with the wait below, the step before's temporaries are not counted here
+    step(a, a.T).block_until_ready()
+    at_ready = hostmem.in_use()
+    freed = hostmem.wait_until_in_use_below(before + temp // 2)
+    rows.append([at_ready - before, hostmem.in_use() - before, freed])
+print(json.dumps({"temp": temp, "rows": rows}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc statistics are Linux-only")
+def test_waiting_until_a_steps_temporaries_are_freed():
+    """XLA:CPU frees an execution's temporaries on its own thread just after the outputs are ready; the training
+    loop waits for that (`wait_until_in_use_below`) before it dispatches the next step, which would otherwise
+    allocate its own while they are still held. `at ready` is printed to show how often they still were."""
+    out = subprocess.run([sys.executable, "-c", _TEMPORARIES], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    temp, rows = result["temp"], result["rows"]
+    if rows[0][0] is None:
+        pytest.skip("this libc has no mallinfo2 (not glibc 2.33+)")
+    assert temp > 256 * 2**20
+    print("MiB in use beyond the step's start, at ready / after the wait:",
+          [(round(a / 2**20), round(b / 2**20)) for a, b, _ in rows])
+    assert all(freed for _, _, freed in rows), rows
+    assert max(after for _, after, _ in rows) < temp / 2, rows

@@ -204,14 +204,17 @@ def test_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     assert max(train_losses(workdir)) == 25
 
 
-def test_on_cpu_a_step_is_dispatched_only_after_the_one_before_finished(tmp_path, monkeypatch):
+def test_on_cpu_a_step_is_dispatched_only_after_the_one_before_finished_and_freed_its_temporaries(tmp_path,
+                                                                                                   monkeypatch):
     """Between log steps the host does not run ahead of the CPU: when the loop dispatches a train step, the step
     before it has finished. Run ahead, SmolLM2-135M fine-tuning at its configs' defaults held more than one step's
     temporaries (peak RSS 16-21 GB full, 3.3-3.6 GB LoRA, against 7.8 and 2.4-2.8). The steps here (batch 32 x 256)
-    are long enough that a loop running ahead finds the one before still running: the old loop did at every step."""
-    from gpt_jax import train
+    are long enough that a loop running ahead finds the one before still running: the old loop did at every step.
+    Their temporaries (~0.3 GiB) are also freed by then: XLA:CPU frees them on its own thread just after the
+    outputs are ready, and a step dispatched first had the heap grow by a second set of them for good."""
+    from gpt_jax import hostmem, train
 
-    real_jit, finished_before = jax.jit, []
+    real_jit, real_compile, finished_before, in_use, temp = jax.jit, train._compile, [], [], []
 
     def jit(fn, **kwargs):
         jitted = real_jit(fn, **kwargs)
@@ -220,6 +223,7 @@ def test_on_cpu_a_step_is_dispatched_only_after_the_one_before_finished(tmp_path
         last = {}
 
         def train_step(*args):
+            in_use.append(hostmem.in_use())
             if last:
                 finished_before.append(all(x.is_ready() for x in jax.tree.leaves(last["metrics"])))
             state, last["metrics"] = jitted(*args)
@@ -229,10 +233,15 @@ def test_on_cpu_a_step_is_dispatched_only_after_the_one_before_finished(tmp_path
         return train_step
 
     monkeypatch.setattr(train.jax, "jit", jit)
+    monkeypatch.setattr(train, "_compile", lambda *args: temp.append(real_compile(*args)) or temp[0])
     config = tiny_config(train_steps=8, log_every=100, batch_size=32, seq_len=256, **{
         "model.n_layer": 2, "model.d_model": 128})
     train.train_and_evaluate(config, str(tmp_path / "w"))
     assert finished_before == [True] * 7, finished_before
+    assert temp[0] >= train.WATCHED_TEMPORARIES
+    if in_use[0] is not None:  # glibc 2.33+
+        grown = [(used - in_use[0]) / 2**20 for used in in_use[1:]]
+        assert max(grown) < temp[0] / 2 / 2**20, f"MiB in use at each dispatch beyond the first's: {grown}"
 
 
 def test_non_finite_step_is_skipped_and_reported_then_halts(tmp_path, monkeypatch, capsys):
