@@ -22,18 +22,27 @@ INT8_ROW_BY_ROW = 8  # int8 products of up to this many rows are computed one ro
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 in hardware
 
 
-def auto_dtypes(platform: str | None = None, cpu_flags: frozenset[str] | None = None) -> dict[str, str]:
+def auto_dtypes(platform: str | None = None, cpu_flags: frozenset[str] | None = None,
+                compute_capability: str | None = None) -> dict[str, str]:
     """What `model.dtype` and `model.activation_dtype` = "auto" stand for on `platform` (default: this process's
-    devices). TPUs and GPUs: bfloat16 for both. CPUs: float32 activations, and bfloat16 matmul inputs only where
-    the CPU multiplies bf16 in hardware (`CPU_BF16_FLAGS`). SmolLM2-135M full fine-tuning at batch 8 x 256 on a
-    2-core AMX Xeon: bf16 matmul inputs 1.4x the tokens/s of float32; bf16 activations on top added nothing and
-    moved the loss further from float32's (BENCHMARKS.md). bf16 training on a CPU without those flags is not
-    measured, so float32 stays there."""
-    platform = platform or jax.devices()[0].platform
-    if platform != "cpu":
-        return {"dtype": "bfloat16", "activation_dtype": "bfloat16"}
-    flags = cpu_kernel.cpu_flags() if cpu_flags is None else cpu_flags
-    return {"dtype": "bfloat16" if flags & set(CPU_BF16_FLAGS) else "float32", "activation_dtype": "float32"}
+    devices). TPUs and GPUs: bfloat16 for both, except NVIDIA GPUs older than Ampere (compute capability below 8,
+    e.g. a T4 or V100: no bf16 tensor cores), which keep float32. CPUs: float32 activations, and bfloat16 matmul
+    inputs only where the CPU multiplies bf16 in hardware (`CPU_BF16_FLAGS`). SmolLM2-135M full fine-tuning at
+    batch 8 x 256 on a 2-core AMX Xeon: bf16 matmul inputs 1.4x the tokens/s of float32; bf16 activations on top
+    added nothing and moved the loss further from float32's (BENCHMARKS.md). bf16 training on a CPU without those
+    flags is not measured, so float32 stays there."""
+    if platform is None:
+        device = jax.devices()[0]
+        platform, compute_capability = device.platform, getattr(device, "compute_capability", None)
+    if platform == "cpu":
+        flags = cpu_kernel.cpu_flags() if cpu_flags is None else cpu_flags
+        return {"dtype": "bfloat16" if flags & set(CPU_BF16_FLAGS) else "float32", "activation_dtype": "float32"}
+    try:
+        pre_ampere = float(compute_capability) < 8
+    except (TypeError, ValueError):  # not NVIDIA's form (a TPU, an AMD GPU's gfx name)
+        pre_ampere = False
+    dtype = "float32" if pre_ampere else "bfloat16"
+    return {"dtype": dtype, "activation_dtype": dtype}
 
 
 def _dot(x, w, w_axis: int, out_dtype=None):

@@ -337,7 +337,8 @@ def test_auto_dtypes_pick_per_device_kind_and_the_run_keeps_auto(tmp_path, capsy
     from gpt_jax import workdir as workdir_lib
 
     both_bf16 = {"dtype": "bfloat16", "activation_dtype": "bfloat16"}
-    assert ops.auto_dtypes("tpu") == ops.auto_dtypes("gpu") == both_bf16
+    assert ops.auto_dtypes("tpu") == ops.auto_dtypes("gpu", compute_capability="9.0") == both_bf16
+    assert ops.auto_dtypes("gpu", compute_capability="7.5") == {"dtype": "float32", "activation_dtype": "float32"}
     assert ops.auto_dtypes("cpu", frozenset({"avx2", "fma"})) == {"dtype": "float32", "activation_dtype": "float32"}
     for flag in ops.CPU_BF16_FLAGS:
         assert ops.auto_dtypes("cpu", frozenset({"avx512f", flag})) == {"dtype": "bfloat16",
