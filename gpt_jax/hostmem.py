@@ -16,6 +16,7 @@ GPT_JAX_MALLOC=system to leave malloc as it is.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import time
@@ -60,13 +61,20 @@ class _MallInfo2(ctypes.Structure):
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+@functools.cache
+def _mallinfo2():
+    mallinfo2 = _glibc("mallinfo2")
+    if mallinfo2 is not None:
+        mallinfo2.restype = _MallInfo2
+    return mallinfo2
+
+
 def in_use() -> int | None:
     """Bytes malloc has handed out and not had back (glibc 2.33+'s `mallinfo2`: uordblks + hblkhd), or None where
     it cannot tell."""
-    mallinfo2 = _glibc("mallinfo2")
+    mallinfo2 = _mallinfo2()
     if mallinfo2 is None:
         return None
-    mallinfo2.restype = _MallInfo2
     info = mallinfo2()
     return info.uordblks + info.hblkhd
 
