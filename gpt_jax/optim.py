@@ -4,6 +4,7 @@ decay on matrices only (biases, norm scales and other vectors are not decayed)."
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -21,16 +22,26 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config, trainable_mask=None) -> optax.GradientTransformation:
-    """The optax chain for a run. `trainable_mask` (a pytree of bools like the parameters) freezes the False
-    leaves: they get no update and no optimizer state."""
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm (the same state and arithmetic) that takes the norm as `global_norm=` when the caller
+    has it: the train step computes it once for the clip, the non-finite guard and the logged grad_norm, which were
+    a pass over the gradients each."""
+
+    def update(updates, state, params=None, *, global_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if global_norm is None else global_norm
+        return jax.tree.map(lambda u: jnp.where(norm < max_norm, u, (u / norm.astype(u.dtype)) * max_norm),
+                            updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(config) -> optax.GradientTransformationExtraArgs:
+    """The optax chain for a run; its update takes the gradients' global norm as `global_norm=` (see
+    clip_by_global_norm)."""
     chain = []
     if config.grad_clip > 0:
-        chain.append(optax.clip_by_global_norm(config.grad_clip))
+        chain.append(clip_by_global_norm(config.grad_clip))
     chain.append(optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                              weight_decay=config.weight_decay, mask=decay_mask))
-    tx = optax.chain(*chain)
-    if trainable_mask is not None:
-        labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask)
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-    return tx
+    return optax.chain(*chain)

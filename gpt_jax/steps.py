@@ -211,15 +211,19 @@ def make_train_step(run: TrainSetup, grad_accum_steps: int, use_dropout: bool, l
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
-        grads_finite = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(jax.tree.leaves(grads_finite)))
+        # One pass over the gradients serves the non-finite guard, the clip and the logged norm: a sum of squares
+        # is finite exactly when its gradients are (and small enough for float32 squares).
+        squares = jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))), grads)
+        grad_norm = jnp.sqrt(sum(jax.tree.leaves(squares)))
+        grads_finite = jax.tree.map(jnp.isfinite, squares)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step keeps the old values by one `lax.cond` on a scalar, not a select per leaf: XLA would
         # copy the reduction behind `finite` into every leaf's select, which grows the program with the square of
         # the number of parameter arrays (a 30-layer LoRA step compiled for minutes). The optimizer runs inside the
         # taken branch, so it updates the donated parameters and moments in place; a cond choosing between updated
         # and old values after the update copied all of them every step.
         def apply_update(grads, opt_state, params):
-            updates, opt_state = run.tx.update(grads, opt_state, params)
+            updates, opt_state = run.tx.update(grads, opt_state, params, global_norm=grad_norm)
             return optax.apply_updates(params, updates), opt_state
 
         new_params, new_opt_state = jax.lax.cond(finite, apply_update, lambda _, opt_state, params: (params, opt_state),
@@ -233,16 +237,18 @@ def make_train_step(run: TrainSetup, grad_accum_steps: int, use_dropout: bool, l
         }
         new_state = {"params": new_params, "opt_state": new_opt_state, "rng": state["rng"], "step": step + 1,
                      "health": new_health}
-        return new_state, {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new_state, {"train_loss": loss, "grad_norm": grad_norm}
 
     return train_step
 
 
 def nonfinite_report(health) -> str:
-    """Which step first went non-finite and which parameters' gradients were non-finite then."""
+    """Which step first went non-finite and which parameters' gradients were non-finite then (or so large that
+    their sum of squares overflowed float32)."""
     bad = [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
            for path, ok in jax.tree_util.tree_leaves_with_path(health["grads_finite"]) if not bool(ok)]
-    where = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "") if bad else "none (the loss)"
+    where = (", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "") if bad else
+             "none (the loss was, or the norm over all of them overflowed)")
     return (f"{int(health['count'])} non-finite step(s) skipped; the first at step {int(health['first_step'])}, "
             f"non-finite gradients in: {where}")
 
