@@ -57,6 +57,11 @@ class ModelConfig:
     attention_block: int = 64  # CPU: causal attention by query blocks of this many positions (0 = full square)
 
     @property
+    def decoder(self) -> ModelConfig:
+        """The stack that generates: this one (an EncDecConfig's is its decoder), so either kind has `.decoder`."""
+        return self
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 

@@ -166,7 +166,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     config, data, pretrained = prepare_run(config, workdir)
     model_cfg = model_lib.model_config(config)
     if "auto" in (config.model.dtype, config.model.activation_dtype):
-        picked = getattr(model_cfg, "decoder", model_cfg)
+        picked = model_cfg.decoder
         progress(f"model.dtype={config.model.dtype}, model.activation_dtype={config.model.activation_dtype} on "
                  f"{jax.devices()[0].platform}: matmul inputs {picked.dtype}, activations {picked.activation_dtype}")
     mesh = sharding.make_mesh(config.mesh)
