@@ -211,8 +211,8 @@ def make_train_step(run: TrainSetup, grad_accum_steps: int, use_dropout: bool, l
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)
-        # One pass over the gradients serves the non-finite guard, the clip and the logged norm: a sum of squares
-        # is finite exactly when its gradients are (and small enough for float32 squares).
+        # One pass over the gradients serves the non-finite guard, the clip and the logged norm: an array's sum of
+        # squares is finite exactly when its gradients are finite and not so large that the sum overflows float32.
         squares = jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))), grads)
         grad_norm = jnp.sqrt(sum(jax.tree.leaves(squares)))
         grads_finite = jax.tree.map(jnp.isfinite, squares)
